@@ -1,0 +1,357 @@
+"""Lightning glue shared by every gradwatch callback, kept in one place.
+
+What lives here: alert emission (dedup, rank-zero logging, TensorBoard text), the logging cadence, the
+single host transfer per logging step, the merged TensorBoard custom-scalars layout, the order of gradwatch
+callbacks inside the Trainer, GradScaler access (scale, found-inf) and sharded-norm reduction. The tensor
+math lives in :mod:`lightning_gradwatch.functional`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gradwatch.alerts import Alert
+
+log = logging.getLogger("lightning_gradwatch")
+
+_WRAPPER_PREFIXES = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|_forward_module)\.")
+_LAYOUT_WRITTEN_ATTR = "_lightning_gradwatch_layout_written"
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        accepted = "a number >= 0" if allow_zero else "a number > 0"
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
+
+
+def check_positive_int(name: str, value: int | None, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (or ``None`` with ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        accepted = "an integer >= 1" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
+
+
+def check_fraction(name: str, value: float, *, open_low: bool = True) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``0 < value <= 1`` (``0 <= value`` when not ``open_low``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value > 0 if open_low else value >= 0) and value <= 1
+    if not ok:
+        low = "0 <" if open_low else "0 <="
+        raise ValueError(f"`{name}` must be a number with {low} {name} <= 1, got {value!r}.")
+
+
+# ------------------------------------------------------------------------------------------ parameter names
+def clean_name(name: str) -> str:
+    """Drop wrapper segments (FSDP, activation checkpointing, torch.compile) from a parameter name."""
+    return _WRAPPER_PREFIXES.sub("", name)
+
+
+def layer_of(param_name: str) -> str:
+    """The module that owns a parameter: ``"encoder.0.weight"`` -> ``"encoder.0"``; a root parameter is its own."""
+    module, _, _ = param_name.rpartition(".")
+    return module or param_name
+
+
+@dataclass
+class ParamGroups:
+    """The parameters of one optimizer, in model order, with the layer (group) each belongs to."""
+
+    params: list[torch.nn.Parameter]
+    names: list[str]
+    group_names: list[str]
+    group_of_param: list[int]
+    group_numels: Tensor  # per group, on CPU
+
+    @classmethod
+    def build(cls, pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer, by: str) -> ParamGroups:
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params, names, group_names, group_of_param = [], [], [], []
+        group_ids: dict[str, int] = {}
+        numels: list[int] = []
+        for raw_name, p in pl_module.named_parameters():
+            if id(p) not in in_optimizer:
+                continue
+            name = clean_name(raw_name)
+            group = layer_of(name) if by == "module" else name
+            if group not in group_ids:
+                group_ids[group] = len(group_names)
+                group_names.append(group)
+                numels.append(0)
+            params.append(p)
+            names.append(name)
+            group_of_param.append(group_ids[group])
+            numels[group_ids[group]] += _global_numel(p)
+        return cls(params, names, group_names, group_of_param, torch.tensor(numels, dtype=torch.float64))
+
+    def present_grads(self) -> tuple[list[Tensor], list[int]]:
+        """The local gradient tensors that exist this step and the positions of their parameters."""
+        grads, positions = [], []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            grads.append(local_tensor(g))
+            positions.append(i)
+        return grads, positions
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    to_local = getattr(t, "to_local", None)  # DTensor (FSDP2 / ModelParallelStrategy)
+    return to_local() if callable(to_local) else t
+
+
+def _global_numel(p: Tensor) -> int:
+    # FSDP1 with use_orig_params keeps the original shape in `_unpadded_unsharded_size` only on flat params;
+    # DTensors report their global shape through numel() already.
+    return int(p.numel())
+
+
+# ---------------------------------------------------------------------------------------- precision / scaler
+def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """The Trainer's enabled GradScaler (16-mixed), or ``None`` (32, bf16, DeepSpeed)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
+        return scaler
+    return None
+
+
+def grads_are_scaled(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+    """True if ``optimizer``'s grads still carry the loss scale in ``on_before_optimizer_step``.
+
+    Ordinary optimizers are unscaled by Lightning before the hook; fused ones (``Adam(fused=True)``)
+    unscale inside their own step, so their grads are still scaled there.
+    """
+    scaler = grad_scaler(trainer)
+    if scaler is None or scaler._scale is None:
+        return False
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    return state is None or state["stage"] is not OptState.UNSCALED
+
+
+def grad_unscale_factor(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """``1 / scale`` as a device tensor when ``optimizer``'s grads are still scaled, else ``None`` (no sync)."""
+    if not grads_are_scaled(trainer, optimizer):
+        return None
+    scaler = grad_scaler(trainer)
+    assert scaler is not None and scaler._scale is not None
+    return scaler._scale.double().reciprocal().float()
+
+
+def scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """The GradScaler's own overflow flag for this step (a 0-dim float device tensor, 1.0 = overflow).
+
+    ``None`` when there is no scaler or it has not unscaled this optimizer yet (fused optimizers). Valid only
+    in ``on_before_optimizer_step``, between ``unscale_`` and ``update``. Reusing it costs no sync.
+    """
+    scaler = grad_scaler(trainer)
+    if scaler is None:
+        return None
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    if state is None or state["stage"] is not OptState.UNSCALED or not state["found_inf_per_device"]:
+        return None
+    flags = list(state["found_inf_per_device"].values())
+    total = flags[0].to(torch.float32)
+    for f in flags[1:]:
+        total = total + f.to(total.device, torch.float32)
+    return total.clamp(max=1.0)
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+def is_sharded(trainer: pl.Trainer) -> bool:
+    """True when gradients are sharded across ranks (FSDP, ModelParallelStrategy), so norms need a reduction."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def all_reduce_norms(norms: Tensor, norm_type: float) -> Tensor:
+    """Combine per-tensor norms of local shards into norms of the full tensors across all ranks (collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return norms
+    if math.isinf(norm_type):
+        reduced = norms.clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return reduced
+    powers = norms.double().pow(norm_type)
+    dist.all_reduce(powers, op=dist.ReduceOp.SUM)
+    return powers.pow(1.0 / norm_type).to(norms.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ logging
+def host_values(*tensors: Tensor) -> list[list[float]]:
+    """Bring several device tensors to the host in one transfer (one sync); returns each one flattened."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    flat = [t.detach().reshape(-1).to(device, torch.float32) for t in tensors]
+    values = torch.cat(flat).tolist()
+    out, start = [], 0
+    for t in flat:
+        out.append(values[start : start + t.numel()])
+        start += t.numel()
+    return out
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step value Lightning's own loggers use for training metrics."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    """The SummaryWriters of the Trainer's TensorBoard loggers (rank zero only; empty elsewhere)."""
+    if not trainer.is_global_zero:
+        return []
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def order_gradwatch_callbacks(callbacks: list[Callback]) -> None:
+    """Sort the gradwatch callbacks among the slots they occupy, by their ``hook_order`` (stable).
+
+    On ``on_before_optimizer_step`` the guard must see the step first, the norm logger before any clipping,
+    and clipping last, whatever order the user listed them in. Other callbacks keep their places.
+    """
+    slots = [i for i, cb in enumerate(callbacks) if isinstance(cb, GradwatchCallback)]
+    ordered = sorted((callbacks[i] for i in slots), key=lambda cb: cb.hook_order)  # type: ignore[attr-defined]
+    for i, cb in zip(slots, ordered):
+        callbacks[i] = cb
+
+
+def merge_layouts(layouts: Iterable[Mapping[str, Mapping[str, list[Any]]]]) -> dict[str, dict[str, list[Any]]]:
+    """Merge custom-scalars layouts ``{category: {chart: ["Multiline", [regex, ...]]}}``; later charts of the
+    same category and title add their regexes to the earlier ones."""
+    merged: dict[str, dict[str, list[Any]]] = {}
+    for layout in layouts:
+        for category, charts in layout.items():
+            target = merged.setdefault(category, {})
+            for title, (kind, tags) in charts.items():
+                if title in target:
+                    target[title][1].extend(t for t in tags if t not in target[title][1])
+                else:
+                    target[title] = [kind, list(tags)]
+    return merged
+
+
+# -------------------------------------------------------------------------------------------- base class
+class GradwatchCallback(Callback):
+    """Base class of the gradwatch callbacks: the alert contract, logging and layout plumbing.
+
+    Subclasses implement their hooks and call :meth:`_set_condition` / :meth:`_emit_alert`,
+    :meth:`_should_log` and :meth:`_log_metrics`; they describe their TensorBoard charts in
+    :meth:`_tensorboard_layout` and their resumable state in :meth:`_extra_state` / :meth:`_load_extra_state`.
+    """
+
+    #: Position among gradwatch callbacks on a shared hook: lower runs first.
+    hook_order: ClassVar[int] = 50
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+        self._active_conditions: set[tuple[str, str]] = set()
+
+    # -- alerts ----------------------------------------------------------------------------------------------
+    def _emit_alert(self, trainer: pl.Trainer, alert: Alert) -> None:
+        """Record ``alert``, log it once on rank zero and write it to TensorBoard as text."""
+        self.alerts.append(alert)
+        if not trainer.is_global_zero:
+            return
+        log.warning("[%s] step %d: %s", alert.kind, alert.step, alert.message)
+        for writer in tensorboard_writers(trainer):
+            text = f"**{alert.kind}** `{alert.name or '(model)'}` value={alert.value:.4g} threshold={alert.threshold:.4g}  \n{alert.message}"
+            writer.add_text(f"gradwatch/alerts/{alert.kind}", text, global_step=alert.step)
+
+    def _set_condition(
+        self, trainer: pl.Trainer, kind: str, key: str, firing: bool, make_alert: Callable[[], Alert]
+    ) -> None:
+        """Alert when the condition ``(kind, key)`` starts; stay silent while it persists; re-arm when it clears."""
+        condition = (kind, key)
+        if firing and condition not in self._active_conditions:
+            self._active_conditions.add(condition)
+            self._emit_alert(trainer, make_alert())
+        elif not firing:
+            self._active_conditions.discard(condition)
+
+    # -- logging ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _should_log(trainer: pl.Trainer, every_n_steps: int | None) -> bool:
+        """Whether the step about to be taken is a logging step: the Trainer's cadence, or ``every_n_steps``."""
+        if every_n_steps is None:
+            return bool(trainer._logger_connector.should_update_logs)
+        return (logger_step(trainer) + 1) % every_n_steps == 0
+
+    @staticmethod
+    def _log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+        """Send host-side metrics to every Lightning logger at Lightning's training step (rank zero writes)."""
+        if not metrics or not trainer.is_global_zero:
+            return
+        step = logger_step(trainer)
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=step)
+
+    # -- TensorBoard layout ----------------------------------------------------------------------------------
+    def _tensorboard_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, list[Any]]]:
+        """This callback's custom-scalars charts: ``{category: {chart: ["Multiline", [tag regex, ...]]}}``."""
+        return {}
+
+    def _write_layout_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        writers = [w for w in tensorboard_writers(trainer) if not getattr(w, _LAYOUT_WRITTEN_ATTR, False)]
+        if not writers:
+            return
+        gradwatch = [cb for cb in trainer.callbacks if isinstance(cb, GradwatchCallback)]
+        layout = merge_layouts(cb._tensorboard_layout(trainer, pl_module) for cb in gradwatch)
+        if not layout:
+            return
+        for writer in writers:
+            writer.add_custom_scalars(layout)
+            setattr(writer, _LAYOUT_WRITTEN_ATTR, True)
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        order_gradwatch_callbacks(trainer.callbacks)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_layout_once(trainer, pl_module)
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "alerts": [a.to_dict() for a in self.alerts],
+            "active_conditions": sorted(list(c) for c in self._active_conditions),
+            **self._extra_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
+        self._active_conditions = {(str(k), str(n)) for k, n in state_dict.get("active_conditions", [])}
+        self._load_extra_state(state_dict)

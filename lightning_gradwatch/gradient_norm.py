@@ -1,0 +1,365 @@
+"""GradientNormLogger: per-layer gradient norms, gradient-to-weight ratios and vanishing/exploding alerts."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gradwatch._core import (
+    GradwatchCallback,
+    ParamGroups,
+    local_tensor,
+    all_reduce_norms,
+    check_positive,
+    check_positive_int,
+    grad_unscale_factor,
+    host_values,
+    is_sharded,
+    logger_step,
+    scaler_found_inf,
+    tensorboard_writers,
+)
+from lightning_gradwatch.alerts import Alert, AlertKind
+from lightning_gradwatch.functional.norms import combine_norms, power_means, tensor_norms, validate_norm_type
+
+_MAX_LAYOUT_CHARTS = 24  # above this many top-level modules, one chart per metric instead of one per module
+
+
+class GradientNormLogger(GradwatchCallback):
+    r"""Log the global and per-layer gradient norms and gradient-to-weight ratios; alert on vanishing or
+    exploding gradients.
+
+    Norms are of the real, unscaled gradients under every precision (16-mixed with a GradScaler, fused
+    optimizers included; bf16; 32), taken in ``on_before_optimizer_step``: after gradient accumulation and
+    the DDP all-reduce, before any clipping by other callbacks or the Trainer. On steps that do not log
+    nothing is computed; on logging steps the norms are computed on device with ``foreach`` kernels and
+    brought to the host in one transfer. Under FSDP the norms of the local shards are all-reduced so the
+    logged values are those of the full parameters.
+
+    Logged metrics (to every Lightning logger; TensorBoard also gets a grouped custom-scalars layout):
+
+    - ``gradwatch/global/grad_norm``: the norm of all gradients (``..._optimizer{i}`` with several optimizers).
+    - ``gradwatch/grad_norm/{layer}``: the norm of each layer's gradients.
+    - ``gradwatch/grad_to_weight/{layer}``: ``||grad|| / ||weight||`` of each layer.
+    - ``gradwatch/grad_hist/{layer}``: gradient histograms (TensorBoard only), if enabled.
+
+    Alerts (see :class:`~lightning_gradwatch.Alert`):
+
+    - ``vanishing_gradient``: in the first half of the network, a layer's gradient magnitude per element
+      (``norm / numel^(1/p)``, the RMS for ``p=2``) is below ``vanishing_threshold`` and below
+      ``vanishing_ratio`` times the median over all layers. Names the earliest such layer.
+    - ``exploding_gradient``: the global norm is above ``exploding_threshold``, or above ``exploding_factor``
+      times the median of its own recent history. Names the layer with the largest norm.
+
+    Checks run on logging steps. Steps the GradScaler skips for overflow are neither logged nor checked, and
+    non-finite norms never enter the history (they are :class:`~lightning_gradwatch.NaNGuard`'s business).
+
+    Args:
+        norm_type: the ``p`` of the p-norm: a number >= 1, or ``"inf"`` for the max-abs norm.
+        group_by: ``"module"`` to report one norm per module (its weight and bias together), or
+            ``"parameter"`` for one per parameter.
+        log_every_n_steps: log every this many optimizer steps; ``None`` follows the Trainer's
+            ``log_every_n_steps``.
+        log_grad_to_weight: also log each layer's gradient-to-weight norm ratio.
+        histogram_every_n_steps: write per-layer gradient histograms to TensorBoard every this many steps
+            (each costs a host copy of the gradients); ``None`` disables them.
+        vanishing_threshold: per-element gradient magnitude below which an early layer may be vanishing;
+            ``None`` disables the vanishing alert.
+        vanishing_ratio: ...and the fraction of the network's median per-element magnitude below which it is.
+        exploding_threshold: global gradient norm above which gradients are exploding; ``None`` disables the
+            absolute rule.
+        exploding_factor: a global norm this many times the median of the last ``history_size`` logged
+            norms is an explosion; ``None`` disables the relative rule.
+        history_size: how many logged global norms the relative rule remembers (it starts once 5 are known).
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_gradwatch import GradientNormLogger
+
+        trainer = Trainer(callbacks=[GradientNormLogger()], log_every_n_steps=25)
+    """
+
+    hook_order = 10
+
+    def __init__(
+        self,
+        norm_type: float | Literal["inf"] = 2.0,
+        group_by: Literal["module", "parameter"] = "module",
+        log_every_n_steps: int | None = None,
+        log_grad_to_weight: bool = True,
+        histogram_every_n_steps: int | None = None,
+        vanishing_threshold: float | None = 1e-7,
+        vanishing_ratio: float = 1e-3,
+        exploding_threshold: float | None = 1e3,
+        exploding_factor: float | None = 10.0,
+        history_size: int = 20,
+    ) -> None:
+        super().__init__()
+        self.norm_type = validate_norm_type(norm_type)
+        if group_by not in ("module", "parameter"):
+            raise ValueError(f"`group_by` must be 'module' or 'parameter', got {group_by!r}.")
+        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
+        if vanishing_threshold is not None:
+            check_positive("vanishing_threshold", vanishing_threshold)
+        check_positive("vanishing_ratio", vanishing_ratio)
+        if exploding_threshold is not None:
+            check_positive("exploding_threshold", exploding_threshold)
+        if exploding_factor is not None and not (isinstance(exploding_factor, (int, float)) and exploding_factor > 1):
+            raise ValueError(f"`exploding_factor` must be a number > 1 or None, got {exploding_factor!r}.")
+        check_positive_int("history_size", history_size)
+        if history_size < 5:
+            raise ValueError(f"`history_size` must be an integer >= 5, got {history_size!r}.")
+        self.group_by = group_by
+        self.log_every_n_steps = log_every_n_steps
+        self.log_grad_to_weight = log_grad_to_weight
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.vanishing_threshold = vanishing_threshold
+        self.vanishing_ratio = vanishing_ratio
+        self.exploding_threshold = exploding_threshold
+        self.exploding_factor = exploding_factor
+        self.history_size = history_size
+        self._history: dict[str, list[float]] = {}
+        self._groups: dict[int, ParamGroups] = {}
+        self._group_index: dict[int, Tensor] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            norm_type=self.norm_type, group_by=self.group_by, log_every_n_steps=self.log_every_n_steps
+        )
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._groups.clear()
+        self._group_index.clear()
+        super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        log_now = self._should_log(trainer, self.log_every_n_steps)
+        hist_now = (
+            self.histogram_every_n_steps is not None
+            and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0
+        )
+        if not (log_now or hist_now):
+            return
+        groups = self._param_groups(pl_module, optimizer)
+        if hist_now:
+            self._write_histograms(trainer, groups, optimizer)
+        if log_now:
+            self._log_norms(trainer, groups, optimizer)
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _param_groups(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> ParamGroups:
+        key = id(optimizer)
+        if key not in self._groups:
+            self._groups[key] = ParamGroups.build(pl_module, optimizer, self.group_by)
+        return self._groups[key]
+
+    def _norms(self, trainer: pl.Trainer, groups: ParamGroups, tensors: list[Tensor], positions: list[int]) -> Tensor:
+        """Per-layer norms of ``tensors`` (one per present parameter) on device; all-reduced when sharded."""
+        local = tensor_norms(tensors, self.norm_type)
+        device = local.device
+        per_param = torch.zeros(len(groups.params), dtype=torch.float32, device=device)
+        per_param.index_copy_(0, torch.tensor(positions, device=device), local)
+        if is_sharded(trainer):
+            per_param = all_reduce_norms(per_param, self.norm_type)
+        index = self._group_index.get(id(groups))
+        if index is None or index.device != device:
+            index = torch.tensor(groups.group_of_param, device=device)
+            self._group_index[id(groups)] = index
+        return combine_norms(per_param, index, len(groups.group_names), self.norm_type)
+
+    def _log_norms(self, trainer: pl.Trainer, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> None:
+        grads, positions = groups.present_grads()
+        if not grads:
+            return
+        layer_norms = self._norms(trainer, groups, grads, positions)
+        unscale = grad_unscale_factor(trainer, optimizer)
+        if unscale is not None:
+            layer_norms = layer_norms * unscale.to(layer_norms.device)
+        zero = torch.zeros(len(groups.group_names), dtype=torch.long, device=layer_norms.device)
+        global_norm = combine_norms(layer_norms, zero, 1, self.norm_type)
+        to_fetch = [global_norm, layer_norms]
+        if self.log_grad_to_weight:
+            weights = [groups.params[i].detach() for i in positions]
+            weight_norms = self._norms(trainer, groups, [local_tensor(w) for w in weights], positions)
+            to_fetch.append(layer_norms / weight_norms.clamp_min(1e-12))
+        found_inf = scaler_found_inf(trainer, optimizer)
+        to_fetch.append(found_inf if found_inf is not None else torch.zeros((), device=layer_norms.device))
+
+        fetched = host_values(*to_fetch)  # the one host sync of a logging step
+        if fetched[-1][0] > 0:
+            return  # the GradScaler skips this step for overflow: normal under fp16, nothing to report
+        total, per_layer = fetched[0][0], fetched[1]
+        suffix = self._optimizer_suffix(trainer, optimizer)
+        metrics = {f"gradwatch/global/grad_norm{suffix}": total}
+        present_groups = sorted({groups.group_of_param[i] for i in positions})
+        for g in present_groups:
+            metrics[f"gradwatch/grad_norm/{groups.group_names[g]}"] = per_layer[g]
+        if self.log_grad_to_weight:
+            ratios = fetched[2]
+            for g in present_groups:
+                metrics[f"gradwatch/grad_to_weight/{groups.group_names[g]}"] = ratios[g]
+        self._log_metrics(trainer, metrics)
+        self._check(trainer, groups, present_groups, total, per_layer, suffix)
+
+    @staticmethod
+    def _optimizer_suffix(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
+        optimizers = trainer.optimizers
+        if len(optimizers) <= 1:
+            return ""
+        index = next((i for i, opt in enumerate(optimizers) if opt is optimizer), 0)
+        return f"_optimizer{index}"
+
+    def _check(
+        self,
+        trainer: pl.Trainer,
+        groups: ParamGroups,
+        present: list[int],
+        total: float,
+        per_layer: list[float],
+        suffix: str,
+    ) -> None:
+        step = trainer.global_step
+        p = "inf" if math.isinf(self.norm_type) else f"{self.norm_type:g}"
+        if not math.isfinite(total):
+            return  # non-finite gradients: NaNGuard's business; never folded into the history
+        history = self._history.setdefault(suffix, [])
+        median = statistics.median(history) if len(history) >= 5 else None
+        reason = None
+        if self.exploding_threshold is not None and total > self.exploding_threshold:
+            reason = f"is above the threshold {self.exploding_threshold:g}"
+            threshold = self.exploding_threshold
+        elif self.exploding_factor is not None and median is not None and total > self.exploding_factor * median:
+            reason = f"jumped to {total / median:.3g}x its recent median {median:.3g}"
+            threshold = self.exploding_factor * median
+        largest = max(present, key=lambda g: per_layer[g])
+        largest_name = groups.group_names[largest]
+        self._set_condition(
+            trainer,
+            AlertKind.EXPLODING_GRADIENT,
+            suffix,
+            reason is not None,
+            lambda: Alert(
+                step=step,
+                kind=AlertKind.EXPLODING_GRADIENT,
+                name=largest_name,
+                value=total,
+                threshold=threshold,
+                message=(
+                    f"Exploding gradients at step {step}: the global {p}-norm {total:.4g} {reason}; the largest "
+                    f"layer norm is in '{largest_name}' ({per_layer[largest]:.4g}). Usual remedies: clip gradients "
+                    "(AdaptiveClipping or Trainer(gradient_clip_val=...)), lower the learning rate, check the "
+                    "weight initialisation and the scale of inputs and targets."
+                ),
+            ),
+        )
+        history.append(total)
+        del history[: -self.history_size]
+        if self.vanishing_threshold is not None:
+            self._check_vanishing(trainer, groups, present, per_layer, suffix, step)
+
+    def _check_vanishing(
+        self,
+        trainer: pl.Trainer,
+        groups: ParamGroups,
+        present: list[int],
+        per_layer: list[float],
+        suffix: str,
+        step: int,
+    ) -> None:
+        nonzero = [g for g in present if per_layer[g] > 0 and math.isfinite(per_layer[g])]
+        if len(nonzero) < 2:
+            return
+        magnitude = power_means(
+            torch.tensor([per_layer[g] for g in nonzero], dtype=torch.float64),
+            groups.group_numels[nonzero],
+            self.norm_type,
+        ).tolist()
+        median = statistics.median(magnitude)
+        early = nonzero[: math.ceil(len(nonzero) / 2)]
+        assert self.vanishing_threshold is not None
+        offending = [
+            (g, m)
+            for g, m in zip(early, magnitude)
+            if m < self.vanishing_threshold and m < self.vanishing_ratio * median
+        ]
+        first_name = groups.group_names[offending[0][0]] if offending else ""
+        first_value = offending[0][1] if offending else 0.0
+        self._set_condition(
+            trainer,
+            AlertKind.VANISHING_GRADIENT,
+            suffix,
+            bool(offending),
+            lambda: Alert(
+                step=step,
+                kind=AlertKind.VANISHING_GRADIENT,
+                name=first_name,
+                value=first_value,
+                threshold=float(self.vanishing_threshold),  # type: ignore[arg-type]
+                message=(
+                    f"Vanishing gradients at step {step}: layer '{first_name}' has a gradient magnitude of "
+                    f"{first_value:.3g} per element, {first_value / median:.2g}x the network's median "
+                    f"({median:.3g}); {len(offending)} of the first {len(early)} layers are affected. Usual "
+                    "remedies: ReLU-family activations instead of sigmoid/tanh, residual connections, "
+                    "normalisation layers (BatchNorm/LayerNorm), He/Xavier initialisation."
+                ),
+            ),
+        )
+
+    def _write_histograms(self, trainer: pl.Trainer, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> None:
+        writers = tensorboard_writers(trainer)
+        if not writers:
+            return
+        unscale = grad_unscale_factor(trainer, optimizer)
+        by_group: dict[int, list[Tensor]] = {}
+        grads, positions = groups.present_grads()
+        for g, i in zip(grads, positions):
+            by_group.setdefault(groups.group_of_param[i], []).append(g.detach().reshape(-1).float())
+        step = logger_step(trainer)
+        for g, parts in by_group.items():
+            values = torch.cat(parts)
+            if unscale is not None:
+                values = values * unscale.to(values.device)
+            values = values[torch.isfinite(values)].cpu()
+            if values.numel():
+                for writer in writers:
+                    writer.add_histogram(f"gradwatch/grad_hist/{groups.group_names[g]}", values, step)
+
+    @override
+    def _tensorboard_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, list[Any]]]:
+        tops = sorted({name.split(".")[0] for name, _ in pl_module.named_parameters()})
+        charts: dict[str, list[Any]] = {"global gradient norm": ["Multiline", [r"^gradwatch/global/grad_norm"]]}
+        metrics = [("grad_norm", "gradient norm")]
+        if self.log_grad_to_weight:
+            metrics.append(("grad_to_weight", "grad/weight ratio"))
+        for tag, title in metrics:
+            if len(tops) > _MAX_LAYOUT_CHARTS:
+                charts[f"{title}: all layers"] = ["Multiline", [rf"^gradwatch/{tag}/"]]
+                continue
+            for top in tops:
+                charts[f"{title}: {top}"] = ["Multiline", [rf"^gradwatch/{tag}/{re.escape(top)}(\.|$)"]]
+        return {"gradwatch: gradients": charts}
+
+    # -- state -----------------------------------------------------------------------------------------------
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        return {"norm_history": {k: list(v) for k, v in self._history.items()}}
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._history = {str(k): [float(x) for x in v] for k, v in state.get("norm_history", {}).items()}
