@@ -235,7 +235,7 @@ def order_gradwatch_callbacks(callbacks: list[Callback]) -> None:
     """
     slots = [i for i, cb in enumerate(callbacks) if isinstance(cb, GradwatchCallback)]
     ordered = sorted((callbacks[i] for i in slots), key=lambda cb: cb.hook_order)  # type: ignore[attr-defined]
-    for i, cb in zip(slots, ordered):
+    for i, cb in zip(slots, ordered, strict=True):
         callbacks[i] = cb
 
 
@@ -310,7 +310,9 @@ class GradwatchCallback(Callback):
             logger.log_metrics(dict(metrics), step=step)
 
     # -- TensorBoard layout ----------------------------------------------------------------------------------
-    def _tensorboard_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, list[Any]]]:
+    def _tensorboard_layout(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, dict[str, list[Any]]]:
         """This callback's custom-scalars charts: ``{category: {chart: ["Multiline", [tag regex, ...]]}}``."""
         return {}
 

@@ -15,13 +15,14 @@ from typing_extensions import override
 from lightning_gradwatch._core import (
     GradwatchCallback,
     ParamGroups,
-    local_tensor,
     all_reduce_norms,
     check_positive,
     check_positive_int,
+    grad_scaler,
     grad_unscale_factor,
     host_values,
     is_sharded,
+    local_tensor,
     logger_step,
     scaler_found_inf,
     tensorboard_writers,
@@ -151,8 +152,7 @@ class GradientNormLogger(GradwatchCallback):
     ) -> None:
         log_now = self._should_log(trainer, self.log_every_n_steps)
         hist_now = (
-            self.histogram_every_n_steps is not None
-            and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0
+            self.histogram_every_n_steps is not None and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0
         )
         if not (log_now or hist_now):
             return
@@ -198,8 +198,7 @@ class GradientNormLogger(GradwatchCallback):
             weights = [groups.params[i].detach() for i in positions]
             weight_norms = self._norms(trainer, groups, [local_tensor(w) for w in weights], positions)
             to_fetch.append(layer_norms / weight_norms.clamp_min(1e-12))
-        found_inf = scaler_found_inf(trainer, optimizer)
-        to_fetch.append(found_inf if found_inf is not None else torch.zeros((), device=layer_norms.device))
+        to_fetch.append(self._overflow_flag(trainer, optimizer, global_norm))
 
         fetched = host_values(*to_fetch)  # the one host sync of a logging step
         if fetched[-1][0] > 0:
@@ -216,6 +215,17 @@ class GradientNormLogger(GradwatchCallback):
                 metrics[f"gradwatch/grad_to_weight/{groups.group_names[g]}"] = ratios[g]
         self._log_metrics(trainer, metrics)
         self._check(trainer, groups, present_groups, total, per_layer, suffix)
+
+    @staticmethod
+    def _overflow_flag(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, global_norm: Tensor) -> Tensor:
+        """1.0 on a step the GradScaler will skip for overflow, else 0.0 (a device tensor, no sync)."""
+        found_inf = scaler_found_inf(trainer, optimizer)
+        if found_inf is not None:
+            return found_inf.to(global_norm.device)
+        if grad_scaler(trainer) is not None:
+            # fused optimizers check for inf inside their own step: non-finite scaled grads mean a skip there too
+            return (~torch.isfinite(global_norm)).to(torch.float32)
+        return torch.zeros((), device=global_norm.device)
 
     @staticmethod
     def _optimizer_suffix(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
@@ -295,7 +305,7 @@ class GradientNormLogger(GradwatchCallback):
         assert self.vanishing_threshold is not None
         offending = [
             (g, m)
-            for g, m in zip(early, magnitude)
+            for g, m in zip(early, magnitude, strict=False)  # early is a prefix of the layers
             if m < self.vanishing_threshold and m < self.vanishing_ratio * median
         ]
         first_name = groups.group_names[offending[0][0]] if offending else ""
@@ -328,7 +338,7 @@ class GradientNormLogger(GradwatchCallback):
         unscale = grad_unscale_factor(trainer, optimizer)
         by_group: dict[int, list[Tensor]] = {}
         grads, positions = groups.present_grads()
-        for g, i in zip(grads, positions):
+        for g, i in zip(grads, positions, strict=True):
             by_group.setdefault(groups.group_of_param[i], []).append(g.detach().reshape(-1).float())
         step = logger_step(trainer)
         for g, parts in by_group.items():
@@ -341,7 +351,9 @@ class GradientNormLogger(GradwatchCallback):
                     writer.add_histogram(f"gradwatch/grad_hist/{groups.group_names[g]}", values, step)
 
     @override
-    def _tensorboard_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, list[Any]]]:
+    def _tensorboard_layout(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, dict[str, list[Any]]]:
         tops = sorted({name.split(".")[0] for name, _ in pl_module.named_parameters()})
         charts: dict[str, list[Any]] = {"global gradient norm": ["Multiline", [r"^gradwatch/global/grad_norm"]]}
         metrics = [("grad_norm", "gradient norm")]

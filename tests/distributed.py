@@ -26,7 +26,9 @@ def run_ddp_script(name: str, out_dir: Path, *args: str, timeout: float = 180) -
         cwd=str(out_dir),
     )
     if proc.returncode != 0:
-        raise AssertionError(f"{name} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{name} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
+        )
     results = []
     for rank in range(2):
         path = out_dir / f"rank{rank}.json"

@@ -15,7 +15,9 @@ IN_FEATURES = 16
 NUM_CLASSES = 4
 
 
-def classification_data(n: int = 512, seed: int = 0, in_features: int = IN_FEATURES, seq_len: int | None = None) -> TensorDataset:
+def classification_data(
+    n: int = 512, seed: int = 0, in_features: int = IN_FEATURES, seq_len: int | None = None
+) -> TensorDataset:
     """A learnable task: labels from a fixed random linear teacher."""
     g = torch.Generator().manual_seed(seed)
     shape = (n, seq_len, in_features) if seq_len else (n, in_features)
@@ -33,7 +35,9 @@ def image_data(n: int = 256, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def mlp(depth: int = 3, width: int = 32, act: Callable[[], nn.Module] = nn.ReLU, init_gain: float | None = None) -> nn.Sequential:
+def mlp(
+    depth: int = 3, width: int = 32, act: Callable[[], nn.Module] = nn.ReLU, init_gain: float | None = None
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     d = IN_FEATURES
     for _ in range(depth):
@@ -75,7 +79,9 @@ class TinyTransformer(nn.Module):
     def __init__(self, d_model: int = 32, layers: int = 2) -> None:
         super().__init__()
         self.proj = nn.Linear(IN_FEATURES, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True, activation="gelu")
+        layer = nn.TransformerEncoderLayer(
+            d_model, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True, activation="gelu"
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, NUM_CLASSES)
 
@@ -139,7 +145,9 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            self.data, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.data, batch_size=self.batch_size)

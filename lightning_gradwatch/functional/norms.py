@@ -46,14 +46,19 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, device: torc
     for i, t in enumerate(dense):
         buckets.setdefault((t.device, t.dtype), []).append(i)
     if len(buckets) == 1:
-        norms = torch._foreach_norm(dense, norm_type, dtype=torch.float32)
-        return torch.stack(norms).to(out_device)
+        return _bucket_norms(dense, norm_type).to(out_device)
     result = torch.empty(len(dense), dtype=torch.float32, device=out_device)
     for indices in buckets.values():
-        norms = torch._foreach_norm([dense[i] for i in indices], norm_type, dtype=torch.float32)
-        index = torch.tensor(indices, device=out_device)
-        result.index_copy_(0, index, torch.stack(norms).to(out_device))
+        norms = _bucket_norms([dense[i] for i in indices], norm_type)
+        result.index_copy_(0, torch.tensor(indices, device=out_device), norms.to(out_device))
     return result
+
+
+def _bucket_norms(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """Norms of same-device, same-dtype tensors as float32; half precision is widened before reducing."""
+    low_precision = tensors[0].dtype in (torch.float16, torch.bfloat16)
+    norms = torch._foreach_norm(tensors, norm_type, dtype=torch.float32 if low_precision else None)
+    return torch.stack(norms).to(torch.float32)
 
 
 def combine_norms(norms: Tensor, group_index: Tensor, num_groups: int, norm_type: float = 2.0) -> Tensor:
