@@ -1,0 +1,190 @@
+"""Per-step overhead of gradwatch callbacks against no callback, measured side by side in one process.
+
+Each round fits one short run per configuration, in a rotating order, and takes the mean step time of each
+(warm-up steps dropped; logging steps included); the ratio to the no-callback run of the same round is taken, and the median ratio over
+rounds is reported. Step time is measured between on_train_batch_start and on_train_batch_end, so data loading
+and Trainer start-up are excluded.
+
+    python benchmarks/overhead.py                       # CPU, MLP, all configurations
+    python benchmarks/overhead.py --device cuda --model gpt --precision bf16-mixed   # a GPT-style model on a GPU
+    python benchmarks/overhead.py --configs none,gradient_norm,clip_1.0
+
+Prints a Markdown table for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import grad_norm
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_gradwatch as gw
+
+
+class StepTimer(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+class RandomTokens(Dataset):
+    def __init__(self, n: int, shape: tuple[int, ...], vocab: int | None) -> None:
+        self.n, self.shape, self.vocab = n, shape, vocab
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        g = torch.Generator().manual_seed(i)
+        if self.vocab:
+            return torch.randint(0, self.vocab, self.shape, generator=g)
+        return torch.randn(self.shape, generator=g), torch.randint(0, 10, (), generator=g)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False, is_causal=True)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class Bench(pl.LightningModule):
+    def __init__(self, model: str, with_grad_norm_recipe: bool = False) -> None:
+        super().__init__()
+        self.kind = model
+        self.with_grad_norm_recipe = with_grad_norm_recipe
+        if model == "gpt":  # ~100M parameters: 12 layers, d=768, vocab 32k
+            self.vocab, self.seq = 32000, 512
+            self.embed = nn.Embedding(self.vocab, 768)
+            self.pos = nn.Parameter(torch.zeros(self.seq, 768))
+            self.blocks = nn.Sequential(*[Block(768, 12) for _ in range(12)])
+            self.ln = nn.LayerNorm(768)
+            self.head = nn.Linear(768, self.vocab, bias=False)
+        else:
+            self.vocab = None
+            self.net = nn.Sequential(
+                nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10),
+            )  # fmt: skip
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.kind == "gpt":
+            x = self.embed(batch[:, :-1]) + self.pos[: batch.shape[1] - 1]
+            logits = self.head(self.ln(self.blocks(x)))
+            return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.with_grad_norm_recipe:  # Lightning's documented recipe: self.log_dict(grad_norm(self, norm_type=2))
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-4, foreach=True)
+
+    def data(self, steps: int, batch: int) -> DataLoader:
+        shape = (self.seq,) if self.kind == "gpt" else (256,)
+        return DataLoader(RandomTokens(steps * batch, shape, self.vocab), batch_size=batch, num_workers=0)
+
+
+CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = {
+    "none": lambda: ([], {}, False),
+    "gradient_norm": lambda: ([gw.GradientNormLogger()], {}, False),
+    "gradient_norm_every_step": lambda: ([gw.GradientNormLogger(log_every_n_steps=1)], {}, False),
+    "lightning_grad_norm_recipe": lambda: ([], {}, True),
+    "clip_1.0": lambda: ([], {"gradient_clip_val": 1.0}, False),
+}
+
+
+def run_once(name: str, args: argparse.Namespace) -> float:
+    callbacks, trainer_kwargs, recipe = CONFIGS[name]()
+    timer = StepTimer()
+    model = Bench(args.model, with_grad_norm_recipe=recipe)
+    trainer = pl.Trainer(
+        accelerator=args.device,
+        devices=1,
+        precision=args.precision,
+        max_steps=args.steps,
+        log_every_n_steps=args.log_every_n_steps,
+        callbacks=[*callbacks, timer],
+        logger=pl.loggers.TensorBoardLogger(args.logdir, name=name),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, model.data(args.steps, args.batch_size))
+    # the mean, not the median: logging steps are rare and the median would hide their cost
+    return statistics.fmean(timer.times[args.warmup :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--log-every-n-steps", type=int, default=50)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--logdir", default="/tmp/gradwatch_bench")
+    args = parser.parse_args()
+    names = args.configs.split(",")
+    if "none" not in names:
+        names.insert(0, "none")
+    pl.seed_everything(0, verbose=False)
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate so no config always runs first
+        this_round = {n: run_once(n, args) for n in order}
+        for n in names:
+            times[n].append(this_round[n])
+            ratios[n].append(this_round[n] / this_round["none"])
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"\nmodel={args.model} device={device} precision={args.precision} batch={args.batch_size} "
+          f"steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} torch={torch.__version__}\n")  # fmt: skip
+    print("| configuration | mean step (ms) | ratio to none (median over rounds) | min-max ratio |")
+    print("|---|---|---|---|")
+    for n in names:
+        print(
+            f"| {n} | {statistics.median(times[n]) * 1e3:.2f} | {statistics.median(ratios[n]):.3f} | {min(ratios[n]):.3f}-{max(ratios[n]):.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
