@@ -12,7 +12,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -24,6 +24,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch.alerts import Alert
+from lightning_gradwatch.functional.norms import combine_norms, tensor_norms
 
 log = logging.getLogger("lightning_gradwatch")
 
@@ -79,15 +80,23 @@ class ParamGroups:
     names: list[str]
     group_names: list[str]
     group_of_param: list[int]
-    group_numels: Tensor  # per group, on CPU
+    group_numels: Tensor  # elements per group across all shards, float64 on CPU
+    sharded: bool = False
+    _index_by_device: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, pl_module: torch.nn.Module, optimizer: torch.optim.Optimizer, by: str) -> ParamGroups:
+    def build(
+        cls, module: torch.nn.Module, optimizer: torch.optim.Optimizer, by: str, sharded: bool = False
+    ) -> ParamGroups:
+        """Group ``optimizer``'s parameters by owning module (``by="module"``) or one per parameter.
+
+        With ``sharded=True`` (FSDP) this is a collective: every rank must call it, at the same point.
+        """
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         params, names, group_names, group_of_param = [], [], [], []
         group_ids: dict[str, int] = {}
         numels: list[int] = []
-        for raw_name, p in pl_module.named_parameters():
+        for raw_name, p in module.named_parameters():
             if id(p) not in in_optimizer:
                 continue
             name = clean_name(raw_name)
@@ -99,8 +108,11 @@ class ParamGroups:
             params.append(p)
             names.append(name)
             group_of_param.append(group_ids[group])
-            numels[group_ids[group]] += _global_numel(p)
-        return cls(params, names, group_names, group_of_param, torch.tensor(numels, dtype=torch.float64))
+            numels[group_ids[group]] += local_tensor(p).numel()
+        group_numels = torch.tensor(numels, dtype=torch.float64)
+        if sharded and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(group_numels)  # local shard sizes add up to the full layer sizes
+        return cls(params, names, group_names, group_of_param, group_numels, sharded)
 
     def present_grads(self) -> tuple[list[Tensor], list[int]]:
         """The local gradient tensors that exist this step and the positions of their parameters."""
@@ -113,16 +125,31 @@ class ParamGroups:
             positions.append(i)
         return grads, positions
 
+    def group_index(self, device: torch.device) -> Tensor:
+        index = self._index_by_device.get(device)
+        if index is None:
+            index = self._index_by_device[device] = torch.tensor(self.group_of_param, device=device)
+        return index
+
+    def layer_norms(self, tensors: list[Tensor], positions: list[int], norm_type: float) -> Tensor:
+        """Per-group norms of ``tensors`` (the local parts of the parameters at ``positions``), on device.
+
+        Under sharding the per-parameter norms of the local shards are all-reduced first (a collective);
+        a parameter with no local tensor on some rank counts as zero there.
+        """
+        local = tensor_norms(tensors, norm_type)
+        device = local.device
+        per_param = torch.zeros(len(self.params), dtype=torch.float32, device=device)
+        per_param.index_copy_(0, torch.tensor(positions, device=device), local)
+        if self.sharded:
+            per_param = all_reduce_norms(per_param, norm_type)
+        return combine_norms(per_param, self.group_index(device), len(self.group_names), norm_type)
+
 
 def local_tensor(t: Tensor) -> Tensor:
-    to_local = getattr(t, "to_local", None)  # DTensor (FSDP2 / ModelParallelStrategy)
+    """The local part of a tensor: a DTensor's shard (FSDP2 / ModelParallelStrategy), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
-
-
-def _global_numel(p: Tensor) -> int:
-    # FSDP1 with use_orig_params keeps the original shape in `_unpadded_unsharded_size` only on flat params;
-    # DTensors report their global shape through numel() already.
-    return int(p.numel())
 
 
 # ---------------------------------------------------------------------------------------- precision / scaler

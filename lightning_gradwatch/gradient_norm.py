@@ -15,7 +15,6 @@ from typing_extensions import override
 from lightning_gradwatch._core import (
     GradwatchCallback,
     ParamGroups,
-    all_reduce_norms,
     check_positive,
     check_positive_int,
     grad_scaler,
@@ -28,7 +27,7 @@ from lightning_gradwatch._core import (
     tensorboard_writers,
 )
 from lightning_gradwatch.alerts import Alert, AlertKind
-from lightning_gradwatch.functional.norms import combine_norms, power_means, tensor_norms, validate_norm_type
+from lightning_gradwatch.functional.norms import combine_norms, power_means, validate_norm_type
 
 _MAX_LAYOUT_CHARTS = 24  # above this many top-level modules, one chart per metric instead of one per module
 
@@ -130,7 +129,6 @@ class GradientNormLogger(GradwatchCallback):
         self.history_size = history_size
         self._history: dict[str, list[float]] = {}
         self._groups: dict[int, ParamGroups] = {}
-        self._group_index: dict[int, Tensor] = {}
 
     @property
     @override
@@ -143,7 +141,6 @@ class GradientNormLogger(GradwatchCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._groups.clear()
-        self._group_index.clear()
         super().on_fit_start(trainer, pl_module)
 
     @override
@@ -156,38 +153,26 @@ class GradientNormLogger(GradwatchCallback):
         )
         if not (log_now or hist_now):
             return
-        groups = self._param_groups(pl_module, optimizer)
+        groups = self._param_groups(trainer, pl_module, optimizer)
         if hist_now:
             self._write_histograms(trainer, groups, optimizer)
         if log_now:
             self._log_norms(trainer, groups, optimizer)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _param_groups(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> ParamGroups:
+    def _param_groups(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> ParamGroups:
         key = id(optimizer)
         if key not in self._groups:
-            self._groups[key] = ParamGroups.build(pl_module, optimizer, self.group_by)
+            self._groups[key] = ParamGroups.build(pl_module, optimizer, self.group_by, sharded=is_sharded(trainer))
         return self._groups[key]
-
-    def _norms(self, trainer: pl.Trainer, groups: ParamGroups, tensors: list[Tensor], positions: list[int]) -> Tensor:
-        """Per-layer norms of ``tensors`` (one per present parameter) on device; all-reduced when sharded."""
-        local = tensor_norms(tensors, self.norm_type)
-        device = local.device
-        per_param = torch.zeros(len(groups.params), dtype=torch.float32, device=device)
-        per_param.index_copy_(0, torch.tensor(positions, device=device), local)
-        if is_sharded(trainer):
-            per_param = all_reduce_norms(per_param, self.norm_type)
-        index = self._group_index.get(id(groups))
-        if index is None or index.device != device:
-            index = torch.tensor(groups.group_of_param, device=device)
-            self._group_index[id(groups)] = index
-        return combine_norms(per_param, index, len(groups.group_names), self.norm_type)
 
     def _log_norms(self, trainer: pl.Trainer, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> None:
         grads, positions = groups.present_grads()
         if not grads:
             return
-        layer_norms = self._norms(trainer, groups, grads, positions)
+        layer_norms = groups.layer_norms(grads, positions, self.norm_type)
         unscale = grad_unscale_factor(trainer, optimizer)
         if unscale is not None:
             layer_norms = layer_norms * unscale.to(layer_norms.device)
@@ -195,8 +180,8 @@ class GradientNormLogger(GradwatchCallback):
         global_norm = combine_norms(layer_norms, zero, 1, self.norm_type)
         to_fetch = [global_norm, layer_norms]
         if self.log_grad_to_weight:
-            weights = [groups.params[i].detach() for i in positions]
-            weight_norms = self._norms(trainer, groups, [local_tensor(w) for w in weights], positions)
+            weights = [local_tensor(groups.params[i].detach()) for i in positions]
+            weight_norms = groups.layer_norms(weights, positions, self.norm_type)
             to_fetch.append(layer_norms / weight_norms.clamp_min(1e-12))
         to_fetch.append(self._overflow_flag(trainer, optimizer, global_norm))
 

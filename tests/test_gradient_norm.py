@@ -270,3 +270,16 @@ def test_ddp_rank_zero_writes_and_ranks_agree(tmp_path: Any) -> None:
     events = tb.scalars(tmp_path / "tb" / "version_0")
     assert [s for s, _ in events["gradwatch/global/grad_norm"]] == [1, 3, 5, 7]
     assert len(list((tmp_path / "tb").glob("version_*"))) == 1
+
+
+def test_fsdp2_sharded_norms_equal_full_gradient_norms(tmp_path: Any) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    for rank in run_ddp_script("fsdp2_norms.py", tmp_path, port):
+        assert rank["groups"] == ["0", "2", "4"]
+        assert rank["numels"] == [5 * 7 + 7, 7 * 3 + 3, 3 + 1]  # full sizes, not shard sizes
+        for p in ("2", "inf", "1"):
+            assert rank[f"sharded_{p}"] == pytest.approx(rank[f"full_{p}"], rel=1e-5)

@@ -56,3 +56,9 @@ def test_validate_norm_type_accepts() -> None:
     assert validate_norm_type("inf") == math.inf
     assert validate_norm_type(float("inf")) == math.inf
     assert validate_norm_type(1) == 1.0
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_empty_tensors_have_zero_norm(p: float) -> None:
+    norms = tensor_norms([torch.ones(4), torch.empty(0), torch.full((1,), 3.0)], p)
+    torch.testing.assert_close(norms, torch.tensor([2.0 if p == 2.0 else 1.0, 0.0, 3.0]))

@@ -44,10 +44,11 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, device: torc
     dense = [t._values() if t.is_sparse else t for t in tensors]
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(dense):
-        buckets.setdefault((t.device, t.dtype), []).append(i)
-    if len(buckets) == 1:
+        if t.numel() > 0:  # an empty shard (FSDP) has norm 0; foreach_norm rejects it for ord=inf
+            buckets.setdefault((t.device, t.dtype), []).append(i)
+    if len(buckets) == 1 and len(next(iter(buckets.values()))) == len(dense):
         return _bucket_norms(dense, norm_type).to(out_device)
-    result = torch.empty(len(dense), dtype=torch.float32, device=out_device)
+    result = torch.zeros(len(dense), dtype=torch.float32, device=out_device)
     for indices in buckets.values():
         norms = _bucket_norms([dense[i] for i in indices], norm_type)
         result.index_copy_(0, torch.tensor(indices, device=out_device), norms.to(out_device))
