@@ -254,18 +254,6 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
-def order_gradwatch_callbacks(callbacks: list[Callback]) -> None:
-    """Sort the gradwatch callbacks among the slots they occupy, by their ``hook_order`` (stable).
-
-    On ``on_before_optimizer_step`` the guard must see the step first, the norm logger before any clipping,
-    and clipping last, whatever order the user listed them in. Other callbacks keep their places.
-    """
-    slots = [i for i, cb in enumerate(callbacks) if isinstance(cb, GradwatchCallback)]
-    ordered = sorted((callbacks[i] for i in slots), key=lambda cb: cb.hook_order)  # type: ignore[attr-defined]
-    for i, cb in zip(slots, ordered, strict=True):
-        callbacks[i] = cb
-
-
 def merge_layouts(layouts: Iterable[Mapping[str, Mapping[str, list[Any]]]]) -> dict[str, dict[str, list[Any]]]:
     """Merge custom-scalars layouts ``{category: {chart: ["Multiline", [regex, ...]]}}``; later charts of the
     same category and title add their regexes to the earlier ones."""
@@ -285,12 +273,14 @@ def merge_layouts(layouts: Iterable[Mapping[str, Mapping[str, list[Any]]]]) -> d
 class GradwatchCallback(Callback):
     """Base class of the gradwatch callbacks: the alert contract, logging and layout plumbing.
 
-    Subclasses implement their hooks and call :meth:`_set_condition` / :meth:`_emit_alert`,
+    Subclasses put their work on each step's final gradients in :meth:`_before_optimizer_step` (not in
+    ``on_before_optimizer_step``, which dispatches it in ``hook_order``), implement their other hooks, and call
+    :meth:`_set_condition` / :meth:`_emit_alert`,
     :meth:`_should_log` and :meth:`_log_metrics`; they describe their TensorBoard charts in
     :meth:`_tensorboard_layout` and their resumable state in :meth:`_extra_state` / :meth:`_load_extra_state`.
     """
 
-    #: Position among gradwatch callbacks on a shared hook: lower runs first.
+    #: Position among gradwatch callbacks on ``on_before_optimizer_step``: lower runs first.
     hook_order: ClassVar[int] = 50
 
     def __init__(self) -> None:
@@ -356,9 +346,24 @@ class GradwatchCallback(Callback):
             setattr(writer, _LAYOUT_WRITTEN_ATTR, True)
 
     # -- hooks -----------------------------------------------------------------------------------------------
+    def _before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """A subclass's work on the final gradients of a step (unscaled, accumulated, all-reduced)."""
+
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        order_gradwatch_callbacks(trainer.callbacks)
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # The first gradwatch callback in the Trainer runs every gradwatch callback's step work, sorted by
+        # hook_order: the guard sees the step first, norms are logged before any clipping, clipping comes last,
+        # whatever order the user listed them in. (Reordering trainer.callbacks instead would mutate the list
+        # Lightning is iterating.)
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, GradwatchCallback)]
+        if peers[0] is not self:
+            return
+        for callback in sorted(peers, key=lambda cb: cb.hook_order):
+            callback._before_optimizer_step(trainer, pl_module, optimizer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -144,7 +144,7 @@ class GradientNormLogger(GradwatchCallback):
         super().on_fit_start(trainer, pl_module)
 
     @override
-    def on_before_optimizer_step(
+    def _before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         log_now = self._should_log(trainer, self.log_every_n_steps)

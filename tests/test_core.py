@@ -25,8 +25,11 @@ class Recorder(GradwatchCallback):
     def state_key(self) -> str:
         return self._generate_state_key(label=self.label)
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def _before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         calls.append(self.label)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        calls.append(f"setup {self.label}")
 
     def _tensorboard_layout(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         return {"gradwatch: gradients": {self.chart: ["Multiline", [f"^gradwatch/{self.label}"]]}}
@@ -42,8 +45,9 @@ def test_gradwatch_callbacks_run_in_hook_order_whatever_the_user_order(tmp_path:
     callbacks = [Recorder("clip", 30, "c"), Plain(), Recorder("guard", 0, "g"), Recorder("norms", 10, "n")]
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, max_steps=1))
     trainer.fit(Classifier(mlp(1)))
-    # gradwatch callbacks sorted among the slots they hold; the plain callback keeps its place
-    assert calls == ["guard", "plain", "norms", "clip"]
+    # every callback set up exactly once; on the optimizer step the gradwatch callbacks run in hook_order
+    assert calls[:3] == ["setup clip", "setup guard", "setup norms"]
+    assert calls[3:] == ["guard", "norms", "clip", "plain"]
     [layout] = tb.layouts(tmp_path / "tb" / "version_0")  # one merged layout, written once
     assert set(layout["gradwatch: gradients"]) == {"g", "n", "c"}
 
