@@ -254,6 +254,17 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
+def gradwatch_callbacks(trainer: pl.Trainer) -> list[GradwatchCallback]:
+    """The Trainer's gradwatch callbacks in list order, with those inside a bundle (``GradWatch``) expanded."""
+    found: list[GradwatchCallback] = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradwatchCallback):
+            found.append(callback)
+        else:
+            found.extend(getattr(callback, "gradwatch_callbacks", ()))
+    return found
+
+
 def merge_layouts(layouts: Iterable[Mapping[str, Mapping[str, list[Any]]]]) -> dict[str, dict[str, list[Any]]]:
     """Merge custom-scalars layouts ``{category: {chart: ["Multiline", [regex, ...]]}}``; later charts of the
     same category and title add their regexes to the earlier ones."""
@@ -337,8 +348,7 @@ class GradwatchCallback(Callback):
         writers = [w for w in tensorboard_writers(trainer) if not getattr(w, _LAYOUT_WRITTEN_ATTR, False)]
         if not writers:
             return
-        gradwatch = [cb for cb in trainer.callbacks if isinstance(cb, GradwatchCallback)]
-        layout = merge_layouts(cb._tensorboard_layout(trainer, pl_module) for cb in gradwatch)
+        layout = merge_layouts(cb._tensorboard_layout(trainer, pl_module) for cb in gradwatch_callbacks(trainer))
         if not layout:
             return
         for writer in writers:
@@ -359,7 +369,7 @@ class GradwatchCallback(Callback):
         # hook_order: the guard sees the step first, norms are logged before any clipping, clipping comes last,
         # whatever order the user listed them in. (Reordering trainer.callbacks instead would mutate the list
         # Lightning is iterating.)
-        peers = [cb for cb in trainer.callbacks if isinstance(cb, GradwatchCallback)]
+        peers = gradwatch_callbacks(trainer)
         if peers[0] is not self:
             return
         for callback in sorted(peers, key=lambda cb: cb.hook_order):

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
-from lightning_gradwatch._core import GradwatchCallback
+from lightning_gradwatch._core import GradwatchCallback, gradwatch_callbacks
 from lightning_gradwatch.alerts import Alert, AlertKind
 
 #: The usual remedy for each kind of finding.
@@ -147,7 +147,7 @@ class HealthReport(GradwatchCallback):
         self._report(trainer)
 
     def _report(self, trainer: pl.Trainer) -> None:
-        alerts = [a for cb in trainer.callbacks if isinstance(cb, GradwatchCallback) for a in cb.alerts]
+        alerts = [a for cb in gradwatch_callbacks(trainer) for a in cb.alerts]
         self.findings = summarize(alerts)
         if not trainer.is_global_zero:
             return
