@@ -34,7 +34,7 @@ _LAYOUT_WRITTEN_ATTR = "_lightning_gradwatch_layout_written"
 
 # ----------------------------------------------------------------------------------------------- validation
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a number > 0 (>= 0 with ``allow_zero``); NaN is rejected, inf allowed."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
