@@ -1,8 +1,9 @@
 """lightning-gradwatch: gradient-health callbacks for PyTorch Lightning."""
 
+from lightning_gradwatch.adaptive_clipping import AdaptiveClipping
 from lightning_gradwatch.alerts import ALERT_KINDS, Alert, AlertKind
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 
 __version__ = "0.1.0"
 
-__all__ = ["ALERT_KINDS", "Alert", "AlertKind", "GradientNormLogger", "__version__"]
+__all__ = ["AdaptiveClipping", "ALERT_KINDS", "Alert", "AlertKind", "GradientNormLogger", "__version__"]
