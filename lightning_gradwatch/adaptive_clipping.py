@@ -123,7 +123,7 @@ class AdaptiveClipping(GradwatchCallback):
         ema_decay: float = 0.97,
         quantile: float = 0.9,
         history_size: int = 1000,
-        clip_factor: float = 0.05,
+        clip_factor: float = 0.1,
         agc_eps: float = 1e-3,
         agc_exclude: Sequence[str] | None = None,
         warmup_steps: int = 25,
@@ -233,17 +233,24 @@ class AdaptiveClipping(GradwatchCallback):
         stats_threshold = zscore_threshold(
             state["mean"], state["var"], state["count"], self.z_threshold, self.warmup_steps, self.warmup_cap
         )
-        if self.mode == "agc":
-            threshold = torch.full_like(norm, math.inf)
-            coefficient = self._apply_agc(present, grads, unscale, valid)
-        else:
-            if self.mode == "zscore":
-                threshold = stats_threshold
-            else:
-                quantile = ring_quantile(state["history"], state["history_count"], self.quantile)
-                threshold = torch.where(state["history_count"] >= self.warmup_steps, quantile, stats_threshold)
-            coefficient = torch.where(valid, clip_coefficient(norm, threshold), torch.ones_like(norm))
-            apply_clip_coefficient(grads, coefficient)
+        if self.mode == "percentile":
+            quantile = ring_quantile(state["history"], state["history_count"], self.quantile)
+            threshold = torch.where(state["history_count"] >= self.warmup_steps, quantile, stats_threshold)
+        else:  # zscore; in agc mode the z-score rule is the backstop for the parameters AGC leaves alone
+            threshold = zscore_threshold(
+                state["mean"],
+                state["var"],
+                state["count"],
+                self.z_threshold,
+                self.warmup_steps,
+                self.warmup_cap,
+                norm=norm,
+            )
+        unit_coefficient = self._apply_agc(present, grads, unscale, valid) if self.mode == "agc" else None
+        coefficient = torch.where(valid, clip_coefficient(norm, threshold), torch.ones_like(norm))
+        apply_clip_coefficient(grads, coefficient)
+        if unit_coefficient is not None:
+            coefficient = coefficient * unit_coefficient  # what the most clipped unit got, for the logs
 
         self._update_state(state, norm, valid, stats_threshold, threshold, coefficient, trainer.global_step)
         self._steps_since_log[index] = self._steps_since_log.get(index, 0) + 1

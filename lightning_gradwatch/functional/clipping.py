@@ -83,16 +83,34 @@ def ema_update(
 
 
 def zscore_threshold(
-    mean: Tensor, var: Tensor, count: Tensor, z_threshold: float, warmup_steps: int, warmup_cap: float | None
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    z_threshold: float,
+    warmup_steps: int,
+    warmup_cap: float | None,
+    norm: Tensor | None = None,
 ) -> Tensor:
-    """The clipping threshold of the z-score rule: ``mean + z_threshold * std`` once ``warmup_steps`` values are known.
+    """The clipping threshold of the z-score rule, once ``warmup_steps`` values are known.
+
+    Without ``norm``: the ceiling ``mean + z_threshold * std``. With ``norm``: the norm that this gradient
+    norm is clipped to, ``mean + z_threshold * std * z_threshold / z`` where ``z = (norm - mean) / std`` is
+    above ``z_threshold`` (the ceiling otherwise): a norm just above the ceiling is clipped to it, a far
+    outlier close to the mean, so that a spike's unusual direction moves the weights no further than an
+    ordinary step would (the reciprocal scaling of ZClip).
 
     During warm-up the threshold is ``warmup_cap * mean`` (a generous safety cap against a spike before the
-    statistics are ready) once at least one value is known, or ``inf`` (no clipping) when ``warmup_cap`` is None
-    or nothing is known yet.
+    statistics are ready) once at least one value is known, or ``inf`` (no clipping) when ``warmup_cap`` is
+    None or nothing is known yet.
     """
     inf = torch.full_like(mean, math.inf)
-    adaptive = mean + z_threshold * var.clamp_min(0.0).sqrt()
+    std = var.clamp_min(0.0).sqrt()
+    margin = z_threshold * std
+    if norm is not None:
+        z = (norm - mean) / (std + 1e-12)
+        margin = margin * (z_threshold / z.clamp_min(z_threshold))
+        margin = torch.where(torch.isnan(margin), torch.zeros_like(margin), margin)
+    adaptive = mean + margin
     if warmup_cap is None:
         warm = inf
     else:
