@@ -69,7 +69,13 @@ class Student(pl.LightningModule):
     def __init__(self, task: str, optimizer: str, spike_step: int | None, data_seed: int) -> None:
         super().__init__()
         self.task = task
-        self.net = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES if task == "classification" else 1))
+        self.net = nn.Sequential(
+            nn.Linear(IN, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, CLASSES if task == "classification" else 1),
+        )
         self.optimizer_name = optimizer
         self.spike_step = spike_step
         self.train_data = make_data(task, 8192, data_seed)
@@ -111,7 +117,9 @@ def make_callbacks(method: str) -> tuple[list[pl.Callback], dict[str, Any]]:
     raise ValueError(method)
 
 
-def run(task: str, method: str, optimizer: str, seed: int, spike_step: int | None, steps: int, heldout: TensorDataset) -> dict[str, Any]:
+def run(
+    task: str, method: str, optimizer: str, seed: int, spike_step: int | None, steps: int, heldout: TensorDataset
+) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     model = Student(task, optimizer, spike_step, data_seed=seed)
     callbacks, extra = make_callbacks(method)
@@ -173,17 +181,23 @@ def main() -> None:
     def after(opt: str, method: str, seed: int, spiked: int) -> float:
         return statistics.fmean(results[f"{opt}/{method}/{seed}/{spiked}"]["losses"][window])
 
-    print(f"\ntask={args.task} steps={args.steps} spike_step={args.spike_step} seeds={args.seeds} window=steps {window.start}-{window.stop - 1}\n")
+    print(
+        f"\ntask={args.task} steps={args.steps} spike_step={args.spike_step} seeds={args.seeds} window=steps {window.start}-{window.stop - 1}\n"
+    )
     for opt in args.optimizers.split(","):
         gaps = [after(opt, "none", s, 1) - after(opt, "none", s, 0) for s in range(args.seeds)]
         gap = statistics.fmean(gaps)
         base_heldout = statistics.fmean(results[f"{opt}/none/{s}/0"]["heldout"] for s in range(args.seeds))
         print(f"### {opt}: unclipped spike damage (gap) = {gap:.4f} (mean loss after the spike, spiked - clean)\n")
-        print("| method | spike damage (own clean run) | % of gap | damage vs unclipped clean | % of gap | clean held-out loss | clean cost vs none | steps clipped (clean) |")
+        print(
+            "| method | spike damage (own clean run) | % of gap | damage vs unclipped clean | % of gap | clean held-out loss | clean cost vs none | steps clipped (clean) |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for method in methods:
             damage = statistics.fmean(after(opt, method, s, 1) - after(opt, method, s, 0) for s in range(args.seeds))
-            damage_abs = statistics.fmean(after(opt, method, s, 1) - after(opt, "none", s, 0) for s in range(args.seeds))
+            damage_abs = statistics.fmean(
+                after(opt, method, s, 1) - after(opt, "none", s, 0) for s in range(args.seeds)
+            )
             held = statistics.fmean(results[f"{opt}/{method}/{s}/0"]["heldout"] for s in range(args.seeds))
             fractions = [results[f"{opt}/{method}/{s}/0"].get("clipped_fraction") for s in range(args.seeds)]
             frac = f"{100 * statistics.fmean(fractions):.1f}%" if fractions[0] is not None else "-"

@@ -76,7 +76,8 @@ class AdaptiveClipping(GradwatchCallback):
     Logged metrics (on logging steps; ``_optimizer{i}`` appended with several optimizers):
 
     - ``gradwatch/clip/pre_clip_norm``: the global gradient norm before clipping.
-    - ``gradwatch/clip/threshold``: the norm it was clipped to if above (not in ``"agc"`` mode).
+    - ``gradwatch/clip/threshold``: the global norm the gradients are clipped to if above it (in ``"agc"``
+      mode, the z-score backstop's).
     - ``gradwatch/clip/coefficient``: the factor applied (the smallest unit factor in ``"agc"`` mode).
     - ``gradwatch/clip/clipped_fraction``: the fraction of steps clipped since the previous logging step.
     - ``gradwatch/clip/ema_mean``, ``gradwatch/clip/ema_std``: the norm statistics.
@@ -285,7 +286,9 @@ class AdaptiveClipping(GradwatchCallback):
             last = max((i for i, m in enumerate(multi) if m), default=None)
             return [m and i != last for i, m in enumerate(multi)]
         patterns = self.agc_exclude
-        return [m and not any(fnmatch.fnmatchcase(n, pat) for pat in patterns) for m, n in zip(multi, names, strict=True)]
+        return [
+            m and not any(fnmatch.fnmatchcase(n, pat) for pat in patterns) for m, n in zip(multi, names, strict=True)
+        ]
 
     def _state_for(self, index: int, device: torch.device) -> dict[str, Tensor]:
         state = self._state.get(index)
@@ -367,7 +370,9 @@ class AdaptiveClipping(GradwatchCallback):
         state["worst_ratio"] = torch.where(worse, ratio, state["worst_ratio"])
         state["worst_step"] = torch.where(worse, float(step), state["worst_step"])
         state["worst_norm"] = torch.where(worse, norm, state["worst_norm"])
-        state["worst_threshold"] = torch.where(worse, torch.minimum(threshold, stats_threshold), state["worst_threshold"])
+        state["worst_threshold"] = torch.where(
+            worse, torch.minimum(threshold, stats_threshold), state["worst_threshold"]
+        )
         state["worst_coef"] = torch.where(worse, coefficient, state["worst_coef"])
         state["last_norm"] = norm
         state["last_threshold"] = threshold
@@ -390,9 +395,8 @@ class AdaptiveClipping(GradwatchCallback):
             f"gradwatch/clip/ema_mean{suffix}": values["mean"],
             f"gradwatch/clip/ema_std{suffix}": math.sqrt(max(values["var"], 0.0)),
             f"gradwatch/clip/spikes{suffix}": values["spikes"],
+            f"gradwatch/clip/threshold{suffix}": values["last_threshold"],
         }
-        if self.mode != "agc":
-            metrics[f"gradwatch/clip/threshold{suffix}"] = values["last_threshold"]
         self._log_metrics(trainer, {k: v for k, v in metrics.items() if math.isfinite(v)})
 
         count = int(values["spikes"])

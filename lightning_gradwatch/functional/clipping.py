@@ -184,7 +184,7 @@ def agc_coefficients(
             g_norm = g_norm * grad_scale.to(g_norm.device)
         w_norm = torch.linalg.vector_norm(w.detach().reshape(w.shape[0], -1), dim=1, dtype=torch.float32)
         max_norm = w_norm.clamp_min(eps) * clip_factor
-        coefficient = clip_coefficient(g_norm, max_norm, eps=1e-6)
+        coefficient = clip_coefficient(g_norm, max_norm, eps=1e-12)
         coefficients.append(coefficient.reshape(shape).to(g.dtype))
         ratios.append((g_norm / max_norm).amax())
         squares.append(g_norm.square().sum())
