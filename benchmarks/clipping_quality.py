@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -184,26 +185,31 @@ def main() -> None:
     print(
         f"\ntask={args.task} steps={args.steps} spike_step={args.spike_step} seeds={args.seeds} window=steps {window.start}-{window.stop - 1}\n"
     )
+
+    def pct(value: float, of: float) -> str:
+        return f"{100 * value / of:+.1f}%" if math.isfinite(value / of) else "n/a"
+
     for opt in args.optimizers.split(","):
-        gaps = [after(opt, "none", s, 1) - after(opt, "none", s, 0) for s in range(args.seeds)]
-        gap = statistics.fmean(gaps)
-        base_heldout = statistics.fmean(results[f"{opt}/none/{s}/0"]["heldout"] for s in range(args.seeds))
-        print(f"### {opt}: unclipped spike damage (gap) = {gap:.4f} (mean loss after the spike, spiked - clean)\n")
+        seeds = range(args.seeds)
+        gap = statistics.fmean(after(opt, "none", s, 1) - after(opt, "none", s, 0) for s in seeds)
+        clean_window = statistics.fmean(after(opt, "none", s, 0) for s in seeds)
+        base_heldout = statistics.fmean(results[f"{opt}/none/{s}/0"]["heldout"] for s in seeds)
+        what = f"{gap:.4f}" if math.isfinite(gap) else "diverged (NaN loss)"
+        print(f"### {opt}: unclipped spike damage (the gap) = {what}; clean loss over the window {clean_window:.4f}\n")
         print(
-            "| method | spike damage (own clean run) | % of gap | damage vs unclipped clean | % of gap | clean held-out loss | clean cost vs none | steps clipped (clean) |"
+            "| method | spike damage (vs own clean run) | % of gap | damage vs unclipped clean run | % of gap "
+            "| % of clean window loss | clean held-out loss | clean cost vs none | steps clipped (clean) |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for method in methods:
-            damage = statistics.fmean(after(opt, method, s, 1) - after(opt, method, s, 0) for s in range(args.seeds))
-            damage_abs = statistics.fmean(
-                after(opt, method, s, 1) - after(opt, "none", s, 0) for s in range(args.seeds)
-            )
-            held = statistics.fmean(results[f"{opt}/{method}/{s}/0"]["heldout"] for s in range(args.seeds))
-            fractions = [results[f"{opt}/{method}/{s}/0"].get("clipped_fraction") for s in range(args.seeds)]
+            damage = statistics.fmean(after(opt, method, s, 1) - after(opt, method, s, 0) for s in seeds)
+            damage_abs = statistics.fmean(after(opt, method, s, 1) - after(opt, "none", s, 0) for s in seeds)
+            held = statistics.fmean(results[f"{opt}/{method}/{s}/0"]["heldout"] for s in seeds)
+            fractions = [results[f"{opt}/{method}/{s}/0"].get("clipped_fraction") for s in seeds]
             frac = f"{100 * statistics.fmean(fractions):.1f}%" if fractions[0] is not None else "-"
             print(
-                f"| {method} | {damage:+.4f} | {100 * damage / gap:+.1f}% | {damage_abs:+.4f} | {100 * damage_abs / gap:+.1f}% "
-                f"| {held:.4f} | {100 * (held / base_heldout - 1):+.1f}% | {frac} |"
+                f"| {method} | {damage:+.4f} | {pct(damage, gap)} | {damage_abs:+.4f} | {pct(damage_abs, gap)} "
+                f"| {pct(damage, clean_window)} | {held:.4f} | {pct(held - base_heldout, base_heldout)} | {frac} |"
             )
         print()
     print(f"total time {time.time() - start:.0f}s")

@@ -50,16 +50,18 @@ class AdaptiveClipping(GradwatchCallback):
     Three rules (``mode``):
 
     - ``"zscore"`` (default, in the spirit of ZClip, 2025): an exponential moving average of the mean and
-      variance of the global gradient norm; a norm above ``mean + z_threshold * std`` is scaled down to that
-      threshold. The statistics are fed the clipped norm, so a spike cannot inflate the variance and switch
-      clipping off afterwards.
+      variance of the global gradient norm. A norm above ``mean + z_threshold * std`` is clipped, and the
+      farther out it is the closer to the mean it is brought (``mean + z_threshold * std * z_threshold / z``):
+      an outlier batch leaves the hook at the size of an ordinary step. The statistics are fed the clipped
+      norm, so a spike cannot inflate the variance and switch clipping off afterwards.
     - ``"percentile"`` (in the spirit of AutoClip, 2020): the threshold is the ``quantile`` of the last
       ``history_size`` global norms, kept in a ring buffer on the device. The history takes the raw norms
       (one spike moves a quantile by one rank only; clipped values would ratchet the threshold down).
     - ``"agc"`` (Adaptive Gradient Clipping, NFNets 2021): each output unit (row) of every weight of 2 or more
       dimensions is clipped so that ``||G_unit|| <= clip_factor * max(||W_unit||, agc_eps)``. 1-D parameters
       (biases, norm gains: a zero-initialised bias would never move) and the output layer are left alone, as
-      in the paper; see ``agc_exclude``.
+      in the paper (see ``agc_exclude``); the z-score rule stays on as a backstop, since a spike through
+      those parameters alone can still wreck a run.
 
     Clipping happens in ``on_before_optimizer_step``: after gradient accumulation and the DDP all-reduce, on
     the real (unscaled) gradients under every precision, in automatic and manual optimization alike. Every
