@@ -1,5 +1,16 @@
 """Pure tensor math behind the callbacks: tensors in, tensors out, testable without a Trainer."""
 
+from lightning_gradwatch.functional.clipping import (
+    agc_coefficients,
+    apply_clip_coefficient,
+    clip_coefficient,
+    ema_update,
+    global_norm,
+    ring_push,
+    ring_quantile,
+    total_norm,
+    zscore_threshold,
+)
 from lightning_gradwatch.functional.norms import (
     combine_norms,
     grouped_norms,
@@ -9,6 +20,15 @@ from lightning_gradwatch.functional.norms import (
 )
 
 __all__ = [
+    "agc_coefficients",
+    "apply_clip_coefficient",
+    "clip_coefficient",
+    "ema_update",
+    "global_norm",
+    "ring_push",
+    "ring_quantile",
+    "total_norm",
+    "zscore_threshold",
     "combine_norms",
     "grouped_norms",
     "power_means",

@@ -1,0 +1,212 @@
+"""Gradient-clipping math: pure functions on tensors, no Lightning, no host syncs.
+
+Every decision is taken on device with ``torch.where`` / ``clamp`` instead of a Python ``if`` on a tensor, so
+none of these functions waits for the accelerator. Statistics are 0-dim float32 tensors (or a fixed-size
+ring buffer) that the caller keeps; the update functions return new tensors and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_gradwatch.functional.norms import tensor_norms
+
+__all__ = [
+    "agc_coefficients",
+    "apply_clip_coefficient",
+    "clip_coefficient",
+    "ema_update",
+    "global_norm",
+    "ring_push",
+    "ring_quantile",
+    "total_norm",
+    "zscore_threshold",
+]
+
+
+def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The norm of everything from the per-tensor norms ``norms`` (shape ``(N,)``): a 0-dim tensor."""
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=norms.dtype, device=norms.device)
+    return torch.linalg.vector_norm(norms, math.inf if math.isinf(norm_type) else norm_type)
+
+
+def global_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """The ``norm_type``-norm of all ``tensors`` together, as a 0-dim float32 tensor (``foreach`` kernels, no sync)."""
+    return total_norm(tensor_norms(tensors, norm_type), norm_type)
+
+
+def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6) -> Tensor:
+    """``min(threshold / (norm + eps), 1)``, the factor that brings ``norm`` down to ``threshold``.
+
+    A non-finite ``norm`` (an fp16 overflow step the GradScaler will skip, or a real NaN/Inf that is NaNGuard's
+    business) gets the coefficient 1.0: multiplying by 0 or NaN would only hide or spread the problem. An
+    infinite ``threshold`` (nothing learned yet) also gives 1.0.
+    """
+    coefficient = (threshold / (norm + eps)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norm) & ~torch.isnan(coefficient), coefficient, torch.ones_like(coefficient))
+
+
+def ema_update(
+    mean: Tensor, var: Tensor, count: Tensor, value: Tensor, decay: float, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of an exponentially weighted mean and variance of ``value``, skipped where ``valid`` is False.
+
+    The weight of the new value is ``max(1 - decay, 1 / (count + 1))``: the first values are averaged plainly
+    (no bias towards the zero initial state, and the variance is the ordinary variance of the values seen so
+    far) and the update becomes a fixed-rate EMA after ``1 / (1 - decay)`` values. Incremental form of West
+    (1979): ``mean += w * d``, ``var = (1 - w) * (var + w * d**2)`` with ``d = value - mean``.
+
+    Args:
+        mean, var, count: the current state, 0-dim float32 tensors (``count`` counts the values folded in).
+        value: the new observation (0-dim). Ignored wherever ``valid`` is False, even if it is NaN or Inf.
+        decay: the EMA decay in ``(0, 1)``.
+        valid: 0-dim bool tensor: whether to fold ``value`` in.
+
+    Returns:
+        The new ``(mean, var, count)``.
+    """
+    weight = torch.maximum(torch.full_like(count, 1.0 - decay), (count + 1.0).reciprocal())
+    safe = torch.where(valid, value, mean)  # keeps NaN/Inf out of the arithmetic, not only out of the result
+    delta = safe - mean
+    new_mean = mean + weight * delta
+    new_var = (1.0 - weight) * (var + weight * delta * delta)
+    return (
+        torch.where(valid, new_mean, mean),
+        torch.where(valid, new_var, var),
+        count + valid.to(count.dtype),
+    )
+
+
+def zscore_threshold(
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    z_threshold: float,
+    warmup_steps: int,
+    warmup_cap: float | None,
+    norm: Tensor | None = None,
+) -> Tensor:
+    """The clipping threshold of the z-score rule, once ``warmup_steps`` values are known.
+
+    Without ``norm``: the ceiling ``mean + z_threshold * std``. With ``norm``: the norm that this gradient
+    norm is clipped to, ``mean + z_threshold * std * z_threshold / z`` where ``z = (norm - mean) / std`` is
+    above ``z_threshold`` (the ceiling otherwise): a norm just above the ceiling is clipped to it, a far
+    outlier close to the mean, so that a spike's unusual direction moves the weights no further than an
+    ordinary step would (the reciprocal scaling of ZClip).
+
+    During warm-up the threshold is ``warmup_cap * mean`` (a generous safety cap against a spike before the
+    statistics are ready) once at least one value is known, or ``inf`` (no clipping) when ``warmup_cap`` is
+    None or nothing is known yet.
+    """
+    inf = torch.full_like(mean, math.inf)
+    std = var.clamp_min(0.0).sqrt()
+    margin = z_threshold * std
+    if norm is not None:
+        z = (norm - mean) / (std + 1e-12)
+        margin = margin * (z_threshold / z.clamp_min(z_threshold))
+        margin = torch.where(torch.isnan(margin), torch.zeros_like(margin), margin)
+    adaptive = mean + margin
+    if warmup_cap is None:
+        warm = inf
+    else:
+        warm = torch.where(count > 0, mean * warmup_cap, inf)
+    return torch.where(count >= warmup_steps, adaptive, warm)
+
+
+def ring_push(buffer: Tensor, count: Tensor, value: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Write ``value`` into the ring buffer ``buffer`` at position ``count % len(buffer)`` when ``valid``.
+
+    ``count`` (a 0-dim int64 tensor) counts every value ever pushed; the slots in use are the first
+    ``min(count, len(buffer))``. Nothing happens where ``valid`` is False. Returns the new ``(buffer, count)``.
+    """
+    position = (count % buffer.numel()).reshape(1)
+    current = buffer.index_select(0, position)
+    new_value = torch.where(valid, value.to(buffer.dtype), current.squeeze(0)).reshape(1)
+    return buffer.index_copy(0, position, new_value), count + valid.to(count.dtype)
+
+
+def ring_quantile(buffer: Tensor, count: Tensor, q: float) -> Tensor:
+    """The ``q``-quantile (linear interpolation, like ``torch.quantile``) of the filled slots of a ring buffer.
+
+    Returns ``inf`` while the buffer is empty. Unfilled slots are ignored: they sort after every real value as
+    ``inf`` and the interpolation indices only reach the filled ones. One sort of the buffer, no sync.
+    """
+    size = buffer.numel()
+    filled = count.clamp(max=size)
+    slots = torch.arange(size, device=buffer.device)
+    values = torch.where(slots < filled, buffer, torch.full_like(buffer, math.inf))
+    ordered = values.sort().values
+    rank = (filled - 1).clamp_min(0).to(buffer.dtype) * q
+    low = rank.floor().long().clamp(0, size - 1)
+    high = (low + 1).clamp(max=(filled - 1).clamp_min(0))
+    frac = rank - low.to(buffer.dtype)
+    lo_v = ordered.index_select(0, low.reshape(1)).squeeze(0)
+    hi_v = ordered.index_select(0, high.reshape(1)).squeeze(0)
+    result = lo_v + frac * (hi_v - lo_v)
+    result = torch.where(frac > 0, result, lo_v)  # inf - inf when only one value: avoid NaN
+    return torch.where(filled > 0, result, torch.full_like(result, math.inf))
+
+
+def agc_coefficients(
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    clip_factor: float,
+    eps: float = 1e-3,
+    grad_scale: Tensor | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Unit-wise clip coefficients of Adaptive Gradient Clipping (Brock et al., NFNets 2021).
+
+    A unit is one output row of a weight (dimension 0; the rest is flattened): its gradient norm may be at
+    most ``clip_factor * max(||W_unit||, eps)``. Returns, for each pair, a coefficient tensor shaped to
+    broadcast against the gradient (``(rows, 1, ..., 1)``), 1.0 where the unit is within its limit or its
+    gradient norm is not finite; also the largest ``||G_unit|| / max_norm`` over all units and the squared
+    sum of all unit gradient norms (for the global norm), both 0-dim.
+
+    Args:
+        weights, grads: parameters and their gradients, pairwise, each at least 2-D.
+        clip_factor: the lambda of the paper.
+        eps: the floor of a unit's weight norm (zero-initialised units would otherwise never move).
+        grad_scale: ``1 / loss scale`` when the gradients are still scaled (a fused optimizer under fp16):
+            norms are compared unscaled, the coefficients apply to the scaled gradients unchanged.
+    """
+    coefficients: list[Tensor] = []
+    ratios: list[Tensor] = []
+    squares: list[Tensor] = []
+    for w, g in zip(weights, grads, strict=True):
+        shape = (-1,) + (1,) * (g.dim() - 1)
+        g_norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float32)
+        if grad_scale is not None:
+            g_norm = g_norm * grad_scale.to(g_norm.device)
+        w_norm = torch.linalg.vector_norm(w.detach().reshape(w.shape[0], -1), dim=1, dtype=torch.float32)
+        max_norm = w_norm.clamp_min(eps) * clip_factor
+        coefficient = clip_coefficient(g_norm, max_norm, eps=1e-12)
+        coefficients.append(coefficient.reshape(shape).to(g.dtype))
+        ratios.append((g_norm / max_norm).amax())
+        squares.append(g_norm.square().sum())
+    if not coefficients:
+        zero = torch.zeros(())
+        return [], zero, zero
+    device = grads[0].device
+    return (
+        coefficients,
+        torch.stack([r.to(device) for r in ratios]).amax(),
+        torch.stack([s.to(device) for s in squares]).sum(),
+    )
+
+
+def apply_clip_coefficient(grads: Sequence[Tensor], coefficient: Tensor) -> None:
+    """Multiply ``grads`` in place by the 0-dim ``coefficient``, with one ``foreach`` kernel per device and dtype.
+
+    Like ``torch.nn.utils.clip_grad_norm_``, the multiplication always happens (by 1.0 when nothing is
+    clipped): deciding whether to skip it would need a host sync.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        buckets.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in buckets.items():
+        torch._foreach_mul_(group, coefficient.to(device))
