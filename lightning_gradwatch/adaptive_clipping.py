@@ -132,7 +132,7 @@ class AdaptiveClipping(GradwatchCallback):
         warmup_steps: int = 25,
         warmup_cap: float | None = 10.0,
         norm_type: float | Literal["inf"] = 2.0,
-        alert_ratio: float = 2.0,
+        alert_ratio: float = 5.0,
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
