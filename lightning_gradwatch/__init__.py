@@ -4,7 +4,17 @@ from lightning_gradwatch.adaptive_clipping import AdaptiveClipping
 from lightning_gradwatch.alerts import ALERT_KINDS, Alert, AlertKind
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
+from lightning_gradwatch.nan_guard import NaNGuard
 
 __version__ = "0.1.0"
 
-__all__ = ["ALERT_KINDS", "AdaptiveClipping", "Alert", "AlertKind", "GradientNormLogger", "HealthReport", "__version__"]
+__all__ = [
+    "ALERT_KINDS",
+    "AdaptiveClipping",
+    "Alert",
+    "AlertKind",
+    "GradientNormLogger",
+    "HealthReport",
+    "NaNGuard",
+    "__version__",
+]

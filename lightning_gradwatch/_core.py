@@ -227,6 +227,15 @@ def all_reduce_norms(norms: Tensor, norm_type: float) -> Tensor:
     return powers.pow(1.0 / norm_type).to(norms.dtype)
 
 
+def all_reduce_max(values: Tensor) -> Tensor:
+    """Element-wise max of ``values`` over all ranks (a collective; identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    reduced = values.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced
+
+
 # ------------------------------------------------------------------------------------------------ logging
 def host_values(*tensors: Tensor) -> list[list[float]]:
     """Bring several device tensors to the host in one transfer (one sync); returns each one flattened."""

@@ -11,6 +11,7 @@ from lightning_gradwatch.functional.clipping import (
     total_norm,
     zscore_threshold,
 )
+from lightning_gradwatch.functional.finite import any_non_finite, non_finite_mask
 from lightning_gradwatch.functional.norms import (
     combine_norms,
     grouped_norms,
@@ -20,6 +21,8 @@ from lightning_gradwatch.functional.norms import (
 )
 
 __all__ = [
+    "any_non_finite",
+    "non_finite_mask",
     "agc_coefficients",
     "apply_clip_coefficient",
     "clip_coefficient",
