@@ -2,9 +2,11 @@
 
 from lightning_gradwatch.adaptive_clipping import AdaptiveClipping
 from lightning_gradwatch.alerts import ALERT_KINDS, Alert, AlertKind
+from lightning_gradwatch.dead_neurons import DeadNeuronCallback
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
 from lightning_gradwatch.nan_guard import NaNGuard
+from lightning_gradwatch.saturation import SaturationCallback
 
 __version__ = "0.1.0"
 
@@ -13,8 +15,10 @@ __all__ = [
     "AdaptiveClipping",
     "Alert",
     "AlertKind",
+    "DeadNeuronCallback",
     "GradientNormLogger",
     "HealthReport",
     "NaNGuard",
+    "SaturationCallback",
     "__version__",
 ]

@@ -236,6 +236,15 @@ def all_reduce_max(values: Tensor) -> Tensor:
     return reduced
 
 
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """Element-wise sum of ``values`` over all ranks (a collective; identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    reduced = values.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced
+
+
 # ------------------------------------------------------------------------------------------------ logging
 def host_values(*tensors: Tensor) -> list[list[float]]:
     """Bring several device tensors to the host in one transfer (one sync); returns each one flattened."""

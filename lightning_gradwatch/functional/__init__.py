@@ -1,5 +1,6 @@
 """Pure tensor math behind the callbacks: tensors in, tensors out, testable without a Trainer."""
 
+from lightning_gradwatch.functional.activations import alive_units, saturated_count, saturation_bound
 from lightning_gradwatch.functional.clipping import (
     agc_coefficients,
     apply_clip_coefficient,
@@ -21,6 +22,9 @@ from lightning_gradwatch.functional.norms import (
 )
 
 __all__ = [
+    "alive_units",
+    "saturated_count",
+    "saturation_bound",
     "any_non_finite",
     "non_finite_mask",
     "agc_coefficients",

@@ -1,0 +1,34 @@
+"""Activation-health math: pure functions on tensors, no Lightning, no host syncs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["alive_units", "saturated_count", "saturation_bound"]
+
+
+def alive_units(pre_activation: Tensor, unit_dim: int) -> Tensor:
+    """Which units had a positive pre-activation for at least one sample/position: a bool vector over units.
+
+    A rectifier's unit whose pre-activation is ``<= 0`` everywhere outputs 0 and passes no gradient: it is dead
+    on this batch. ``unit_dim`` is the feature axis (``-1`` for Linear, ``1`` for Conv and BatchNorm).
+    """
+    x = pre_activation.detach().movedim(unit_dim, -1)
+    return x.reshape(-1, x.shape[-1]).amax(dim=0) > 0
+
+
+def saturation_bound(kind: str, margin: float) -> float:
+    """The pre-activation magnitude beyond which ``sigmoid`` (or ``tanh``) output lies within ``margin`` of its bounds."""
+    if kind == "sigmoid":
+        return math.log((1 - margin) / margin)  # logit(1 - margin)
+    if kind == "tanh":
+        return math.atanh(1 - margin)
+    raise ValueError(f"`kind` must be 'sigmoid' or 'tanh', got {kind!r}.")
+
+
+def saturated_count(pre_activation: Tensor, bound: float) -> Tensor:
+    """How many elements of ``pre_activation`` are saturated (``|x| >= bound``), as a 0-dim float32 tensor."""
+    return (pre_activation.detach().abs() >= bound).sum(dtype=torch.float32)
