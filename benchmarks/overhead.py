@@ -8,6 +8,7 @@ and Trainer start-up are excluded.
     python benchmarks/overhead.py                       # CPU, MLP, all configurations
     python benchmarks/overhead.py --device cuda --model gpt --precision bf16-mixed   # a GPT-style model on a GPU
     python benchmarks/overhead.py --configs none,gradient_norm,clip_1.0
+    python benchmarks/overhead.py --configs none,clip_1.0,adaptive_clipping,zclip   # in the zclip environment
 
 Prints a Markdown table for benchmarks/RESULTS.md.
 """
@@ -115,13 +116,29 @@ class Bench(pl.LightningModule):
         return DataLoader(RandomTokens(steps * batch, shape, self.vocab), batch_size=batch, num_workers=0)
 
 
+def _zclip() -> list[Callback]:
+    from zclip import ZClipLightningCallback  # benchmark-only environment: see benchmarks/RESULTS.md
+
+    return [ZClipLightningCallback()]
+
+
+# name -> (callbacks, extra Trainer arguments, use Lightning's grad_norm recipe)
 CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = {
     "none": lambda: ([], {}, False),
     "gradient_norm": lambda: ([gw.GradientNormLogger()], {}, False),
     "gradient_norm_every_step": lambda: ([gw.GradientNormLogger(log_every_n_steps=1)], {}, False),
     "lightning_grad_norm_recipe": lambda: ([], {}, True),
+    "dead_neurons": lambda: ([gw.DeadNeuronCallback()], {}, False),
+    "saturation": lambda: ([gw.SaturationCallback()], {}, False),
+    "nan_guard": lambda: ([gw.NaNGuard()], {}, False),
     "clip_1.0": lambda: ([], {"gradient_clip_val": 1.0}, False),
+    "adaptive_clipping": lambda: ([gw.AdaptiveClipping()], {}, False),
+    "adaptive_percentile": lambda: ([gw.AdaptiveClipping(mode="percentile")], {}, False),
+    "adaptive_agc": lambda: ([gw.AdaptiveClipping(mode="agc")], {}, False),
+    "grad_watch_preset": lambda: ([gw.GradWatch(report=False)], {}, False),
+    "zclip": lambda: (_zclip(), {}, False),
 }
+DEFAULT_CONFIGS = [name for name in CONFIGS if name != "zclip"]
 
 
 def run_once(name: str, args: argparse.Namespace) -> float:
@@ -156,7 +173,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--log-every-n-steps", type=int, default=50)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated; add zclip in its own env"
+    )
     parser.add_argument("--logdir", default="/tmp/gradwatch_bench")
     args = parser.parse_args()
     names = args.configs.split(",")

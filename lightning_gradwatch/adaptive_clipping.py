@@ -34,10 +34,9 @@ from lightning_gradwatch.functional.clipping import (
     ema_update,
     ring_push,
     ring_quantile,
-    total_norm,
     zscore_threshold,
 )
-from lightning_gradwatch.functional.norms import tensor_norms, validate_norm_type
+from lightning_gradwatch.functional.norms import tensor_norms, total_norm, validate_norm_type
 
 _MODES = ("zscore", "percentile", "agc")
 # the statistics that survive a checkpoint; the others only cover the current logging interval

@@ -27,7 +27,7 @@ from lightning_gradwatch._core import (
     tensorboard_writers,
 )
 from lightning_gradwatch.alerts import Alert, AlertKind
-from lightning_gradwatch.functional.norms import combine_norms, power_means, validate_norm_type
+from lightning_gradwatch.functional.norms import power_means, total_norm, validate_norm_type
 
 _MAX_LAYOUT_CHARTS = 24  # above this many top-level modules, one chart per metric instead of one per module
 
@@ -176,8 +176,7 @@ class GradientNormLogger(GradwatchCallback):
         unscale = grad_unscale_factor(trainer, optimizer)
         if unscale is not None:
             layer_norms = layer_norms * unscale.to(layer_norms.device)
-        zero = torch.zeros(len(groups.group_names), dtype=torch.long, device=layer_norms.device)
-        global_norm = combine_norms(layer_norms, zero, 1, self.norm_type)
+        global_norm = total_norm(layer_norms, self.norm_type)
         to_fetch = [global_norm, layer_norms]
         if self.log_grad_to_weight:
             weights = [local_tensor(groups.params[i].detach()) for i in positions]

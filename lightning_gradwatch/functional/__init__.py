@@ -6,18 +6,18 @@ from lightning_gradwatch.functional.clipping import (
     apply_clip_coefficient,
     clip_coefficient,
     ema_update,
-    global_norm,
     ring_push,
     ring_quantile,
-    total_norm,
     zscore_threshold,
 )
 from lightning_gradwatch.functional.finite import any_non_finite, non_finite_mask
 from lightning_gradwatch.functional.norms import (
     combine_norms,
+    global_norm,
     grouped_norms,
     power_means,
     tensor_norms,
+    total_norm,
     validate_norm_type,
 )
 

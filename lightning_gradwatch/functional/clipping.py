@@ -13,31 +13,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_gradwatch.functional.norms import tensor_norms
-
 __all__ = [
     "agc_coefficients",
     "apply_clip_coefficient",
     "clip_coefficient",
     "ema_update",
-    "global_norm",
     "ring_push",
     "ring_quantile",
-    "total_norm",
     "zscore_threshold",
 ]
-
-
-def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
-    """The norm of everything from the per-tensor norms ``norms`` (shape ``(N,)``): a 0-dim tensor."""
-    if norms.numel() == 0:
-        return torch.zeros((), dtype=norms.dtype, device=norms.device)
-    return torch.linalg.vector_norm(norms, math.inf if math.isinf(norm_type) else norm_type)
-
-
-def global_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
-    """The ``norm_type``-norm of all ``tensors`` together, as a 0-dim float32 tensor (``foreach`` kernels, no sync)."""
-    return total_norm(tensor_norms(tensors, norm_type), norm_type)
 
 
 def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6) -> Tensor:

@@ -10,9 +10,11 @@ from torch import Tensor
 
 __all__ = [
     "combine_norms",
+    "global_norm",
     "grouped_norms",
     "power_means",
     "tensor_norms",
+    "total_norm",
     "validate_norm_type",
 ]
 
@@ -92,8 +94,7 @@ def grouped_norms(
     """
     norms = tensor_norms(tensors, norm_type)
     group_norms = combine_norms(norms, group_index.to(norms.device), num_groups, norm_type)
-    total = combine_norms(group_norms, torch.zeros_like(group_norms, dtype=torch.long), 1, norm_type)[0]
-    return group_norms, total
+    return group_norms, total_norm(group_norms, norm_type)
 
 
 def power_means(norms: Tensor, numels: Tensor, norm_type: float = 2.0) -> Tensor:
@@ -104,3 +105,15 @@ def power_means(norms: Tensor, numels: Tensor, norm_type: float = 2.0) -> Tensor
     if math.isinf(norm_type):
         return norms.clone()
     return norms / numels.to(norms.dtype).clamp_min(1).pow(1.0 / norm_type)
+
+
+def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The norm of everything from the per-tensor norms ``norms`` (shape ``(N,)``): a 0-dim tensor."""
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=norms.dtype, device=norms.device)
+    return torch.linalg.vector_norm(norms, math.inf if math.isinf(norm_type) else norm_type)
+
+
+def global_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """The ``norm_type``-norm of all ``tensors`` together, as a 0-dim float32 tensor (``foreach`` kernels, no sync)."""
+    return total_norm(tensor_norms(tensors, norm_type), norm_type)
