@@ -197,6 +197,8 @@ class NaNGuard(GradwatchCallback):
         if self._halt_pending is None:
             return
         reason, self._halt_pending = self._halt_pending, None
+        # the fault episode ends with this run: a run resumed from the checkpoint alerts again if it comes back
+        self._active_conditions -= {(AlertKind.NON_FINITE, ""), (AlertKind.LOSS_SCALE_COLLAPSE, "")}
         path = self._save_last_good(trainer)
         where = (
             f" The last good state is saved at '{path}'; after fixing the cause, resume with "

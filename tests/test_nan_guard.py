@@ -287,6 +287,24 @@ def test_state_survives_a_resume(tmp_path: Any) -> None:
     assert resumed.fault_steps == 2 and [a.step for a in resumed.alerts] == [3, 8]
 
 
+def test_resume_from_the_halt_checkpoint(tmp_path: Any) -> None:
+    guard = NaNGuard()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpts")
+    fit(tmp_path, Poisoned(nan_steps=(10,)), [guard, checkpoints], max_steps=30, enable_checkpointing=True)
+    assert guard.halt_checkpoint == str(tmp_path / "ckpts" / "gradwatch-halt-step=11.ckpt")
+    # the same fault again right after resuming: a new episode, alerted and halted at once
+    again = NaNGuard()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[again], max_steps=30))
+    trainer.fit(Poisoned(nan_steps=(11,)), ckpt_path=guard.halt_checkpoint)
+    assert [a.step for a in again.alerts] == [10, 11] and trainer.global_step == 12
+    # the cause fixed: training goes on from the last good state to the end
+    fixed = NaNGuard()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "c", callbacks=[fixed], max_steps=30))
+    model = Poisoned()
+    trainer.fit(model, ckpt_path=guard.halt_checkpoint)
+    assert trainer.global_step == 30 and finite(model) and [a.step for a in fixed.alerts] == [10]
+
+
 def test_guard_acts_before_the_norm_logger(tmp_path: Any) -> None:
     # listed last, the guard still drops the NaN update before the norm logger looks at the gradients
     norms, guard = GradientNormLogger(log_every_n_steps=1), NaNGuard(action="skip")
