@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -59,7 +60,7 @@ def _stop(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
 
 
 def http_get(url: str, timeout: float = 2.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (127.0.0.1 only)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
 
 
@@ -109,6 +110,13 @@ def tensorboard_server(logdir: str | Path, timeout: float = 90.0) -> Iterator[st
         log.close()
 
 
+# argv: read fd, write fd, chromium command...; put the two fds on 3 and 4 and exec the command
+_WIRE_PIPES = (
+    "import os, sys; r, w = int(sys.argv[1]), int(sys.argv[2]); os.dup2(r, 3); os.dup2(w, 4); "
+    "os.close(r); os.close(w); os.execv(sys.argv[3], sys.argv[3:])"
+)
+
+
 class Chromium:
     """Headless Chromium driven over the DevTools protocol on a pipe; one page (tab) attached.
 
@@ -151,14 +159,15 @@ class Chromium:
     def __enter__(self) -> Chromium:
         self._profile = tempfile.TemporaryDirectory(prefix="gradwatch-chromium-")
         self._log = tempfile.TemporaryFile()
-        to_browser_r, self._to_browser = os.pipe()  # Chromium reads commands on its fd 3
-        self._from_browser, from_browser_w = os.pipe()  # ... and writes replies and events on its fd 4
-
-        def wire_pipes() -> None:  # in the child, before exec: put the pipe ends on fds 3 and 4
-            r, w = os.dup(to_browser_r), os.dup(from_browser_w)
-            os.dup2(r, 3)
-            os.dup2(w, 4)
-
+        # Chromium reads commands on its fd 3 and writes replies and events on its fd 4. The child's ends are
+        # first moved to fds >= 10 (so they cannot collide with 3 and 4), then a tiny Python trampoline puts them
+        # on 3 and 4 and execs Chromium: no preexec_fn, which is unsafe in a process with threads (torch has some).
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+        child_r = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD_CLOEXEC, 10)
+        child_w = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(to_browser_r)
+        os.close(from_browser_w)
         cmd = [
             self.executable,
             *self.FLAGS,
@@ -166,17 +175,18 @@ class Chromium:
             f"--window-size={self.width},{self.height}",
             "about:blank",
         ]
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            pass_fds=(3, 4),
-            preexec_fn=wire_pipes,  # noqa: PLW1509 (no threads in between: we exec right after)
-            start_new_session=True,
-        )
-        os.close(to_browser_r)
-        os.close(from_browser_w)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _WIRE_PIPES, str(child_r), str(child_w), *cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(child_r, child_w),
+                start_new_session=True,
+            )
+        finally:
+            os.close(child_r)
+            os.close(child_w)
         try:
             target = self.call("Target.createTarget", {"url": "about:blank"}, timeout=60)["targetId"]
             self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]

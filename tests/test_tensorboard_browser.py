@@ -35,7 +35,7 @@ CATEGORY = "gradwatch: gradients"
 EXPECTED_CHARTS = {"global gradient norm", "gradient norm: net", "grad/weight ratio: net"}
 HEALTHY, SICK = "relu_mlp_3_layers", "sigmoid_mlp_20_layers"
 STEPS = 30
-RENDER_TIMEOUT = 45.0
+RENDER_TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +86,9 @@ const categories = deepAll(dashboard, 'tf-category-paginated-view').map(view => 
     lines: deepAll(card, 'path.line').filter(p => (p.getAttribute('d') || '').includes('L')).length,
   })),
 }));
-const rendered = categories.some(c => c.cards.length && c.cards.every(card => card.points >= %d));
+const rendered = categories.some(c => c.cards.length && c.cards.every(card => card.points >= MIN_POINTS));
 return {rendered, categories, text: deepText(dashboard)};
-"""
-    % STEPS
+""".replace("MIN_POINTS", str(STEPS))
 )
 
 
@@ -99,10 +98,19 @@ def test_custom_scalars_tab_renders_the_gradwatch_charts(page: tuple[str, Chromi
 
     browser = _open(page, "custom_scalars")
     started = time.monotonic()
-    state: Any = browser.wait_for(_CUSTOM_SCALAR_CARDS + "?.rendered", timeout=RENDER_TIMEOUT)
-    state = browser.evaluate(_CUSTOM_SCALAR_CARDS)
+    shot = logdir / "tensorboard-custom-scalars.png"
+    try:
+        browser.wait_for(_CUSTOM_SCALAR_CARDS + "?.rendered", timeout=RENDER_TIMEOUT)
+    except TimeoutError:
+        state = browser.evaluate(_CUSTOM_SCALAR_CARDS) or {}
+        browser.screenshot(shot)
+        pytest.fail(
+            f"the custom-scalars charts did not all render within {RENDER_TIMEOUT:.0f}s (screenshot: {shot}): "
+            f"{state.get('categories')}"
+        )
     render_s = time.monotonic() - started
-    png = browser.screenshot()
+    state: Any = browser.evaluate(_CUSTOM_SCALAR_CARDS)
+    png = browser.screenshot(shot)
 
     categories = {c["name"]: c for c in state["categories"]}
     assert CATEGORY in categories, f"no '{CATEGORY}' category; page shows: {list(categories)}"
@@ -118,8 +126,6 @@ def test_custom_scalars_tab_renders_the_gradwatch_charts(page: tuple[str, Chromi
 
     width, height = _png_size(png)
     assert (width, height) == (1280, 800)
-    shot = logdir / "tensorboard-custom-scalars.png"
-    shot.write_bytes(png)
     target = os.environ.get("GRADWATCH_SCREENSHOT")
     if target:
         shutil.copyfile(shot, target)
