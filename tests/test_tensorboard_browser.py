@@ -92,6 +92,27 @@ return {rendered, categories, text: deepText(dashboard)};
 )
 
 
+_LOG_SCALE_PER_LAYER_CHARTS = page_script(
+    """
+const cards = deepAll(document, 'tf-custom-scalar-multi-line-chart-card').filter(c => c.title !== 'global gradient norm');
+const buttons = cards.flatMap(card => deepAll(card, 'paper-icon-button').filter(b => b.title === 'Toggle y-axis log scale'));
+buttons.forEach(b => b.click());
+return buttons.length;
+"""
+)
+
+# The axis tick values of the per-layer gradient-norm chart once its y axis is logarithmic (ticks like 1e-14),
+# else null.
+_PER_LAYER_TICKS_IF_LOG = page_script(
+    """
+const card = deepAll(document, 'tf-custom-scalar-multi-line-chart-card').find(c => c.title === 'gradient norm: net');
+if (!card) return null;
+const ticks = deepAll(card, '.y-axis text').map(t => t.textContent.trim()).filter(t => t && !isNaN(Number(t)));
+return ticks.filter(t => /^1e-\\d+$/.test(t)).length >= 3 ? ticks.map(Number) : null;
+"""
+)
+
+
 def test_custom_scalars_tab_renders_the_gradwatch_charts(page: tuple[str, Chromium], logdir: Path) -> None:
     written = [layout for layout in tensorboard_events.layouts(logdir / SICK) if CATEGORY in layout]
     assert written and set(written[0][CATEGORY]) == EXPECTED_CHARTS
@@ -110,6 +131,15 @@ def test_custom_scalars_tab_renders_the_gradwatch_charts(page: tuple[str, Chromi
         )
     render_s = time.monotonic() - started
     state: Any = browser.evaluate(_CUSTOM_SCALAR_CARDS)
+
+    # The sick run's early layers have gradients around 1e-18: flat on 0 on a linear axis. Switch the per-layer
+    # charts to a log axis (the card's own button, as a user would) and check the axis now reaches that far down,
+    # i.e. every layer's line is really drawn where it belongs; the screenshot shows this view.
+    clicked = browser.evaluate(_LOG_SCALE_PER_LAYER_CHARTS)
+    assert clicked == len(EXPECTED_CHARTS) - 1
+    ticks = browser.wait_for(_PER_LAYER_TICKS_IF_LOG, timeout=RENDER_TIMEOUT)
+    assert min(ticks) < 1e-12 and max(ticks) > 1e-3, ticks
+    time.sleep(0.5)  # let the redraw settle before the picture
     png = browser.screenshot(shot)
 
     categories = {c["name"]: c for c in state["categories"]}
