@@ -64,50 +64,45 @@ def http_get(url: str, timeout: float = 2.0) -> bytes:
         return response.read()
 
 
+def _wait_for_tensorboard(proc: subprocess.Popen[Any], base: str, log: Any, deadline: float) -> bool:
+    """True once TensorBoard serves a custom-scalars layout; False if it could not bind its port (try another)."""
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            if "already in use" in output:
+                return False
+            raise RuntimeError(f"TensorBoard exited {proc.returncode}:\n{output[-4000:]}")
+        try:
+            if json.loads(http_get(f"{base}/data/plugin/custom_scalars/layout")).get("category"):
+                return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            pass
+        if time.monotonic() > deadline:
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            raise TimeoutError(f"TensorBoard did not serve a custom-scalars layout in time:\n{output[-4000:]}")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def tensorboard_server(logdir: str | Path, timeout: float = 90.0) -> Iterator[str]:
-    """Serve ``logdir`` with TensorBoard on 127.0.0.1 and yield its base URL once the custom-scalars layout has
-    been loaded (so a page opened next finds the data). The server is killed on exit."""
-    port = free_port()
-    log = tempfile.TemporaryFile()
-    cmd = [
-        sys.executable,
-        "-m",
-        "tensorboard.main",
-        "--logdir",
-        str(logdir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--load_fast=false",
-        "--reload_interval=1",
-    ]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"TensorBoard exited {proc.returncode}:\n{log.read().decode(errors='replace')}")
+    """Serve ``logdir`` with TensorBoard on 127.0.0.1 (a free port) and yield its base URL once the
+    custom-scalars layout has been loaded, so a page opened next finds the data. The server is killed on exit."""
+    deadline = time.monotonic() + timeout
+    for _ in range(3):  # another process may take the free port before TensorBoard binds it
+        port = free_port()
+        cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--load_fast=false"]
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                layout = json.loads(http_get(f"{base}/data/plugin/custom_scalars/layout"))
-                if layout.get("category"):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                raise TimeoutError(
-                    f"TensorBoard did not serve a custom-scalars layout within {timeout:.0f}s:\n"
-                    f"{log.read().decode(errors='replace')[-4000:]}"
-                )
-            time.sleep(0.5)
-        yield base
-    finally:
-        _stop(proc)
-        log.close()
+                if _wait_for_tensorboard(proc, f"http://127.0.0.1:{port}", log, deadline):
+                    yield f"http://127.0.0.1:{port}"
+                    return
+            finally:
+                _stop(proc)
+    raise RuntimeError("TensorBoard could not bind a free port in 3 attempts")
 
 
 # argv: read fd, write fd, chromium command...; put the two fds on 3 and 4 and exec the command
