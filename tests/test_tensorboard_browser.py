@@ -1,0 +1,198 @@
+"""TensorBoard, looked at: train two small runs with GradientNormLogger, serve them with a real TensorBoard on
+127.0.0.1, open the dashboards in headless Chromium and check what a user would see.
+
+Needs Debian's ``chromium`` (``.ci/install-chromium``; CI installs it); skipped without it. Set
+``GRADWATCH_SCREENSHOT=docs/tensorboard-custom-scalars.png`` to also write the README's screenshot
+(``python docs/make_screenshot.py`` does that).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradwatch import GradientNormLogger
+from tests import tensorboard_events
+from tests.browser import Chromium, find_chromium, page_script, tensorboard_server
+from tests.models import Classifier, mlp, trainer_kwargs
+
+pytestmark = pytest.mark.skipif(
+    find_chromium() is None, reason="chromium is not installed (Debian package `chromium`; see .ci/install-chromium)"
+)
+
+CATEGORY = "gradwatch: gradients"
+# What the layout must hold for a Classifier (one top-level module, `net`) with grad/weight ratios on.
+EXPECTED_CHARTS = {"global gradient norm", "gradient norm: net", "grad/weight ratio: net"}
+HEALTHY, SICK = "relu_mlp_3_layers", "sigmoid_mlp_20_layers"
+STEPS = 30
+RENDER_TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two runs side by side: a healthy ReLU MLP and a 20-layer sigmoid MLP whose gradients vanish."""
+    root = tmp_path_factory.mktemp("tensorboard")
+    for run, net_factory in ((HEALTHY, lambda: mlp(depth=3)), (SICK, lambda: mlp(depth=20, act=nn.Sigmoid))):
+        torch.manual_seed(0)
+        callback = GradientNormLogger(log_every_n_steps=1, histogram_every_n_steps=5)
+        logger = pl.loggers.TensorBoardLogger(str(root), name="", version=run)
+        trainer = pl.Trainer(**trainer_kwargs(root, max_steps=STEPS, callbacks=[callback], logger=logger))
+        trainer.fit(Classifier(net_factory()))
+        kinds = {a.kind for a in callback.alerts}
+        assert kinds == ({"vanishing_gradient"} if run == SICK else set()), (run, callback.alerts)
+    return root
+
+
+@pytest.fixture(scope="module")
+def page(logdir: Path) -> Iterator[tuple[str, Chromium]]:
+    """A TensorBoard server on the runs and a headless Chromium page; both stopped at the end."""
+    with tensorboard_server(logdir) as base, Chromium(width=1280, height=800) as browser:
+        yield base, browser
+
+
+def _open(page: tuple[str, Chromium], dashboard: str) -> Chromium:
+    base, browser = page
+    browser.navigate(f"{base}/#{dashboard}")
+    return browser
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", png[16:24])
+
+
+# For every custom-scalars chart card: its title, the category it sits in, and how many data points its
+# longest drawn line has (Plottable draws each series as an SVG <path class="line">; "M x,y L x,y L ...").
+_CUSTOM_SCALAR_CARDS = page_script(
+    """
+const dashboard = deepAll(document, 'tf-custom-scalar-dashboard')[0];
+if (!dashboard) return null;
+const categories = deepAll(dashboard, 'tf-category-paginated-view').map(view => ({
+  name: view.category ? view.category.name : null,
+  open: view.opened,
+  cards: deepAll(view, 'tf-custom-scalar-multi-line-chart-card').map(card => ({
+    title: card.title,
+    points: Math.max(0, ...deepAll(card, 'path.line').map(p => (p.getAttribute('d') || '').split('L').length)),
+    lines: deepAll(card, 'path.line').filter(p => (p.getAttribute('d') || '').includes('L')).length,
+  })),
+}));
+const rendered = categories.some(c => c.cards.length && c.cards.every(card => card.points >= MIN_POINTS));
+return {rendered, categories, text: deepText(dashboard)};
+""".replace("MIN_POINTS", str(STEPS))
+)
+
+
+_LOG_SCALE_PER_LAYER_CHARTS = page_script(
+    """
+const cards = deepAll(document, 'tf-custom-scalar-multi-line-chart-card').filter(c => c.title !== 'global gradient norm');
+const buttons = cards.flatMap(card => deepAll(card, 'paper-icon-button').filter(b => b.title === 'Toggle y-axis log scale'));
+buttons.forEach(b => b.click());
+return buttons.length;
+"""
+)
+
+# The axis tick values of the per-layer gradient-norm chart once its y axis is logarithmic (ticks like 1e-14),
+# else null.
+_PER_LAYER_TICKS_IF_LOG = page_script(
+    """
+const card = deepAll(document, 'tf-custom-scalar-multi-line-chart-card').find(c => c.title === 'gradient norm: net');
+if (!card) return null;
+const ticks = deepAll(card, '.y-axis text').map(t => t.textContent.trim()).filter(t => t && !isNaN(Number(t)));
+return ticks.filter(t => /^1e-\\d+$/.test(t)).length >= 3 ? ticks.map(Number) : null;
+"""
+)
+
+
+def test_custom_scalars_tab_renders_the_gradwatch_charts(page: tuple[str, Chromium], logdir: Path) -> None:
+    written = [layout for layout in tensorboard_events.layouts(logdir / SICK) if CATEGORY in layout]
+    assert written and set(written[0][CATEGORY]) == EXPECTED_CHARTS
+
+    browser = _open(page, "custom_scalars")
+    started = time.monotonic()
+    shot = logdir / "tensorboard-custom-scalars.png"
+    try:
+        browser.wait_for(_CUSTOM_SCALAR_CARDS + "?.rendered", timeout=RENDER_TIMEOUT)
+    except TimeoutError:
+        state = browser.evaluate(_CUSTOM_SCALAR_CARDS) or {}
+        browser.screenshot(shot)
+        pytest.fail(
+            f"the custom-scalars charts did not all render within {RENDER_TIMEOUT:.0f}s (screenshot: {shot}): "
+            f"{state.get('categories')}"
+        )
+    render_s = time.monotonic() - started
+    state: Any = browser.evaluate(_CUSTOM_SCALAR_CARDS)
+
+    # The sick run's early layers have gradients around 1e-18: flat on 0 on a linear axis. Switch the per-layer
+    # charts to a log axis (the card's own button, as a user would) and check the axis now reaches that far down,
+    # i.e. every layer's line is really drawn where it belongs; the screenshot shows this view.
+    clicked = browser.evaluate(_LOG_SCALE_PER_LAYER_CHARTS)
+    assert clicked == len(EXPECTED_CHARTS) - 1
+    ticks = browser.wait_for(_PER_LAYER_TICKS_IF_LOG, timeout=RENDER_TIMEOUT)
+    assert min(ticks) < 1e-12 and max(ticks) > 1e-3, ticks
+    time.sleep(0.5)  # let the redraw settle before the picture
+    png = browser.screenshot(shot)
+
+    categories = {c["name"]: c for c in state["categories"]}
+    assert CATEGORY in categories, f"no '{CATEGORY}' category; page shows: {list(categories)}"
+    cards = {card["title"]: card for card in categories[CATEGORY]["cards"]}
+    assert set(cards) == EXPECTED_CHARTS
+    for title, card in cards.items():
+        # every logged step drawn; at least one line per series: 2 runs for the global norm, and 2 runs x
+        # (3 + 1 layers of the ReLU MLP, 20 + 1 of the sigmoid MLP) = 25 series in each per-layer chart
+        assert card["points"] >= STEPS, (title, card)
+        assert card["lines"] >= (2 if title == "global gradient norm" else 25), (title, card)
+    assert "Matches (25)" in state["text"]
+    assert CATEGORY in state["text"] and all(title in state["text"] for title in EXPECTED_CHARTS)
+
+    width, height = _png_size(png)
+    assert (width, height) == (1280, 800)
+    target = os.environ.get("GRADWATCH_SCREENSHOT")
+    if target:
+        shutil.copyfile(shot, target)
+    print(f"custom scalars rendered in {render_s:.1f}s; screenshot {shot} ({len(png)} bytes)")
+
+
+def test_text_tab_shows_the_alert(page: tuple[str, Chromium]) -> None:
+    browser = _open(page, "text")
+    text = browser.wait_for(
+        page_script(
+            """
+const dashboard = deepAll(document, 'tf-text-dashboard')[0];
+const text = dashboard ? deepText(dashboard) : '';
+return text.includes('Vanishing gradients at step') ? text : null;
+"""
+        ),
+        timeout=RENDER_TIMEOUT,
+    )
+    assert "gradwatch/alerts/vanishing_gradient" in text
+    assert "layer 'net.0'" in text and "ReLU-family activations" in text
+    assert SICK in text
+
+
+def test_histograms_tab_shows_gradient_histograms(page: tuple[str, Chromium]) -> None:
+    browser = _open(page, "histograms")
+    titles = browser.wait_for(
+        page_script(
+            """
+const dashboard = deepAll(document, 'tf-histogram-dashboard')[0];
+if (!dashboard) return null;
+const drawn = deepAll(dashboard, 'vz-histogram-timeseries').filter(h => deepAll(h, 'path').some(
+  p => (p.getAttribute('d') || '').length > 20));
+if (!drawn.length) return null;
+return deepText(dashboard).split('\\n').filter(t => t.startsWith('gradwatch/grad_hist/'));
+"""
+        ),
+        timeout=RENDER_TIMEOUT,
+    )
+    assert "gradwatch/grad_hist/net.0" in titles
+    assert {t for t in titles if t.startswith("gradwatch/")} <= {f"gradwatch/grad_hist/net.{i}" for i in range(41)}
