@@ -44,10 +44,13 @@ class NaNGuard(GradwatchCallback):
       traceback), save a checkpoint of the last good state when a checkpoint directory is known, and say where it
       is and how to resume.
     - ``"skip"``: drop this update and go on.
-    - ``"rollback"``: restore the last known-good weights and optimizer state kept in memory (a snapshot taken
+    - ``"rollback"``: restore the last known-good weights, module buffers (BatchNorm running statistics, which
+      the bad batch's forward pass has already updated) and optimizer state kept in memory (a snapshot taken
       every ``snapshot_every_n_steps`` clean steps), drop this update and go on; halt when the same snapshot has
-      been restored ``max_rollbacks`` times without a clean snapshot in between. The step counter, the LR schedule
-      and the data order go on: only weights and optimizer state go back.
+      been restored ``max_rollbacks`` times without ``snapshot_every_n_steps`` clean steps in between. The step
+      counter, the LR schedule (the optimizer's hyperparameters are not rolled back) and the data order go on.
+      Under ``16-mixed`` the GradScaler has already skipped a faulty update, so a fault there is handled like
+      ``"skip"`` (non-finite weights still halt).
 
     **Mixed precision.** Under ``16-mixed`` a step whose gradients overflowed is normal: the GradScaler skips it
     and halves the scale. The guard counts such steps without an alert, reusing the scaler's own found-inf flag
