@@ -29,7 +29,7 @@ from lightning_gradwatch._core import (
     scaler_found_inf,
 )
 from lightning_gradwatch.alerts import Alert, AlertKind
-from lightning_gradwatch.functional.finite import any_non_finite, non_finite_mask
+from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite, non_finite_mask
 
 _ACTIONS = ("halt", "skip", "rollback")
 
@@ -223,20 +223,27 @@ class NaNGuard(GradwatchCallback):
         positions: list[int],
         loss_bad: Tensor,
     ) -> None:
-        flags = [loss_bad, any_non_finite(grads)]
         check_params = self._check_params_now(trainer)
+        params = [local_tensor(p.detach()) for p in groups.params] if check_params else []
+        # a read-only 2-norm screen: False proves finiteness; True is confirmed exactly below (rare)
+        flags = [loss_bad, may_be_non_finite(grads)]
         if check_params:
-            flags.append(any_non_finite([local_tensor(p.detach()) for p in groups.params]))
+            flags.append(may_be_non_finite(params))
         # one collective (max over ranks: a NaN loss on one rank is every rank's fault) and one host sync
         values = all_reduce_max(torch.stack(flags).to(torch.float32)).tolist()
-        if not any(values):
+        loss_is_bad, grads_are_bad = values[0] > 0, values[1] > 0
+        params_are_bad = check_params and values[2] > 0
+        if grads_are_bad or params_are_bad:
+            # slow path, taken by every rank together (the flags are reduced): the exact check, to tell NaN/Inf
+            # from a 2-norm that overflowed on huge but finite values
+            exact = [any_non_finite(grads), any_non_finite(params)]
+            grads_are_bad, params_are_bad = (v > 0 for v in all_reduce_max(torch.stack(exact).float()).tolist())
+        if not (loss_is_bad or grads_are_bad or params_are_bad):
             self._set_condition(trainer, AlertKind.NON_FINITE, "", False, _never)
             self._after_clean_step(pl_module, groups, optimizer)
             if self._should_log(trainer, self.log_every_n_steps):
                 self._log_counters(trainer)
             return
-        loss_is_bad, grads_are_bad = values[0] > 0, values[1] > 0
-        params_are_bad = check_params and values[2] > 0
         self.fault_steps += 1
         what = self._describe(pl_module, groups, grads, positions, loss_is_bad, grads_are_bad, params_are_bad)
         self._drop_update(groups)
@@ -317,16 +324,23 @@ class NaNGuard(GradwatchCallback):
         scaler = grad_scaler(trainer)
         assert scaler is not None and scaler._scale is not None
         device = grads[0].device
-        found_inf = scaler_found_inf(trainer, optimizer)  # the scaler's own flag: no extra work
-        # fused optimizers unscale (and look for inf) inside their step: the same check on the scaled grads
-        overflow = (found_inf > 0) if found_inf is not None else any_non_finite(grads)
-        overflow = overflow.to(device, torch.float32)
         amp = self._amp
         if not amp:
             zero = torch.zeros((), device=device)
             amp.update(
                 overflows=zero.clone(), consecutive=zero.clone(), max_consecutive=zero.clone(), loss_faults=zero.clone()
             )
+        found_inf = scaler_found_inf(trainer, optimizer)  # the scaler's own flag: no extra work
+        if found_inf is not None:
+            overflow = (found_inf > 0).to(device, torch.float32)
+        else:
+            # fused optimizers look for inf inside scaler.step, after this hook. The scaler backs the scale off
+            # (factor < 1) exactly when a step overflowed, so a lower scale than at the last hook means the
+            # previous step overflowed: exact, free, one step late.
+            scale = scaler._scale.detach().reshape(()).to(device, torch.float32)
+            previous = amp.get("previous_scale")
+            overflow = (scale < previous).float() if previous is not None else torch.zeros((), device=device)
+            amp["previous_scale"] = scale.clone()
         amp["overflows"] += overflow
         amp["consecutive"] = (amp["consecutive"] + 1) * overflow
         amp["max_consecutive"] = torch.maximum(amp["max_consecutive"], amp["consecutive"])
