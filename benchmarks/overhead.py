@@ -132,6 +132,7 @@ CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = 
     "dead_neurons": lambda: ([gw.DeadNeuronCallback()], {}, False),
     "saturation": lambda: ([gw.SaturationCallback()], {}, False),
     "nan_guard": lambda: ([gw.NaNGuard()], {}, False),
+    "nan_guard_rollback": lambda: ([gw.NaNGuard(action="rollback")], {}, False),
     "clip_1.0": lambda: ([], {"gradient_clip_val": 1.0}, False),
     "adaptive_clipping": lambda: ([gw.AdaptiveClipping()], {}, False),
     "adaptive_percentile": lambda: ([gw.AdaptiveClipping(mode="percentile")], {}, False),

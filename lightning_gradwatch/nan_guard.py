@@ -19,6 +19,7 @@ from lightning_gradwatch._core import (
     all_reduce_max,
     check_positive,
     check_positive_int,
+    clean_name,
     grad_scaler,
     host_values,
     layer_of,
@@ -28,7 +29,7 @@ from lightning_gradwatch._core import (
     scaler_found_inf,
 )
 from lightning_gradwatch.alerts import Alert, AlertKind
-from lightning_gradwatch.functional.finite import any_non_finite, non_finite_mask
+from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite, non_finite_mask
 
 _ACTIONS = ("halt", "skip", "rollback")
 
@@ -43,10 +44,13 @@ class NaNGuard(GradwatchCallback):
       traceback), save a checkpoint of the last good state when a checkpoint directory is known, and say where it
       is and how to resume.
     - ``"skip"``: drop this update and go on.
-    - ``"rollback"``: restore the last known-good weights and optimizer state kept in memory (a snapshot taken
+    - ``"rollback"``: restore the last known-good weights, module buffers (BatchNorm running statistics, which
+      the bad batch's forward pass has already updated) and optimizer state kept in memory (a snapshot taken
       every ``snapshot_every_n_steps`` clean steps), drop this update and go on; halt when the same snapshot has
-      been restored ``max_rollbacks`` times without a clean snapshot in between. The step counter, the LR schedule
-      and the data order go on: only weights and optimizer state go back.
+      been restored ``max_rollbacks`` times without ``snapshot_every_n_steps`` clean steps in between. The step
+      counter, the LR schedule (the optimizer's hyperparameters are not rolled back) and the data order go on.
+      Under ``16-mixed`` the GradScaler has already skipped a faulty update, so a fault there is handled like
+      ``"skip"`` (non-finite weights still halt).
 
     **Mixed precision.** Under ``16-mixed`` a step whose gradients overflowed is normal: the GradScaler skips it
     and halves the scale. The guard counts such steps without an alert, reusing the scaler's own found-inf flag
@@ -132,10 +136,11 @@ class NaNGuard(GradwatchCallback):
         self._loss_bad: Tensor | None = None
         self._amp: dict[str, Tensor] = {}
         self._groups: dict[int, ParamGroups] = {}
-        self._snapshot: tuple[list[Tensor], dict[str, Any]] | None = None
+        self._snapshot: _Snapshot | None = None
         self._rollbacks_to_snapshot = 0
         self._clean_steps_since_snapshot = 0
         self._halt_pending: str | None = None
+        self._halted = False
 
     @property
     @override
@@ -150,6 +155,9 @@ class NaNGuard(GradwatchCallback):
         self._snapshot = None
         self._loss_bad = None
         self._halt_pending = None
+        self._halted = False
+        self._rollbacks_to_snapshot = 0
+        self._clean_steps_since_snapshot = 0
         super().on_fit_start(trainer, pl_module)
 
     @override
@@ -164,6 +172,12 @@ class NaNGuard(GradwatchCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         groups = self._param_groups(pl_module, optimizer)
+        if self._halted:
+            # halted, but the loop goes on (min_steps/min_epochs not met): no update lands after the fault
+            self._loss_bad = None
+            self._drop_update(groups)
+            trainer.should_stop = True
+            return
         grads, positions = groups.present_grads()
         if not grads:
             return
@@ -186,6 +200,8 @@ class NaNGuard(GradwatchCallback):
         if self._halt_pending is None:
             return
         reason, self._halt_pending = self._halt_pending, None
+        # the fault episode ends with this run: a run resumed from the checkpoint alerts again if it comes back
+        self._active_conditions -= {(AlertKind.NON_FINITE, ""), (AlertKind.LOSS_SCALE_COLLAPSE, "")}
         path = self._save_last_good(trainer)
         where = (
             f" The last good state is saved at '{path}'; after fixing the cause, resume with "
@@ -207,29 +223,41 @@ class NaNGuard(GradwatchCallback):
         positions: list[int],
         loss_bad: Tensor,
     ) -> None:
-        flags = [loss_bad, any_non_finite(grads)]
         check_params = self._check_params_now(trainer)
+        params = [local_tensor(p.detach()) for p in groups.params] if check_params else []
+        # a read-only 2-norm screen: False proves finiteness; True is confirmed exactly below (rare)
+        flags = [loss_bad, may_be_non_finite(grads)]
         if check_params:
-            flags.append(any_non_finite([local_tensor(p.detach()) for p in groups.params]))
+            flags.append(may_be_non_finite(params))
         # one collective (max over ranks: a NaN loss on one rank is every rank's fault) and one host sync
         values = all_reduce_max(torch.stack(flags).to(torch.float32)).tolist()
-        if not any(values):
+        loss_is_bad, grads_are_bad = values[0] > 0, values[1] > 0
+        params_are_bad = check_params and values[2] > 0
+        if grads_are_bad or params_are_bad:
+            # slow path, taken by every rank together (the flags are reduced): the exact check, to tell NaN/Inf
+            # from a 2-norm that overflowed on huge but finite values
+            exact = [any_non_finite(grads), any_non_finite(params)]
+            grads_are_bad, params_are_bad = (v > 0 for v in all_reduce_max(torch.stack(exact).float()).tolist())
+        if not (loss_is_bad or grads_are_bad or params_are_bad):
             self._set_condition(trainer, AlertKind.NON_FINITE, "", False, _never)
-            self._after_clean_step(groups, optimizer)
+            self._after_clean_step(pl_module, groups, optimizer)
             if self._should_log(trainer, self.log_every_n_steps):
                 self._log_counters(trainer)
             return
-        loss_is_bad, grads_are_bad = values[0] > 0, values[1] > 0
-        params_are_bad = check_params and values[2] > 0
         self.fault_steps += 1
-        what = self._describe(groups, grads, positions, loss_is_bad, grads_are_bad, params_are_bad)
+        what = self._describe(pl_module, groups, grads, positions, loss_is_bad, grads_are_bad, params_are_bad)
         self._drop_update(groups)
         if params_are_bad and self.action != "rollback":
             action = "halt"  # weights already non-finite: skipping cannot repair them
         else:
             action = self.action
         if action == "rollback":
-            action = self._rollback(groups, optimizer)
+            action = self._rollback(pl_module, groups, optimizer)
+        elif what.buffers:
+            what = what.with_note(
+                "the module's buffers were updated by this batch's forward pass and stay non-finite (only "
+                "action='rollback' restores them)"
+            )
         step = trainer.global_step
         done = {
             "halt": "the update was dropped and training stops",
@@ -261,33 +289,26 @@ class NaNGuard(GradwatchCallback):
         n = self.check_params_every_n_steps
         return n is not None and (logger_step(trainer) + 1) % n == 0
 
-    def _after_clean_step(self, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> None:
+    def _after_clean_step(
+        self, pl_module: pl.LightningModule, groups: ParamGroups, optimizer: torch.optim.Optimizer
+    ) -> None:
         if self.action != "rollback":
             return
         # a snapshot of the state *before* this clean step's update, every snapshot_every_n_steps clean steps
         if self._snapshot is None or self._clean_steps_since_snapshot >= self.snapshot_every_n_steps:
-            self._take_snapshot(groups, optimizer)
+            self._snapshot = _Snapshot.take(pl_module, groups.params, optimizer, reuse=self._snapshot)
+            self._rollbacks_to_snapshot = 0
+            self._clean_steps_since_snapshot = 0
         self._clean_steps_since_snapshot += 1
 
-    def _take_snapshot(self, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> None:
-        params = [p.detach() for p in groups.params]
-        if self._snapshot is None or len(self._snapshot[0]) != len(params):
-            weights = [p.clone() for p in params]
-        else:
-            weights = self._snapshot[0]
-            torch._foreach_copy_(weights, params)
-        self._snapshot = (weights, copy.deepcopy(optimizer.state_dict()))
-        self._rollbacks_to_snapshot = 0
-        self._clean_steps_since_snapshot = 0
-
-    def _rollback(self, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> str:
+    def _rollback(self, pl_module: pl.LightningModule, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> str:
         if self._snapshot is None or self._rollbacks_to_snapshot >= self.max_rollbacks:
             return "halt"
-        weights, optimizer_state = self._snapshot
-        with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in groups.params], weights)
-        optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        self._snapshot.restore(pl_module, groups.params, optimizer)
         self._rollbacks_to_snapshot += 1
+        # the next snapshot needs snapshot_every_n_steps clean steps *after* this rollback: a fault that keeps
+        # coming back sooner than that exhausts max_rollbacks and halts
+        self._clean_steps_since_snapshot = 0
         self.rollbacks += 1
         return "rollback"
 
@@ -303,16 +324,23 @@ class NaNGuard(GradwatchCallback):
         scaler = grad_scaler(trainer)
         assert scaler is not None and scaler._scale is not None
         device = grads[0].device
-        found_inf = scaler_found_inf(trainer, optimizer)  # the scaler's own flag: no extra work
-        # fused optimizers unscale (and look for inf) inside their step: the same check on the scaled grads
-        overflow = (found_inf > 0) if found_inf is not None else any_non_finite(grads)
-        overflow = overflow.to(device, torch.float32)
         amp = self._amp
         if not amp:
             zero = torch.zeros((), device=device)
             amp.update(
                 overflows=zero.clone(), consecutive=zero.clone(), max_consecutive=zero.clone(), loss_faults=zero.clone()
             )
+        found_inf = scaler_found_inf(trainer, optimizer)  # the scaler's own flag: no extra work
+        if found_inf is not None:
+            overflow = (found_inf > 0).to(device, torch.float32)
+        else:
+            # fused optimizers look for inf inside scaler.step, after this hook. The scaler backs the scale off
+            # (factor < 1) exactly when a step overflowed, so a lower scale than at the last hook means the
+            # previous step overflowed: exact, free, one step late.
+            scale = scaler._scale.detach().reshape(()).to(device, torch.float32)
+            previous = amp.get("previous_scale")
+            overflow = (scale < previous).float() if previous is not None else torch.zeros((), device=device)
+            amp["previous_scale"] = scale.clone()
         amp["overflows"] += overflow
         amp["consecutive"] = (amp["consecutive"] + 1) * overflow
         amp["max_consecutive"] = torch.maximum(amp["max_consecutive"], amp["consecutive"])
@@ -412,6 +440,7 @@ class NaNGuard(GradwatchCallback):
 
     def _halt(self, trainer: pl.Trainer, reason: str) -> None:
         trainer.should_stop = True  # the decision is already the same on every rank
+        self._halted = True
         self._halt_pending = reason
 
     def _save_last_good(self, trainer: pl.Trainer) -> str | None:
@@ -426,6 +455,7 @@ class NaNGuard(GradwatchCallback):
 
     def _describe(
         self,
+        pl_module: pl.LightningModule,
         groups: ParamGroups,
         grads: list[Tensor],
         positions: list[int],
@@ -449,13 +479,19 @@ class NaNGuard(GradwatchCallback):
             if not names:  # non-finite on another rank only (sharded): the flag came from the reduction
                 parts.append(f"the {label} (on another rank)")
                 continue
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            parts.append(
-                f"the {label} of {len(names)} parameter(s) ({shown}); first offending layer '{layer_of(names[0])}'"
-            )
+            parts.append(f"the {label} of {_some(names)}; first offending layer '{layer_of(names[0])}'")
             first_layer = first_layer or layer_of(names[0])
             count += len(names)
-        return _Description(", ".join(parts), first_layer, count)
+        # running statistics (BatchNorm...) are updated by the forward pass, before any hook can stop the batch
+        buffers = [(clean_name(n), b) for n, b in pl_module.named_buffers() if b.is_floating_point() and b.numel()]
+        bad_buffers = []
+        if buffers:
+            mask = non_finite_mask([local_tensor(b.detach()) for _, b in buffers]).tolist()
+            bad_buffers = [n for (n, _), m in zip(buffers, mask, strict=True) if m]
+        if bad_buffers:
+            parts.append(f"the buffers {_some(bad_buffers, 'buffer')}")
+            first_layer = first_layer or layer_of(bad_buffers[0])
+        return _Description(", ".join(parts), first_layer, count, buffers=bool(bad_buffers))
 
     def _log_counters(self, trainer: pl.Trainer, extra: dict[str, float] | None = None) -> None:
         metrics = {
@@ -503,6 +539,106 @@ class _Description:
     text: str  # what went non-finite, for the message
     first_layer: str  # "loss", or the first offending layer in model order
     count: int  # how many things (the loss, parameters) went non-finite
+    buffers: bool = False  # some of the module's buffers went non-finite
+
+    def with_note(self, note: str) -> _Description:
+        return _Description(f"{self.text} ({note})", self.first_layer, self.count, self.buffers)
+
+
+def _some(names: list[str], noun: str = "parameter") -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{len(names)} {noun}(s) ({shown})"
+
+
+@dataclass
+class _Snapshot:
+    """Known-good weights, buffers and optimizer state, copied on device; restored bit for bit.
+
+    Only the optimizer's per-parameter *state* (momentum, Adam moments, step counts) is kept: its hyperparameters
+    (the learning rate an LR scheduler sets, ...) are left as they are, so the schedule goes on after a rollback.
+    Later snapshots copy into the same tensors (``foreach``), so memory stays at one copy.
+    """
+
+    weights: list[Tensor]
+    buffers: list[Tensor]
+    states: list[dict[str, Any] | None]  # per parameter, in ``params`` order; None: no state yet
+
+    @classmethod
+    def take(
+        cls,
+        module: torch.nn.Module,
+        params: list[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        reuse: _Snapshot | None = None,
+    ) -> _Snapshot:
+        dst: list[Tensor] = []
+        src: list[Tensor] = []
+        weights = _copies([p.detach() for p in params], reuse.weights if reuse else None, dst, src)
+        buffers = _copies([b.detach() for b in module.buffers()], reuse.buffers if reuse else None, dst, src)
+        states: list[dict[str, Any] | None] = []
+        for i, p in enumerate(params):
+            state = optimizer.state.get(p)
+            old = reuse.states[i] if reuse and len(reuse.states) == len(params) else None
+            states.append(None if not state else _copy_state(state, old, dst, src))
+        if dst:
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
+        return cls(weights, buffers, states)
+
+    def restore(
+        self, module: torch.nn.Module, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer
+    ) -> None:
+        dst: list[Tensor] = [p.detach() for p in params] + [b.detach() for b in module.buffers()]
+        src: list[Tensor] = [*self.weights, *self.buffers]
+        if len(dst) != len(src):
+            raise RuntimeError("NaNGuard: the model's parameters or buffers changed since the rollback snapshot.")
+        for p, saved in zip(params, self.states, strict=True):
+            if saved is None:
+                optimizer.state.pop(p, None)
+            else:
+                optimizer.state[p] = _copy_state(saved, optimizer.state.get(p), dst, src)
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+
+
+def _copies(tensors: list[Tensor], old: list[Tensor] | None, dst: list[Tensor], src: list[Tensor]) -> list[Tensor]:
+    """Buffers for copies of ``tensors``: ``old``'s where they fit, queued on ``dst``/``src`` for one foreach copy."""
+    out = []
+    for i, t in enumerate(tensors):
+        o = old[i] if old is not None and len(old) == len(tensors) else None
+        if o is not None and _fits(o, t):
+            dst.append(o)
+            src.append(t)
+            out.append(o)
+        else:
+            out.append(t.clone())
+    return out
+
+
+def _copy_state(
+    state: dict[str, Any],
+    old: dict[str, Any] | None,
+    dst: list[Tensor],
+    src: list[Tensor],
+) -> dict[str, Any]:
+    """A copy of one parameter's optimizer state, reusing ``old``'s tensors where they fit (queued copies)."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            o = old.get(key) if old else None
+            if isinstance(o, Tensor) and _fits(o, value):
+                dst.append(o)
+                src.append(value.detach())
+                out[key] = o
+            else:
+                out[key] = value.detach().clone()
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _fits(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def _never() -> Alert:  # the factory for a condition that is clearing: never called

@@ -14,7 +14,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradwatch import GradientNormLogger, NaNGuard
-from lightning_gradwatch.functional import any_non_finite, non_finite_mask
 from tests import tensorboard_events as tb
 from tests.distributed import run_ddp_script
 from tests.models import Classifier, mlp, trainer_kwargs
@@ -24,9 +23,14 @@ class Poisoned(Classifier):
     """A classifier whose batches at ``nan_steps`` are NaN (or whose loss is multiplied by ``loss_factor``)."""
 
     def __init__(
-        self, nan_steps: tuple[int, ...] = (), loss_factor: float = 1.0, factor_from: int = 0, **kw: Any
+        self,
+        nan_steps: tuple[int, ...] = (),
+        loss_factor: float = 1.0,
+        factor_from: int = 0,
+        net: torch.nn.Module | None = None,
+        **kw: Any,
     ) -> None:
-        super().__init__(mlp(2), **kw)
+        super().__init__(net if net is not None else mlp(2), **kw)
         self.nan_steps = set(nan_steps)
         self.loss_factor = loss_factor
         self.factor_from = factor_from
@@ -39,15 +43,32 @@ class Poisoned(Classifier):
         return loss * self.loss_factor if self.global_step >= self.factor_from else loss
 
 
+class WithScheduler(Poisoned):
+    """Adam with a step-wise exponential LR decay (a chainable scheduler: it multiplies the current LR)."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def batchnorm_mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    )
+
+
 class Snapshots(Callback):
-    """Weights and optimizer state at the start of every step."""
+    """Weights, buffers and optimizer state at the start of every step."""
 
     def __init__(self) -> None:
         self.weights: dict[int, list[torch.Tensor]] = {}
+        self.buffers: dict[int, list[torch.Tensor]] = {}
         self.optimizer: dict[int, dict[str, Any]] = {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.weights[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+        self.buffers[trainer.global_step] = [b.detach().clone() for b in pl_module.buffers()]
         self.optimizer[trainer.global_step] = copy.deepcopy(trainer.optimizers[0].state_dict())
 
 
@@ -61,16 +82,12 @@ def finite(module: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def finite_buffers(module: torch.nn.Module) -> bool:
+    return all(torch.isfinite(b).all() for b in module.buffers() if b.is_floating_point())
+
+
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-def test_pure_checks() -> None:
-    tensors = [torch.ones(3), torch.tensor([1.0, float("nan")]), torch.tensor([1e30, 1e30]), torch.tensor([-math.inf])]
-    assert non_finite_mask(tensors).tolist() == [False, True, False, True]
-    assert not any_non_finite([torch.full((4,), 1e30)])  # large but finite: no 2-norm overflow
-    assert any_non_finite(tensors).item()
-    assert not any_non_finite([]).item()
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -121,6 +138,19 @@ def test_non_finite_gradient_names_the_first_offending_layer(tmp_path: Any) -> N
     assert "gradients of 1 parameter(s) (net.2.weight)" in alert.message and "the loss" not in alert.message
 
 
+def test_huge_but_finite_gradients_are_not_a_fault(tmp_path: Any) -> None:
+    # 1e20 overflows the 2-norm screen (its square is beyond float32): the exact check must clear it
+    def huge(module: Classifier, step: int) -> None:
+        if step == 3:
+            module.net[2].weight.grad[0, 0] = 1e20
+
+    guard, snaps = NaNGuard(action="skip"), Snapshots()
+    model = Classifier(mlp(2), hook=huge)
+    fit(tmp_path, model, [guard, snaps], max_steps=4)
+    assert guard.alerts == [] and guard.fault_steps == 0
+    assert model.net[2].weight[0, 0].abs() > 1e17  # the (finite) update landed
+
+
 def test_rollback_restores_weights_and_optimizer_state_bit_for_bit(tmp_path: Any) -> None:
     guard, snaps = NaNGuard(action="rollback", snapshot_every_n_steps=4), Snapshots()
     model = Poisoned(nan_steps=(10,))
@@ -142,13 +172,89 @@ def test_rollback_halts_when_faults_repeat(tmp_path: Any) -> None:
     assert guard.rollbacks == 2 and trainer.global_step == 13 and finite(model)
 
 
+def test_rollback_restores_adam_state_and_keeps_the_lr_schedule(tmp_path: Any) -> None:
+    guard, snaps = NaNGuard(action="rollback", snapshot_every_n_steps=4), Snapshots()
+    model = WithScheduler(nan_steps=(10,), optimizer="adam", lr=0.01)
+    trainer = fit(tmp_path, model, [guard, snaps], max_steps=14)
+    assert trainer.global_step == 14 and guard.rollbacks == 1
+    assert same(snaps.weights[11], snaps.weights[8])
+    restored, expected = snaps.optimizer[11]["state"], snaps.optimizer[8]["state"]
+    assert restored.keys() == expected.keys()
+    for key in expected:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(restored[key][name], expected[key][name])
+    # only the state goes back: the scheduler's LR goes on (0.01 * 0.9**11 at the start of step 11, not 0.9**8)
+    assert snaps.optimizer[11]["param_groups"][0]["lr"] == pytest.approx(0.01 * 0.9**11)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.9**14)
+
+
+def test_rollback_restores_buffers_poisoned_by_the_forward_pass(tmp_path: Any) -> None:
+    guard, snaps = NaNGuard(action="rollback", snapshot_every_n_steps=4), Snapshots()
+    model = Poisoned(nan_steps=(10,), net=batchnorm_mlp())
+    trainer = fit(tmp_path, model, [guard, snaps], max_steps=14)
+    assert trainer.global_step == 14 and guard.rollbacks == 1
+    assert finite(model) and finite_buffers(model)
+    # the snapshot of step 8 is taken after its forward pass (which updated the running statistics)
+    assert same(snaps.buffers[11], snaps.buffers[9]) and same(snaps.weights[11], snaps.weights[8])
+    [alert] = guard.alerts
+    assert "buffers 2 buffer(s) (net.1.running_mean, net.1.running_var)" in alert.message
+    assert "rolled back" in alert.message and "only action='rollback'" not in alert.message
+
+
+def test_skip_names_buffers_the_forward_pass_poisoned(tmp_path: Any) -> None:
+    guard = NaNGuard(action="skip")
+    model = Poisoned(nan_steps=(5,), net=batchnorm_mlp())
+    fit(tmp_path, model, [guard], max_steps=8)
+    [alert] = guard.alerts
+    assert "buffers 2 buffer(s) (net.1.running_mean, net.1.running_var)" in alert.message
+    assert "only action='rollback' restores them" in alert.message
+    assert finite(model) and not finite_buffers(model)  # the limitation the message states
+
+
+def test_halt_holds_when_min_steps_keeps_the_loop_going(tmp_path: Any) -> None:
+    guard, snaps = NaNGuard(), Snapshots()
+    model = Poisoned(nan_steps=(10,))
+    trainer = fit(tmp_path, model, [guard, snaps], max_steps=40, min_steps=20)
+    assert trainer.global_step == 20  # Lightning ignores should_stop until min_steps
+    assert same([p.detach() for p in model.parameters()], snaps.weights[10])  # no update after the fault
+    assert len(guard.alerts) == 1
+
+
+def test_fp16_fused_optimizer_benign_overflow_and_collapse(tmp_path: Any) -> None:
+    # fused Adam unscales inside its own step: the hook sees scaled gradients and no found-inf yet
+    guard = NaNGuard(log_every_n_steps=5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=1000)
+    model = Poisoned(optimizer="adam_fused", lr=0.01)
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = fit(tmp_path / "a", model, [guard], max_steps=30, plugins=[fp16])
+    assert trainer.global_step == 30 and guard.alerts == [] and finite(model)
+    # no growth within 30 steps: every overflow halved the scale, and each one was counted exactly
+    assert guard.overflow_steps >= 3 and 2.0**24 / 2.0**guard.overflow_steps == scaler.get_scale()
+
+    guard = NaNGuard()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    model = Poisoned(optimizer="adam_fused", lr=0.01, loss_factor=1e30, factor_from=5)
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = fit(tmp_path / "b", model, [guard], max_steps=200, plugins=[fp16])
+    assert trainer.global_step <= 5 + 17 + 10
+    assert [a.kind for a in guard.alerts] == ["loss_scale_collapse"] and finite(model)
+
+
+def test_rollback_halts_when_faults_keep_coming_back_between_clean_steps(tmp_path: Any) -> None:
+    # a fault every other step: each rollback loses the clean step before it, so no progress is ever kept
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, max_rollbacks=2)
+    model = Poisoned(nan_steps=(10, 12, 14, 16, 18))
+    trainer = fit(tmp_path, model, [guard], max_steps=30)
+    assert guard.rollbacks == 2 and trainer.global_step == 15 and finite(model)
+
+
 def test_fp16_benign_overflow_is_counted_not_alerted(tmp_path: Any) -> None:
     guard = NaNGuard(log_every_n_steps=5)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=1000)
     model = Poisoned()
     trainer = fit(tmp_path, model, [guard], max_steps=30, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     assert trainer.global_step == 30 and guard.alerts == [] and finite(model)
-    assert guard.overflow_steps >= 3
+    assert guard.overflow_steps >= 3 and 2.0**24 / 2.0**guard.overflow_steps == scaler.get_scale()
     events = tb.scalars(tmp_path / "tb" / "version_0")
     assert dict(events["gradwatch/amp/overflow_steps"])[29] == guard.overflow_steps
     assert dict(events["gradwatch/amp/loss_scale"])[29] == scaler.get_scale()
@@ -186,6 +292,24 @@ def test_state_survives_a_resume(tmp_path: Any) -> None:
     assert resumed.fault_steps == 2 and [a.step for a in resumed.alerts] == [3, 8]
 
 
+def test_resume_from_the_halt_checkpoint(tmp_path: Any) -> None:
+    guard = NaNGuard()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpts")
+    fit(tmp_path, Poisoned(nan_steps=(10,)), [guard, checkpoints], max_steps=30, enable_checkpointing=True)
+    assert guard.halt_checkpoint == str(tmp_path / "ckpts" / "gradwatch-halt-step=11.ckpt")
+    # the same fault again right after resuming: a new episode, alerted and halted at once
+    again = NaNGuard()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[again], max_steps=30))
+    trainer.fit(Poisoned(nan_steps=(11,)), ckpt_path=guard.halt_checkpoint)
+    assert [a.step for a in again.alerts] == [10, 11] and trainer.global_step == 12
+    # the cause fixed: training goes on from the last good state to the end
+    fixed = NaNGuard()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "c", callbacks=[fixed], max_steps=30))
+    model = Poisoned()
+    trainer.fit(model, ckpt_path=guard.halt_checkpoint)
+    assert trainer.global_step == 30 and finite(model) and [a.step for a in fixed.alerts] == [10]
+
+
 def test_guard_acts_before_the_norm_logger(tmp_path: Any) -> None:
     # listed last, the guard still drops the NaN update before the norm logger looks at the gradients
     norms, guard = GradientNormLogger(log_every_n_steps=1), NaNGuard(action="skip")
@@ -195,10 +319,24 @@ def test_guard_acts_before_the_norm_logger(tmp_path: Any) -> None:
 
 
 def test_ddp_nan_on_one_rank_stops_both_at_the_same_step(tmp_path: Any) -> None:
-    rank0, rank1 = run_ddp_script("ddp_nan_guard.py", tmp_path, timeout=120)
+    rank0, rank1 = run_ddp_script("ddp_nan_guard.py", tmp_path, "halt", timeout=120)
     assert rank0["global_step"] == rank1["global_step"] == 6
+    assert rank0["seconds"] < 45 and rank1["seconds"] < 45  # nobody waited for the 60 s collective timeout
     assert rank0["finite"] and rank1["finite"] and rank0["weights"] == rank1["weights"]
     assert [a["kind"] for a in rank0["alerts"]] == ["non_finite"] == [a["kind"] for a in rank1["alerts"]]
+    # the checkpoint on halt is a collective save: both ranks know it, rank 0 wrote it, with finite weights
+    assert (
+        rank0["halt_checkpoint"] == rank1["halt_checkpoint"] == str(tmp_path / "ckpts" / "gradwatch-halt-step=6.ckpt")
+    )
+    assert rank0["saved"] == {"global_step": 6, "finite": True}
+
+
+def test_ddp_rollback_on_one_rank_keeps_the_ranks_in_step(tmp_path: Any) -> None:
+    rank0, rank1 = run_ddp_script("ddp_nan_guard.py", tmp_path, "rollback", timeout=120)
+    assert rank0["global_step"] == rank1["global_step"] == 12
+    assert rank0["rollbacks"] == rank1["rollbacks"] == 1
+    assert rank0["finite"] and rank1["finite"] and rank0["weights"] == rank1["weights"]
+    assert rank0["alerts"] == rank1["alerts"] and rank0["alerts"][0]["step"] == 5
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from lightning_gradwatch.functional.clipping import (
     ring_quantile,
     zscore_threshold,
 )
-from lightning_gradwatch.functional.finite import any_non_finite, non_finite_mask
+from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite, non_finite_mask
 from lightning_gradwatch.functional.norms import (
     combine_norms,
     global_norm,
@@ -26,6 +26,7 @@ __all__ = [
     "saturated_count",
     "saturation_bound",
     "any_non_finite",
+    "may_be_non_finite",
     "non_finite_mask",
     "agc_coefficients",
     "apply_clip_coefficient",
