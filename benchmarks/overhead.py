@@ -8,6 +8,7 @@ and Trainer start-up are excluded.
     python benchmarks/overhead.py                       # CPU, MLP, all configurations
     python benchmarks/overhead.py --device cuda --model gpt --precision bf16-mixed   # a GPT-style model on a GPU
     python benchmarks/overhead.py --configs none,gradient_norm,clip_1.0
+    python benchmarks/overhead.py --model cnn --configs none,dead_neurons,saturation,activations --batch-size 64
     python benchmarks/overhead.py --configs none,clip_1.0,adaptive_clipping,zclip   # in the zclip environment
 
 Prints a Markdown table for benchmarks/RESULTS.md.
@@ -89,6 +90,16 @@ class Bench(pl.LightningModule):
             self.blocks = nn.Sequential(*[Block(768, 12) for _ in range(12)])
             self.ln = nn.LayerNorm(768)
             self.head = nn.Linear(768, self.vocab, bias=False)
+        elif model == "cnn":  # a small ResNet with functional ReLU after conv -> bn (what the dead-unit probe watches)
+            self.vocab = None
+            self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+            self.blocks = nn.ModuleList(
+                nn.ModuleList(
+                    [m for _ in range(2) for m in (nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))]
+                )
+                for _ in range(4)
+            )
+            self.fc = nn.Linear(32, 10)
         else:
             self.vocab = None
             self.net = nn.Sequential(
@@ -102,6 +113,12 @@ class Bench(pl.LightningModule):
             logits = self.head(self.ln(self.blocks(x)))
             return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         x, y = batch
+        if self.kind == "cnn":
+            h = F.relu(self.stem(x))
+            for conv1, bn1, conv2, bn2 in self.blocks:
+                out = F.relu(bn1(conv1(h)))  # conv -> bn -> relu: attributed to the conv
+                h = F.relu(h + bn2(conv2(out)))  # residual sum: not attributed
+            return F.cross_entropy(self.fc(h.mean(dim=(2, 3))), y)
         return F.cross_entropy(self.net(x), y)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
@@ -112,7 +129,7 @@ class Bench(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-4, foreach=True)
 
     def data(self, steps: int, batch: int) -> DataLoader:
-        shape = (self.seq,) if self.kind == "gpt" else (256,)
+        shape = (self.seq,) if self.kind == "gpt" else (3, 32, 32) if self.kind == "cnn" else (256,)
         return DataLoader(RandomTokens(steps * batch, shape, self.vocab), batch_size=batch, num_workers=0)
 
 
@@ -130,6 +147,7 @@ CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = 
     "lightning_grad_norm_recipe": lambda: ([], {}, True),
     "dead_neurons": lambda: ([gw.DeadNeuronCallback()], {}, False),
     "saturation": lambda: ([gw.SaturationCallback()], {}, False),
+    "activations": lambda: ([gw.DeadNeuronCallback(), gw.SaturationCallback()], {}, False),  # one shared probe
     "nan_guard": lambda: ([gw.NaNGuard()], {}, False),
     "clip_1.0": lambda: ([], {"gradient_clip_val": 1.0}, False),
     "adaptive_clipping": lambda: ([gw.AdaptiveClipping()], {}, False),
@@ -166,7 +184,7 @@ def run_once(name: str, args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
+    parser.add_argument("--model", choices=["mlp", "cnn", "gpt"], default="mlp")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=120)

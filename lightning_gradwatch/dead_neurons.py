@@ -24,7 +24,8 @@ class DeadNeuronCallback(ActivationCallback):
     ``torch.relu``, ``x.relu()``, in place or not - and so are ``nn.ReLU6`` and ``LeakyReLU`` with slope 0; the
     unit is attributed to the Linear/Conv layer that fed the rectifier, also through a normalisation layer
     (``conv -> bn -> relu`` reports the conv). A rectifier applied to anything else (a residual sum, a reshaped
-    tensor) is not counted, so it can never cause a false alarm.
+    tensor) is not counted, so it can never cause a false alarm; nor is a rectifier on the model's output (only
+    hidden activations, followed by another layer in the same forward pass, count).
 
     Tallies are per window and start afresh after each check, so a unit that was alive early and died later is
     caught at the end of the next window. Under DDP a unit is dead only if it is dead on every rank's data: the

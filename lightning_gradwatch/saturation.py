@@ -23,7 +23,9 @@ class SaturationCallback(ActivationCallback):
     An output is saturated when it lies within ``margin`` of the function's bounds (sigmoid: 0 or 1; tanh: -1 or
     1), where its gradient all but vanishes. Sigmoid and tanh are seen however they are written - ``nn.Sigmoid``,
     ``nn.Tanh``, ``torch.sigmoid``, ``torch.tanh``, ``F.sigmoid``, ``F.tanh``, ``x.sigmoid()`` - and attributed to
-    the Linear/Conv layer that fed them (also through a normalisation layer). Out of reach, and therefore never
+    the Linear/Conv layer that fed them (also through a normalisation layer). Only hidden activations count: a
+    sigmoid on the model's output (a binary classifier's probabilities, which may rightly sit near 0 or 1) is not
+    saturation and is never reported. Out of reach, and therefore never
     reported: hard-sigmoid and hard-tanh (piecewise linear), and the gates inside fused recurrent layers
     (``nn.LSTM``, ``nn.GRU``), which run as single C++ kernels.
 
