@@ -35,19 +35,23 @@ import lightning_gradwatch as gw
 
 
 class StepTimer(Callback):
-    def __init__(self) -> None:
+    """Per-step time: wall clock, or with ``cpu=True`` the main thread's CPU time (robust on a shared machine,
+    exact when torch runs on one thread)."""
+
+    def __init__(self, cpu: bool = False) -> None:
         self.times: list[float] = []
         self._start = 0.0
+        self._clock = time.thread_time if cpu else time.perf_counter
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._start = time.perf_counter()
+        self._start = self._clock()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(self._clock() - self._start)
 
 
 class RandomTokens(Dataset):
@@ -129,7 +133,7 @@ class Bench(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-4, foreach=True)
 
     def data(self, steps: int, batch: int) -> DataLoader:
-        shape = (self.seq,) if self.kind == "gpt" else (3, 32, 32) if self.kind == "cnn" else (256,)
+        shape = (self.seq,) if self.kind == "gpt" else (3, 16, 16) if self.kind == "cnn" else (256,)
         return DataLoader(RandomTokens(steps * batch, shape, self.vocab), batch_size=batch, num_workers=0)
 
 
@@ -161,7 +165,7 @@ DEFAULT_CONFIGS = [name for name in CONFIGS if name != "zclip"]
 
 def run_once(name: str, args: argparse.Namespace) -> float:
     callbacks, trainer_kwargs, recipe = CONFIGS[name]()
-    timer = StepTimer()
+    timer = StepTimer(cpu=args.clock == "cpu")
     model = Bench(args.model, with_grad_norm_recipe=recipe)
     trainer = pl.Trainer(
         accelerator=args.device,
@@ -195,8 +199,16 @@ def main() -> None:
         "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated; add zclip in its own env"
     )
     parser.add_argument("--logdir", default="/tmp/gradwatch_bench")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: thread CPU time, torch on one thread (shared CPUs)",
+    )
     args = parser.parse_args()
     names = args.configs.split(",")
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
     if "none" not in names:
         names.insert(0, "none")
     pl.seed_everything(0, verbose=False)
@@ -214,7 +226,7 @@ def main() -> None:
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
     print(f"\nmodel={args.model} device={device} precision={args.precision} batch={args.batch_size} "
-          f"steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} torch={torch.__version__}\n")  # fmt: skip
+          f"steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} clock={args.clock} torch={torch.__version__}\n")  # fmt: skip
     print("| configuration | mean step (ms) | ratio to none (median over rounds) | min-max ratio |")
     print("|---|---|---|---|")
     for n in names:
