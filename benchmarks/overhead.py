@@ -9,6 +9,7 @@ and Trainer start-up are excluded.
     python benchmarks/overhead.py                       # CPU, MLP, all configurations
     python benchmarks/overhead.py --device cuda --model gpt --precision bf16-mixed   # a GPT-style model on a GPU
     python benchmarks/overhead.py --configs none,gradient_norm,clip_1.0
+    python benchmarks/overhead.py --model cnn --configs none,dead_neurons,saturation,activations --batch-size 64
     python benchmarks/overhead.py --configs none,clip_1.0,adaptive_clipping,zclip   # in the zclip environment
 
 Prints a Markdown table for benchmarks/RESULTS.md.
@@ -35,19 +36,23 @@ import lightning_gradwatch as gw
 
 
 class StepTimer(Callback):
-    def __init__(self) -> None:
+    """Per-step time: wall clock, or with ``cpu=True`` the main thread's CPU time (robust on a shared machine,
+    exact when torch runs on one thread)."""
+
+    def __init__(self, cpu: bool = False) -> None:
         self.times: list[float] = []
         self._start = 0.0
+        self._clock = time.thread_time if cpu else time.perf_counter
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._start = time.perf_counter()
+        self._start = self._clock()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(self._clock() - self._start)
 
 
 class RandomTokens(Dataset):
@@ -90,6 +95,16 @@ class Bench(pl.LightningModule):
             self.blocks = nn.Sequential(*[Block(768, 12) for _ in range(12)])
             self.ln = nn.LayerNorm(768)
             self.head = nn.Linear(768, self.vocab, bias=False)
+        elif model == "cnn":  # a small ResNet with functional ReLU after conv -> bn (what the dead-unit probe watches)
+            self.vocab = None
+            self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+            self.blocks = nn.ModuleList(
+                nn.ModuleList(
+                    [m for _ in range(2) for m in (nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))]
+                )
+                for _ in range(4)
+            )
+            self.fc = nn.Linear(32, 10)
         else:
             self.vocab = None
             self.net = nn.Sequential(
@@ -103,6 +118,12 @@ class Bench(pl.LightningModule):
             logits = self.head(self.ln(self.blocks(x)))
             return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         x, y = batch
+        if self.kind == "cnn":
+            h = F.relu(self.stem(x))
+            for conv1, bn1, conv2, bn2 in self.blocks:
+                out = F.relu(bn1(conv1(h)))  # conv -> bn -> relu: attributed to the conv
+                h = F.relu(h + bn2(conv2(out)))  # residual sum: not attributed
+            return F.cross_entropy(self.fc(h.mean(dim=(2, 3))), y)
         return F.cross_entropy(self.net(x), y)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
@@ -113,7 +134,7 @@ class Bench(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-4, foreach=True)
 
     def data(self, steps: int, batch: int) -> DataLoader:
-        shape = (self.seq,) if self.kind == "gpt" else (256,)
+        shape = (self.seq,) if self.kind == "gpt" else (3, 16, 16) if self.kind == "cnn" else (256,)
         return DataLoader(RandomTokens(steps * batch, shape, self.vocab), batch_size=batch, num_workers=0)
 
 
@@ -131,6 +152,7 @@ CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = 
     "lightning_grad_norm_recipe": lambda: ([], {}, True),
     "dead_neurons": lambda: ([gw.DeadNeuronCallback()], {}, False),
     "saturation": lambda: ([gw.SaturationCallback()], {}, False),
+    "activations": lambda: ([gw.DeadNeuronCallback(), gw.SaturationCallback()], {}, False),  # one shared probe
     "nan_guard": lambda: ([gw.NaNGuard()], {}, False),
     "nan_guard_rollback": lambda: ([gw.NaNGuard(action="rollback")], {}, False),
     "clip_1.0": lambda: ([], {"gradient_clip_val": 1.0}, False),
@@ -145,7 +167,7 @@ DEFAULT_CONFIGS = [name for name in CONFIGS if name != "zclip"]
 
 def run_once(name: str, args: argparse.Namespace) -> float:
     callbacks, trainer_kwargs, recipe = CONFIGS[name]()
-    timer = StepTimer()
+    timer = StepTimer(cpu=args.clock == "cpu")
     model = Bench(args.model, with_grad_norm_recipe=recipe)
     trainer = pl.Trainer(
         accelerator=args.device,
@@ -177,7 +199,7 @@ def step_cost(times: list[float], warmup: int, log_every_n_steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
+    parser.add_argument("--model", choices=["mlp", "cnn", "gpt"], default="mlp")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=120)
@@ -189,9 +211,17 @@ def main() -> None:
     )
     parser.add_argument("--logdir", default="/tmp/gradwatch_bench")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: thread CPU time, torch on one thread (shared CPUs)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = args.configs.split(",")
+    if args.clock == "cpu":
+        torch.set_num_threads(1)  # thread CPU time measures one thread's work
     if "none" not in names:
         names.insert(0, "none")
     pl.seed_everything(0, verbose=False)
@@ -209,7 +239,7 @@ def main() -> None:
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
     print(f"\nmodel={args.model} device={device} precision={args.precision} batch={args.batch_size} "
-          f"steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} torch={torch.__version__}\n")  # fmt: skip
+          f"steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} clock={args.clock} torch={torch.__version__}\n")  # fmt: skip
     print("| configuration | step cost (ms) | ratio to none (median over rounds) | min-max ratio |")
     print("|---|---|---|---|")
     for n in names:

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._activations import ActivationCallback
+from lightning_gradwatch._activations import ActivationCallback, Layer
 from lightning_gradwatch._core import all_reduce_max, check_fraction, host_values
 from lightning_gradwatch.alerts import Alert, AlertKind
-from lightning_gradwatch.functional.activations import alive_units
+from lightning_gradwatch.functional.activations import alive_units, dead_fractions
 
 
 class DeadNeuronCallback(ActivationCallback):
@@ -24,7 +24,8 @@ class DeadNeuronCallback(ActivationCallback):
     ``torch.relu``, ``x.relu()``, in place or not - and so are ``nn.ReLU6`` and ``LeakyReLU`` with slope 0; the
     unit is attributed to the Linear/Conv layer that fed the rectifier, also through a normalisation layer
     (``conv -> bn -> relu`` reports the conv). A rectifier applied to anything else (a residual sum, a reshaped
-    tensor) is not counted, so it can never cause a false alarm.
+    tensor) is not counted, so it can never cause a false alarm; nor is a rectifier on the model's output (only
+    hidden activations, followed by another layer in the same forward pass, count).
 
     Tallies are per window and start afresh after each check, so a unit that was alive early and died later is
     caught at the end of the next window. Under DDP a unit is dead only if it is dead on every rank's data: the
@@ -49,13 +50,20 @@ class DeadNeuronCallback(ActivationCallback):
         trainer = Trainer(callbacks=[DeadNeuronCallback(threshold=0.2)])
     """
 
-    kinds = {"relu"}
+    kinds = frozenset({"relu"})
 
     def __init__(self, threshold: float = 0.3, sample_every_n_steps: int = 10, window: int = 10) -> None:
         check_fraction("threshold", threshold)
         super().__init__(sample_every_n_steps, window)
         self.threshold = float(threshold)
-        self._alive: dict[str, Tensor] = {}
+        # all layers' units end to end: alive in this window; per layer: fed a rectifier in this window
+        self._alive: Tensor | None = None
+        self._seen: Tensor | None = None
+        self._names: list[str] = []
+        self._offsets: list[int] = []
+        self._segment_ids: Tensor | None = None
+        self._units: Tensor | None = None
+        self._loaded: dict[str, Any] | None = None
 
     @property
     @override
@@ -63,26 +71,59 @@ class DeadNeuronCallback(ActivationCallback):
         return self._generate_state_key(threshold=self.threshold, sample_every_n_steps=self.sample_every_n_steps)
 
     @override
-    def _record(self, layer: str, unit_dim: int, kind: str, pre_activation: Tensor) -> None:
-        alive = alive_units(pre_activation, unit_dim)
-        known = self._alive.get(layer)
-        self._alive[layer] = alive if known is None or known.shape != alive.shape else known | alive
+    def _layout(self, layers: list[Layer], device: torch.device) -> None:
+        names = [layer.name for layer in layers]
+        if self._alive is not None and len(self._offsets) == len(layers) + 1 and self._names == names:
+            if self._alive.device != device:
+                self._move(device)
+            return
+        sizes = [layer.units for layer in layers]
+        self._names = names
+        self._offsets = [0]
+        for size in sizes:
+            self._offsets.append(self._offsets[-1] + size)
+        self._units = torch.tensor(sizes, dtype=torch.float32, device=device)
+        self._segment_ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), self._units.long())
+        self._alive = torch.zeros(self._offsets[-1], dtype=torch.bool, device=device)
+        self._seen = torch.zeros(len(layers), dtype=torch.bool, device=device)
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and loaded.get("layers") == names:  # resume the window the checkpoint was in
+            self._alive.copy_(loaded["alive"])
+            self._seen.copy_(loaded["seen"])
+
+    def _move(self, device: torch.device) -> None:
+        for attr in ("_alive", "_seen", "_segment_ids", "_units"):
+            setattr(self, attr, getattr(self, attr).to(device))
+
+    @override
+    def _measure(self, layer: int, kind: str, pre_activation: Tensor) -> Tensor | None:
+        spec = self._layers[layer]
+        if pre_activation.dim() == 0 or pre_activation.shape[spec.unit_dim] != spec.units:
+            return None  # e.g. an unbatched conv input: the unit axis is not where the layer says
+        return alive_units(pre_activation, spec.unit_dim)
+
+    @override
+    def _accumulate(self, layer: int, kind: str, stat: Tensor) -> None:
+        assert self._alive is not None and self._seen is not None
+        self._alive[self._offsets[layer] : self._offsets[layer + 1]] |= stat.to(self._alive.device)
+        self._seen[layer] = True
 
     @override
     def _check(self, trainer: pl.Trainer) -> None:
-        if not self._alive:
-            return
-        layers = sorted(self._alive)
-        sizes = [self._alive[name].numel() for name in layers]
-        # alive anywhere means alive: max over ranks, one collective per check
-        alive = all_reduce_max(torch.cat([self._alive[name].to(torch.float32) for name in layers]))
-        (values,) = host_values(alive)
-        self._alive.clear()
-        step, start = trainer.global_step, 0
-        metrics = {}
-        for name, size in zip(layers, sizes, strict=True):
-            fraction = 1.0 - sum(values[start : start + size]) / size
-            start += size
+        assert self._alive is not None and self._seen is not None
+        assert self._segment_ids is not None and self._units is not None
+        # alive anywhere means alive: max over ranks, one collective per check (same size on every rank)
+        reduced = all_reduce_max(torch.cat([self._alive.to(torch.float32), self._seen.to(torch.float32)]))
+        n_units = self._offsets[-1]
+        fractions = dead_fractions(reduced[:n_units], self._segment_ids, self._units)
+        fraction_values, seen_values = host_values(fractions, reduced[n_units:])  # one transfer
+        self._alive.zero_()
+        self._seen.zero_()
+        step, metrics = trainer.global_step, {}
+        for index, (name, fraction, seen) in enumerate(zip(self._names, fraction_values, seen_values, strict=True)):
+            if not seen:
+                continue
+            size = self._layers[index].units
             metrics[f"gradwatch/dead_fraction/{name}"] = fraction
             self._set_condition(
                 trainer,
@@ -99,7 +140,7 @@ class DeadNeuronCallback(ActivationCallback):
                         f"Dead units in '{name}' at step {step}: {fraction:.0%} of its {size} units produced no "
                         f"positive activation over the last {self.window} sampled batches (threshold "
                         f"{self.threshold:.0%}). Usual remedies: LeakyReLU or GELU instead of ReLU, a lower learning "
-                        "rate, He initialisation, biases not initialised negative."
+                        "rate, He (Kaiming) initialisation, biases not initialised negative."
                     ),
                 ),
             )
@@ -115,9 +156,17 @@ class DeadNeuronCallback(ActivationCallback):
 
     @override
     def _extra_state(self) -> dict[str, Any]:
-        return {"alive": {k: v.cpu() for k, v in self._alive.items()}, "batches_in_window": self._batches_in_window}
+        state: dict[str, Any] = {"batches_in_window": self._batches_in_window}
+        if self._alive is not None and self._seen is not None:
+            state.update(layers=list(self._names), alive=self._alive.cpu(), seen=self._seen.cpu())
+        elif self._loaded is not None:  # saved again before the first sampled step after a resume
+            state.update(self._loaded)
+        return state
 
     @override
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._alive = {str(k): v.clone() for k, v in state.get("alive", {}).items()}
         self._batches_in_window = int(state.get("batches_in_window", 0))
+        self._alive = self._seen = None  # laid out again, from the checkpoint's tallies, at the next sampled step
+        self._names = []
+        if "layers" in state:
+            self._loaded = {"layers": list(state["layers"]), "alive": state["alive"], "seen": state["seen"]}

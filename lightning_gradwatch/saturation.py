@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._activations import ActivationCallback
+from lightning_gradwatch._activations import ActivationCallback, Layer
 from lightning_gradwatch._core import all_reduce_sum, check_fraction, host_values
 from lightning_gradwatch.alerts import Alert, AlertKind
 from lightning_gradwatch.functional.activations import saturated_count, saturation_bound
@@ -23,7 +23,9 @@ class SaturationCallback(ActivationCallback):
     An output is saturated when it lies within ``margin`` of the function's bounds (sigmoid: 0 or 1; tanh: -1 or
     1), where its gradient all but vanishes. Sigmoid and tanh are seen however they are written - ``nn.Sigmoid``,
     ``nn.Tanh``, ``torch.sigmoid``, ``torch.tanh``, ``F.sigmoid``, ``F.tanh``, ``x.sigmoid()`` - and attributed to
-    the Linear/Conv layer that fed them (also through a normalisation layer). Out of reach, and therefore never
+    the Linear/Conv layer that fed them (also through a normalisation layer). Only hidden activations count: a
+    sigmoid on the model's output (a binary classifier's probabilities, which may rightly sit near 0 or 1) is not
+    saturation and is never reported. Out of reach, and therefore never
     reported: hard-sigmoid and hard-tanh (piecewise linear), and the gates inside fused recurrent layers
     (``nn.LSTM``, ``nn.GRU``), which run as single C++ kernels.
 
@@ -47,7 +49,7 @@ class SaturationCallback(ActivationCallback):
         trainer = Trainer(callbacks=[SaturationCallback(threshold=0.5, margin=0.01)])
     """
 
-    kinds = {"sigmoid", "tanh"}
+    kinds = frozenset({"sigmoid", "tanh"})
 
     def __init__(
         self, threshold: float = 0.2, margin: float = 0.01, sample_every_n_steps: int = 10, window: int = 10
@@ -59,8 +61,12 @@ class SaturationCallback(ActivationCallback):
         self.threshold = float(threshold)
         self.margin = float(margin)
         self._bounds = {kind: saturation_bound(kind, self.margin) for kind in self.kinds}
-        # layer -> [saturated count, element count, kind]
-        self._counts: dict[str, list[Any]] = {}
+        self._names: list[str] = []
+        # per layer, this window: saturated count (device), element count and kinds seen (host: known without sync)
+        self._saturated: Tensor | None = None
+        self._totals: list[float] = []
+        self._kinds: list[set[str]] = []
+        self._loaded: dict[str, Any] | None = None
 
     @property
     @override
@@ -68,37 +74,63 @@ class SaturationCallback(ActivationCallback):
         return self._generate_state_key(threshold=self.threshold, margin=self.margin)
 
     @override
-    def _record(self, layer: str, unit_dim: int, kind: str, pre_activation: Tensor) -> None:
-        saturated = saturated_count(pre_activation, self._bounds[kind])
-        entry = self._counts.get(layer)
-        if entry is None:
-            self._counts[layer] = [saturated, float(pre_activation.numel()), kind]
-        else:
-            entry[0] = entry[0] + saturated
-            entry[1] += pre_activation.numel()
+    def _layout(self, layers: list[Layer], device: torch.device) -> None:
+        names = [layer.name for layer in layers]
+        if self._saturated is not None and self._names == names:
+            self._saturated = self._saturated.to(device)
+            return
+        self._names = names
+        self._saturated = torch.zeros(len(layers), dtype=torch.float32, device=device)
+        self._totals = [0.0] * len(layers)
+        self._kinds = [set() for _ in layers]
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and loaded.get("layers") == names:  # resume the window the checkpoint was in
+            self._saturated.copy_(loaded["saturated"])
+            self._totals = [float(t) for t in loaded["totals"]]
+            self._kinds = [set(k) for k in loaded["kinds"]]
+
+    @override
+    def _measure(self, layer: int, kind: str, pre_activation: Tensor) -> tuple[Tensor, int]:
+        return saturated_count(pre_activation, self._bounds[kind]), pre_activation.numel()
+
+    @override
+    def _accumulate(self, layer: int, kind: str, stat: tuple[Tensor, int]) -> None:
+        assert self._saturated is not None
+        count, numel = stat
+        self._saturated[layer] += count
+        self._totals[layer] += float(numel)
+        self._kinds[layer].add(kind)
 
     @override
     def _check(self, trainer: pl.Trainer) -> None:
-        if not self._counts:
-            return
-        layers = sorted(self._counts)
-        device = self._counts[layers[0]][0].device
-        totals = torch.tensor([self._counts[n][1] for n in layers], device=device, dtype=torch.float32)
-        saturated = torch.stack([self._counts[n][0].to(device) for n in layers])
-        reduced = all_reduce_sum(torch.cat([saturated, totals]))  # one collective per check
-        (values,) = host_values(reduced)
-        kinds = [self._counts[n][2] for n in layers]
-        self._counts.clear()
+        assert self._saturated is not None
+        n = len(self._names)
+        device = self._saturated.device
+        host = torch.tensor(
+            self._totals + [float("sigmoid" in k) for k in self._kinds] + [float("tanh" in k) for k in self._kinds],
+            dtype=torch.float32,
+        ).to(device, non_blocking=True)
+        reduced = all_reduce_sum(torch.cat([self._saturated, host]))  # one collective per check, same size everywhere
+        (values,) = host_values(reduced)  # one transfer
+        self._saturated.zero_()
+        self._totals = [0.0] * n
+        self._kinds = [set() for _ in range(n)]
         step, metrics = trainer.global_step, {}
-        for i, (name, kind) in enumerate(zip(layers, kinds, strict=True)):
-            fraction = values[i] / max(values[len(layers) + i], 1.0)
+        for i, name in enumerate(self._names):
+            total = values[n + i]
+            if total == 0:
+                continue  # no hidden sigmoid/tanh after this layer in the window, on any rank
+            kinds = [k for k, flag in (("sigmoid", values[2 * n + i]), ("tanh", values[3 * n + i])) if flag]
+            kind = " and ".join(kinds)
+            bounds = " or ".join(_BOUNDS[k] for k in kinds)
+            fraction = values[i] / total
             metrics[f"gradwatch/saturation/{name}"] = fraction
             self._set_condition(
                 trainer,
                 AlertKind.SATURATION,
                 name,
                 fraction > self.threshold,
-                lambda name=name, kind=kind, fraction=fraction: Alert(
+                lambda name=name, kind=kind, bounds=bounds, fraction=fraction: Alert(
                     step=step,
                     kind=AlertKind.SATURATION,
                     name=name,
@@ -106,7 +138,7 @@ class SaturationCallback(ActivationCallback):
                     threshold=self.threshold,
                     message=(
                         f"Saturated {kind} after '{name}' at step {step}: {fraction:.0%} of its outputs lie within "
-                        f"{self.margin:g} of {_BOUNDS[kind]} over the last {self.window} sampled batches (threshold "
+                        f"{self.margin:g} of {bounds} over the last {self.window} sampled batches (threshold "
                         f"{self.threshold:.0%}), where their gradient all but vanishes. Usual remedies: ReLU-family "
                         "activations, normalisation layers (BatchNorm/LayerNorm), smaller weight initialisation."
                     ),
@@ -126,12 +158,21 @@ class SaturationCallback(ActivationCallback):
 
     @override
     def _extra_state(self) -> dict[str, Any]:
-        counts = {k: [float(v[0]), v[1], v[2]] for k, v in self._counts.items()}
-        return {"counts": counts, "batches_in_window": self._batches_in_window}
+        state: dict[str, Any] = {"batches_in_window": self._batches_in_window}
+        if self._saturated is not None:
+            state.update(
+                layers=list(self._names),
+                saturated=self._saturated.cpu(),
+                totals=list(self._totals),
+                kinds=[sorted(k) for k in self._kinds],
+            )
+        elif self._loaded is not None:  # saved again before the first sampled step after a resume
+            state.update(self._loaded)
+        return state
 
     @override
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._counts = {
-            str(k): [torch.tensor(v[0]), float(v[1]), str(v[2])] for k, v in state.get("counts", {}).items()
-        }
         self._batches_in_window = int(state.get("batches_in_window", 0))
+        self._saturated, self._names = None, []  # laid out again, from the checkpoint, at the next sampled step
+        if "layers" in state:
+            self._loaded = {k: state[k] for k in ("layers", "saturated", "totals", "kinds")}

@@ -1,6 +1,12 @@
 """Pure tensor math behind the callbacks: tensors in, tensors out, testable without a Trainer."""
 
-from lightning_gradwatch.functional.activations import alive_units, saturated_count, saturation_bound
+from lightning_gradwatch.functional.activations import (
+    alive_units,
+    dead_fractions,
+    saturated_count,
+    saturation_bound,
+    segment_sum,
+)
 from lightning_gradwatch.functional.clipping import (
     agc_coefficients,
     apply_clip_coefficient,
@@ -23,6 +29,8 @@ from lightning_gradwatch.functional.norms import (
 
 __all__ = [
     "alive_units",
+    "dead_fractions",
+    "segment_sum",
     "saturated_count",
     "saturation_bound",
     "any_non_finite",

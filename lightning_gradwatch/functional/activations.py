@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["alive_units", "saturated_count", "saturation_bound"]
+__all__ = ["alive_units", "dead_fractions", "saturated_count", "saturation_bound", "segment_sum"]
 
 
 def alive_units(pre_activation: Tensor, unit_dim: int) -> Tensor:
@@ -32,3 +32,18 @@ def saturation_bound(kind: str, margin: float) -> float:
 def saturated_count(pre_activation: Tensor, bound: float) -> Tensor:
     """How many elements of ``pre_activation`` are saturated (``|x| >= bound``), as a 0-dim float32 tensor."""
     return (pre_activation.detach().abs() >= bound).sum(dtype=torch.float32)
+
+
+def segment_sum(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
+    """Per-segment sums of a flat vector (``segment_ids[i]`` names the segment of ``values[i]``), as float32.
+
+    Used to turn a flat vector of per-unit flags (all layers' units end to end) into per-layer counts on device,
+    so that only one number per layer crosses to the host.
+    """
+    out = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
+    return out.index_add_(0, segment_ids, values.to(torch.float32))
+
+
+def dead_fractions(alive: Tensor, segment_ids: Tensor, units: Tensor) -> Tensor:
+    """Fraction of dead units per layer from a flat ``alive`` flag vector (all layers' units end to end)."""
+    return 1.0 - segment_sum(alive, segment_ids, units.numel()) / units.to(torch.float32).clamp_min(1)
