@@ -214,35 +214,30 @@ def is_sharded(trainer: pl.Trainer) -> bool:
     return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
+def _reduced(values: Tensor, op: Any) -> Tensor:
+    """``values`` all-reduced with ``op`` over every rank (a collective); ``values`` itself without a group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    reduced = values.clone()
+    dist.all_reduce(reduced, op=op)
+    return reduced
+
+
 def all_reduce_norms(norms: Tensor, norm_type: float) -> Tensor:
     """Combine per-tensor norms of local shards into norms of the full tensors across all ranks (collective)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return norms
     if math.isinf(norm_type):
-        reduced = norms.clone()
-        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-        return reduced
-    powers = norms.double().pow(norm_type)
-    dist.all_reduce(powers, op=dist.ReduceOp.SUM)
-    return powers.pow(1.0 / norm_type).to(norms.dtype)
+        return _reduced(norms, dist.ReduceOp.MAX)
+    return _reduced(norms.double().pow(norm_type), dist.ReduceOp.SUM).pow(1.0 / norm_type).to(norms.dtype)
 
 
 def all_reduce_max(values: Tensor) -> Tensor:
     """Element-wise max of ``values`` over all ranks (a collective; identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    reduced = values.clone()
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-    return reduced
+    return _reduced(values, dist.ReduceOp.MAX)
 
 
 def all_reduce_sum(values: Tensor) -> Tensor:
     """Element-wise sum of ``values`` over all ranks (a collective; identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    reduced = values.clone()
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced
+    return _reduced(values, dist.ReduceOp.SUM)
 
 
 # ------------------------------------------------------------------------------------------------ logging

@@ -132,7 +132,10 @@ class NaNGuard(GradwatchCallback):
         self.rollbacks = 0
         self.overflow_steps = 0
         self.halt_checkpoint: str | None = None
-        # device-side, per step / per check interval (no sync)
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """What lives only for one fit: device-side flags and counters (no sync), snapshots, the halt state."""
         self._loss_bad: Tensor | None = None
         self._amp: dict[str, Tensor] = {}
         self._groups: dict[int, ParamGroups] = {}
@@ -150,14 +153,7 @@ class NaNGuard(GradwatchCallback):
     # -- hooks -----------------------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._groups.clear()
-        self._amp.clear()
-        self._snapshot = None
-        self._loss_bad = None
-        self._halt_pending = None
-        self._halted = False
-        self._rollbacks_to_snapshot = 0
-        self._clean_steps_since_snapshot = 0
+        self._reset_run_state()
         super().on_fit_start(trainer, pl_module)
 
     @override
