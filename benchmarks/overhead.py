@@ -18,9 +18,11 @@ Prints a Markdown table for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,19 +39,34 @@ import lightning_gradwatch as gw
 
 class StepTimer(Callback):
     """Per-step time: wall clock, or with ``cpu=True`` the main thread's CPU time (robust on a shared machine,
-    exact when torch runs on one thread)."""
+    exact when torch runs on one thread). With ``count_syncs=True`` (CUDA) it also counts the host-device syncs
+    of each non-logging step with ``torch.cuda.set_sync_debug_mode("warn")``."""
 
-    def __init__(self, cpu: bool = False) -> None:
+    def __init__(self, cpu: bool = False, count_syncs: bool = False) -> None:
         self.times: list[float] = []
+        self.syncs: list[int] = []
         self._start = 0.0
         self._clock = time.thread_time if cpu else time.perf_counter
+        self._count_syncs = count_syncs
+        self._caught: Any = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        logging_step = trainer._logger_connector.should_update_logs
+        if self._count_syncs and not logging_step:
+            self._caught = warnings.catch_warnings(record=True)
+            self._records = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
         self._start = self._clock()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._caught is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(None, None, None)
+            self._caught = None
+            self.syncs.append(sum("synchroniz" in str(r.message) for r in self._records))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(self._clock() - self._start)
@@ -165,9 +182,10 @@ CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = 
 DEFAULT_CONFIGS = [name for name in CONFIGS if name != "zclip"]
 
 
-def run_once(name: str, args: argparse.Namespace) -> float:
+def run_once(name: str, args: argparse.Namespace) -> tuple[float, float]:
+    """One fit of configuration ``name``: its step cost and its mean syncs per non-logging step (CUDA only)."""
     callbacks, trainer_kwargs, recipe = CONFIGS[name]()
-    timer = StepTimer(cpu=args.clock == "cpu")
+    timer = StepTimer(cpu=args.clock == "cpu", count_syncs=args.device == "cuda")
     model = Bench(args.model, with_grad_norm_recipe=recipe)
     trainer = pl.Trainer(
         accelerator=args.device,
@@ -183,7 +201,8 @@ def run_once(name: str, args: argparse.Namespace) -> float:
         **trainer_kwargs,
     )
     trainer.fit(model, model.data(args.steps, args.batch_size))
-    return step_cost(timer.times, args.warmup, args.log_every_n_steps)
+    syncs = timer.syncs[args.warmup :]
+    return step_cost(timer.times, args.warmup, args.log_every_n_steps), statistics.fmean(syncs) if syncs else math.nan
 
 
 def step_cost(times: list[float], warmup: int, log_every_n_steps: int) -> float:
@@ -227,12 +246,15 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     ratios: dict[str, list[float]] = {n: [] for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    syncs: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate so no config always runs first
         this_round = {n: run_once(n, args) for n in order}
         for n in names:
-            times[n].append(this_round[n])
-            ratios[n].append(this_round[n] / this_round["none"])
+            cost, step_syncs = this_round[n]
+            times[n].append(cost)
+            ratios[n].append(cost / this_round["none"][0])
+            syncs[n].append(step_syncs)
     device = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
@@ -240,11 +262,15 @@ def main() -> None:
     )
     print(f"\nmodel={args.model} device={device} precision={args.precision} batch={args.batch_size} "
           f"steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} clock={args.clock} torch={torch.__version__}\n")  # fmt: skip
-    print("| configuration | step cost (ms) | ratio to none (median over rounds) | min-max ratio |")
-    print("|---|---|---|---|")
+    print(
+        "| configuration | step cost (ms) | ratio to none (median over rounds) | min-max ratio | syncs added per non-logging step |"
+    )
+    print("|---|---|---|---|---|")
     for n in names:
+        added = statistics.median(syncs[n]) - statistics.median(syncs["none"])  # NaN on CPU: not counted there
         print(
-            f"| {n} | {statistics.median(times[n]) * 1e3:.2f} | {statistics.median(ratios[n]):.3f} | {min(ratios[n]):.3f}-{max(ratios[n]):.3f} |"
+            f"| {n} | {statistics.median(times[n]) * 1e3:.2f} | {statistics.median(ratios[n]):.3f} | "
+            f"{min(ratios[n]):.3f}-{max(ratios[n]):.3f} | {'n/a' if math.isnan(added) else f'{added:+.1f}'} |"
         )
 
 
