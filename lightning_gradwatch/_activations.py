@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_gradwatch._core import GradwatchCallback, check_positive_int, clean_name, logger_step
+from lightning_gradwatch.alerts import Alert
 
 _PRODUCERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 _LAST_DIM_NORMS = (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))  # RMSNorm: torch >= 2.4
@@ -227,6 +228,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     methods, :meth:`_check`, and their state."""
 
     hook_order = 20
+    threshold: float  # the subclass's alert threshold on a layer's fraction
 
     def __init__(self, sample_every_n_steps: int, window: int) -> None:
         super().__init__()
@@ -295,3 +297,21 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
 
     def _check(self, trainer: pl.Trainer) -> None:
         raise NotImplementedError
+
+    def _report(self, trainer: pl.Trainer, metric: str, kind: str, findings: list[tuple[str, float, str]]) -> None:
+        """Log each layer's fraction as ``gradwatch/<metric>/<layer>`` and alert ``kind`` for a layer whose
+        fraction exceeds ``self.threshold`` (once per onset). ``findings``: ``(layer, fraction, message)``."""
+        step, metrics = trainer.global_step, {}
+        threshold = self.threshold
+        for name, fraction, message in findings:
+            metrics[f"gradwatch/{metric}/{name}"] = fraction
+            self._set_condition(
+                trainer,
+                kind,
+                name,
+                fraction > threshold,
+                lambda name=name, fraction=fraction, message=message: Alert(
+                    step=step, kind=kind, name=name, value=fraction, threshold=threshold, message=message
+                ),
+            )
+        self._log_metrics(trainer, metrics)

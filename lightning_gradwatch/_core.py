@@ -331,7 +331,11 @@ class GradwatchCallback(Callback):
             self._active_conditions.add(condition)
             self._emit_alert(trainer, make_alert())
         elif not firing:
-            self._active_conditions.discard(condition)
+            self._clear_condition(kind, key)
+
+    def _clear_condition(self, kind: str, key: str) -> None:
+        """The condition ``(kind, key)`` no longer holds: its next onset is a new alert."""
+        self._active_conditions.discard((kind, key))
 
     # -- logging ---------------------------------------------------------------------------------------------
     @staticmethod

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_gradwatch._activations import ActivationCallback, Layer
 from lightning_gradwatch._core import all_reduce_max, check_fraction, host_values
-from lightning_gradwatch.alerts import Alert, AlertKind
+from lightning_gradwatch.alerts import AlertKind
 from lightning_gradwatch.functional.activations import alive_units, dead_fractions
 
 
@@ -119,32 +119,19 @@ class DeadNeuronCallback(ActivationCallback):
         fraction_values, seen_values = host_values(fractions, reduced[n_units:])  # one transfer
         self._alive.zero_()
         self._seen.zero_()
-        step, metrics = trainer.global_step, {}
+        step, findings = trainer.global_step, []
         for index, (name, fraction, seen) in enumerate(zip(self._names, fraction_values, seen_values, strict=True)):
             if not seen:
                 continue
             size = self._layers[index].units
-            metrics[f"gradwatch/dead_fraction/{name}"] = fraction
-            self._set_condition(
-                trainer,
-                AlertKind.DEAD_NEURONS,
-                name,
-                fraction > self.threshold,
-                lambda name=name, fraction=fraction, size=size: Alert(
-                    step=step,
-                    kind=AlertKind.DEAD_NEURONS,
-                    name=name,
-                    value=fraction,
-                    threshold=self.threshold,
-                    message=(
-                        f"Dead units in '{name}' at step {step}: {fraction:.0%} of its {size} units produced no "
-                        f"positive activation over the last {self.window} sampled batches (threshold "
-                        f"{self.threshold:.0%}). Usual remedies: LeakyReLU or GELU instead of ReLU, a lower learning "
-                        "rate, He (Kaiming) initialisation, biases not initialised negative."
-                    ),
-                ),
+            message = (
+                f"Dead units in '{name}' at step {step}: {fraction:.0%} of its {size} units produced no "
+                f"positive activation over the last {self.window} sampled batches (threshold "
+                f"{self.threshold:.0%}). Usual remedies: LeakyReLU or GELU instead of ReLU, a lower learning "
+                "rate, He (Kaiming) initialisation, biases not initialised negative."
             )
-        self._log_metrics(trainer, metrics)
+            findings.append((name, fraction, message))
+        self._report(trainer, "dead_fraction", AlertKind.DEAD_NEURONS, findings)
 
     @override
     def _tensorboard_layout(

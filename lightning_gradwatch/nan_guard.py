@@ -197,7 +197,8 @@ class NaNGuard(GradwatchCallback):
             return
         reason, self._halt_pending = self._halt_pending, None
         # the fault episode ends with this run: a run resumed from the checkpoint alerts again if it comes back
-        self._active_conditions -= {(AlertKind.NON_FINITE, ""), (AlertKind.LOSS_SCALE_COLLAPSE, "")}
+        self._clear_condition(AlertKind.NON_FINITE, "")
+        self._clear_condition(AlertKind.LOSS_SCALE_COLLAPSE, "")
         path = self._save_last_good(trainer)
         where = (
             f" The last good state is saved at '{path}'; after fixing the cause, resume with "
@@ -235,7 +236,7 @@ class NaNGuard(GradwatchCallback):
             exact = [any_non_finite(grads), any_non_finite(params)]
             grads_are_bad, params_are_bad = (v > 0 for v in all_reduce_max(torch.stack(exact).float()).tolist())
         if not (loss_is_bad or grads_are_bad or params_are_bad):
-            self._set_condition(trainer, AlertKind.NON_FINITE, "", False, _never)
+            self._clear_condition(AlertKind.NON_FINITE, "")
             self._after_clean_step(pl_module, groups, optimizer)
             if self._should_log(trainer, self.log_every_n_steps):
                 self._log_counters(trainer)
@@ -260,21 +261,13 @@ class NaNGuard(GradwatchCallback):
             "skip": "the update was dropped",
             "rollback": f"weights and optimizer state were rolled back to the snapshot (rollback {self.rollbacks})",
         }[action]
-        self._set_condition(
+        self._alert_non_finite(
             trainer,
-            AlertKind.NON_FINITE,
-            "",
-            True,
-            lambda: Alert(
-                step=step,
-                kind=AlertKind.NON_FINITE,
-                name=what.first_layer,
-                value=float(what.count),
-                threshold=0.0,
-                message=(
-                    f"Non-finite values at step {step}: {what.text}; {done}. Usual remedies: lower the learning "
-                    "rate, check the data for NaN/Inf, clip gradients, use bf16 or a GradScaler for fp16."
-                ),
+            name=what.first_layer,
+            value=float(what.count),
+            message=(
+                f"Non-finite values at step {step}: {what.text}; {done}. Usual remedies: lower the learning "
+                "rate, check the data for NaN/Inf, clip gradients, use bf16 or a GradScaler for fp16."
             ),
         )
         if action == "halt":
@@ -397,31 +390,34 @@ class NaNGuard(GradwatchCallback):
                 "the weights are non-finite" if params_bad else f"the loss was non-finite on {int(loss_faults)} step(s)"
             )
             acts = self.action == "halt" or params_bad
-            self._set_condition(
+            self._alert_non_finite(
                 trainer,
-                AlertKind.NON_FINITE,
-                "",
-                True,
-                lambda: Alert(
-                    step=step,
-                    kind=AlertKind.NON_FINITE,
-                    name="loss" if not params_bad else "",
-                    value=float(loss_faults),
-                    threshold=0.0,
-                    message=(
-                        f"Non-finite values under fp16 by step {step}: {what} since the last check; the GradScaler "
-                        f"skipped those updates{', and training stops' if acts else ''}. Usual remedies: check the "
-                        "data for NaN/Inf, lower the learning rate, bf16 instead of fp16."
-                    ),
+                name="loss" if not params_bad else "",
+                value=float(loss_faults),
+                message=(
+                    f"Non-finite values under fp16 by step {step}: {what} since the last check; the GradScaler "
+                    f"skipped those updates{', and training stops' if acts else ''}. Usual remedies: check the "
+                    "data for NaN/Inf, lower the learning rate, bf16 instead of fp16."
                 ),
             )
             if acts:
                 self._halt(trainer, what)
         elif not collapsed:
-            self._set_condition(trainer, AlertKind.NON_FINITE, "", False, _never)
-            self._set_condition(trainer, AlertKind.LOSS_SCALE_COLLAPSE, "", False, _never)
+            self._clear_condition(AlertKind.NON_FINITE, "")
+            self._clear_condition(AlertKind.LOSS_SCALE_COLLAPSE, "")
 
     # -- shared ------------------------------------------------------------------------------------------------
+    def _alert_non_finite(self, trainer: pl.Trainer, name: str, value: float, message: str) -> None:
+        """A ``non_finite`` alert, once per fault episode (consecutive faulty steps or checks)."""
+        step = trainer.global_step
+        self._set_condition(
+            trainer,
+            AlertKind.NON_FINITE,
+            "",
+            True,
+            lambda: Alert(step=step, kind=AlertKind.NON_FINITE, name=name, value=value, threshold=0.0, message=message),
+        )
+
     def _param_groups(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> ParamGroups:
         key = id(optimizer)
         if key not in self._groups:
@@ -635,7 +631,3 @@ def _copy_state(
 
 def _fits(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-
-
-def _never() -> Alert:  # the factory for a condition that is clearing: never called
-    raise AssertionError("unreachable")

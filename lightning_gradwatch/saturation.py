@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_gradwatch._activations import ActivationCallback, Layer
 from lightning_gradwatch._core import all_reduce_sum, check_fraction, host_values
-from lightning_gradwatch.alerts import Alert, AlertKind
+from lightning_gradwatch.alerts import AlertKind
 from lightning_gradwatch.functional.activations import saturated_count, saturation_bound
 
 _BOUNDS = {"sigmoid": "0 or 1", "tanh": "-1 or 1"}
@@ -115,7 +115,7 @@ class SaturationCallback(ActivationCallback):
         self._saturated.zero_()
         self._totals = [0.0] * n
         self._kinds = [set() for _ in range(n)]
-        step, metrics = trainer.global_step, {}
+        step, findings = trainer.global_step, []
         for i, name in enumerate(self._names):
             total = values[n + i]
             if total == 0:
@@ -124,27 +124,14 @@ class SaturationCallback(ActivationCallback):
             kind = " and ".join(kinds)
             bounds = " or ".join(_BOUNDS[k] for k in kinds)
             fraction = values[i] / total
-            metrics[f"gradwatch/saturation/{name}"] = fraction
-            self._set_condition(
-                trainer,
-                AlertKind.SATURATION,
-                name,
-                fraction > self.threshold,
-                lambda name=name, kind=kind, bounds=bounds, fraction=fraction: Alert(
-                    step=step,
-                    kind=AlertKind.SATURATION,
-                    name=name,
-                    value=fraction,
-                    threshold=self.threshold,
-                    message=(
-                        f"Saturated {kind} after '{name}' at step {step}: {fraction:.0%} of its outputs lie within "
-                        f"{self.margin:g} of {bounds} over the last {self.window} sampled batches (threshold "
-                        f"{self.threshold:.0%}), where their gradient all but vanishes. Usual remedies: ReLU-family "
-                        "activations, normalisation layers (BatchNorm/LayerNorm), smaller weight initialisation."
-                    ),
-                ),
+            message = (
+                f"Saturated {kind} after '{name}' at step {step}: {fraction:.0%} of its outputs lie within "
+                f"{self.margin:g} of {bounds} over the last {self.window} sampled batches (threshold "
+                f"{self.threshold:.0%}), where their gradient all but vanishes. Usual remedies: ReLU-family "
+                "activations, normalisation layers (BatchNorm/LayerNorm), smaller weight initialisation."
             )
-        self._log_metrics(trainer, metrics)
+            findings.append((name, fraction, message))
+        self._report(trainer, "saturation", AlertKind.SATURATION, findings)
 
     @override
     def _tensorboard_layout(
