@@ -152,6 +152,11 @@ def local_tensor(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+def optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
+    """The position of ``optimizer`` among the Trainer's optimizers (0 if it is not one of them)."""
+    return next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+
+
 # ---------------------------------------------------------------------------------------- precision / scaler
 def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     """The Trainer's enabled GradScaler (16-mixed), or ``None`` (32, bf16, DeepSpeed)."""

@@ -24,6 +24,7 @@ from lightning_gradwatch._core import (
     host_values,
     is_sharded,
     local_tensor,
+    optimizer_index,
     scaler_found_inf,
 )
 from lightning_gradwatch.alerts import Alert, AlertKind
@@ -36,7 +37,7 @@ from lightning_gradwatch.functional.clipping import (
     ring_quantile,
     zscore_threshold,
 )
-from lightning_gradwatch.functional.norms import tensor_norms, total_norm, validate_norm_type
+from lightning_gradwatch.functional.norms import global_norm, validate_norm_type
 
 _MODES = ("zscore", "percentile", "agc")
 # the statistics that survive a checkpoint; the others only cover the current logging interval
@@ -209,7 +210,7 @@ class AdaptiveClipping(GradwatchCallback):
     def _before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        index = self._optimizer_index(trainer, optimizer)
+        index = optimizer_index(trainer, optimizer)
         params, agc_mask = self._optimizer_params(index, pl_module, optimizer)
         present = [(p, m) for p, m in zip(params, agc_mask, strict=True) if p.grad is not None]
         if not present:
@@ -219,8 +220,7 @@ class AdaptiveClipping(GradwatchCallback):
         state = self._state_for(index, device)
 
         unscale = grad_unscale_factor(trainer, optimizer)  # fused optimizers under fp16: grads still scaled
-        norms = tensor_norms(grads, self.norm_type)
-        norm = total_norm(norms, self.norm_type)
+        norm = global_norm(grads, self.norm_type)
         if is_sharded(trainer):
             norm = all_reduce_norms(norm.reshape(1), self.norm_type)[0]
         if unscale is not None:
@@ -260,10 +260,6 @@ class AdaptiveClipping(GradwatchCallback):
             self._report(trainer, index, state)
 
     # -- internals -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
-        return next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
-
     def _optimizer_params(
         self, index: int, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> tuple[list[torch.nn.Parameter], list[bool]]:

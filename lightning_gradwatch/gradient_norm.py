@@ -23,6 +23,7 @@ from lightning_gradwatch._core import (
     is_sharded,
     local_tensor,
     logger_step,
+    optimizer_index,
     scaler_found_inf,
     tensorboard_writers,
 )
@@ -213,11 +214,9 @@ class GradientNormLogger(GradwatchCallback):
 
     @staticmethod
     def _optimizer_suffix(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
-        optimizers = trainer.optimizers
-        if len(optimizers) <= 1:
+        if len(trainer.optimizers) <= 1:
             return ""
-        index = next((i for i, opt in enumerate(optimizers) if opt is optimizer), 0)
-        return f"_optimizer{index}"
+        return f"_optimizer{optimizer_index(trainer, optimizer)}"
 
     def _check(
         self,
