@@ -6,6 +6,10 @@ shared machine does not pass for overhead while the cost of logging steps still 
 rounds is reported. Step time is measured between on_train_batch_start and on_train_batch_end, so data loading
 and Trainer start-up are excluded.
 
+The last column counts the host-device syncs each configuration adds on steps that do not log: on a GPU with
+``torch.cuda.set_sync_debug_mode``, during the timed runs; on a CPU with tests/host_reads.py (every host read of
+a tensor seen through ``__torch_function__``), in one extra untimed fit per configuration.
+
     python benchmarks/overhead.py                       # CPU, MLP, all configurations
     python benchmarks/overhead.py --device cuda --model gpt --precision bf16-mixed   # a GPT-style model on a GPU
     python benchmarks/overhead.py --configs none,gradient_norm,clip_1.0
@@ -21,9 +25,11 @@ import argparse
 import math
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -205,6 +211,39 @@ def run_once(name: str, args: argparse.Namespace) -> tuple[float, float]:
     return step_cost(timer.times, args.warmup, args.log_every_n_steps), statistics.fmean(syncs) if syncs else math.nan
 
 
+def host_reads_added(names: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """CPU: the host reads each configuration adds per non-logging step against ``none``, from one untimed fit
+    each under tests/host_reads.py's counter (it slows every op, so it never runs during a timed fit)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
+    from tests.host_reads import HostReadCounter
+
+    per_step: dict[str, dict[int, int]] = {}
+    logging_steps: set[int] = set()
+    for name in names:
+        callbacks, trainer_kwargs, recipe = CONFIGS[name]()
+        counter = HostReadCounter()
+        model = Bench(args.model, with_grad_norm_recipe=recipe)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision=args.precision,
+            max_steps=args.steps,
+            log_every_n_steps=args.log_every_n_steps,
+            callbacks=[counter.callback(), *callbacks],
+            logger=pl.loggers.TensorBoardLogger(args.logdir, name=f"{name}_counted"),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            **trainer_kwargs,
+        )
+        with counter:
+            trainer.fit(model, model.data(args.steps, args.batch_size))
+        per_step[name] = counter.per_step()
+        logging_steps = counter.logging_steps
+    quiet = [s for s in per_step["none"] if s >= args.warmup and s not in logging_steps]
+    return {n: statistics.fmean(per_step[n][s] - per_step["none"][s] for s in quiet) for n in names}
+
+
 def step_cost(times: list[float], warmup: int, log_every_n_steps: int) -> float:
     """Mean cost of a step, robust to stalls of a shared machine: the median of the ordinary steps, plus the
     logging steps' excess over it spread over all steps (the median alone would hide what logging costs)."""
@@ -255,6 +294,10 @@ def main() -> None:
             times[n].append(cost)
             ratios[n].append(cost / this_round["none"][0])
             syncs[n].append(step_syncs)
+    if args.device == "cpu":
+        counted = host_reads_added(names, args)
+        syncs = {n: [counted[n]] for n in names}
+        syncs["none"] = [0.0]
     device = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
@@ -267,11 +310,13 @@ def main() -> None:
     )
     print("|---|---|---|---|---|")
     for n in names:
-        added = statistics.median(syncs[n]) - statistics.median(syncs["none"])  # NaN on CPU: not counted there
+        added = statistics.median(syncs[n]) - statistics.median(syncs["none"])
         print(
             f"| {n} | {statistics.median(times[n]) * 1e3:.2f} | {statistics.median(ratios[n]):.3f} | "
-            f"{min(ratios[n]):.3f}-{max(ratios[n]):.3f} | {'n/a' if math.isnan(added) else f'{added:+.1f}'} |"
+            f"{min(ratios[n]):.3f}-{max(ratios[n]):.3f} | {'n/a' if math.isnan(added) else f'{added:+.2f}'} |"
         )
+    how = "torch.cuda.set_sync_debug_mode" if args.device == "cuda" else "host reads counted by tests/host_reads.py"
+    print(f"\nSyncs: {how}, mean over the non-logging steps after warm-up.")
 
 
 if __name__ == "__main__":

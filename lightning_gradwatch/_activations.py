@@ -223,9 +223,11 @@ def probe_for(model: nn.Module) -> ActivationProbe:
 
 class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     """The cadence and lifecycle shared by the activation callbacks: sample every ``sample_every_n_steps``
-    optimizer steps, fold ``window`` sampled batches together, then check (one reduction across ranks, one host
-    transfer), log, alert and start a new window. Subclasses implement the :class:`ActivationSubscriber`
-    methods, :meth:`_check`, and their state."""
+    optimizer steps; once ``window`` sampled batches are folded together, check at the Trainer's next logging
+    step (one reduction across ranks, one host transfer), log, alert and start a new window. Checking on a
+    logging step keeps the host transfer off every other step; with ``log_every_n_steps=0`` the check runs as
+    soon as the window is full, and a full window the last logging step missed is checked when training ends.
+    Subclasses implement the :class:`ActivationSubscriber` methods, :meth:`_check`, and their state."""
 
     hook_order = 20
     threshold: float  # the subclass's alert threshold on a layer's fraction
@@ -277,11 +279,22 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._detach()
-        if self._sampled and self._batches_in_window >= self.window:
-            if self._layers:  # the same on every rank: the layout comes from the model, not the data
-                self._check(trainer)
-            self._batches_in_window = 0
         self._sampled = False
+        # the same decision on every rank: the logging cadence and the window count do not depend on the data
+        if self._batches_in_window >= self.window and (
+            self._should_log(trainer, None) or trainer.log_every_n_steps == 0
+        ):
+            self._close_window(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._batches_in_window >= self.window:  # full, but no logging step came after it
+            self._close_window(trainer)
+
+    def _close_window(self, trainer: pl.Trainer) -> None:
+        if self._layers:
+            self._check(trainer)
+        self._batches_in_window = 0
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -296,6 +309,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         self._detach(commit=False)
 
     def _check(self, trainer: pl.Trainer) -> None:
+        """Reduce the window's tallies, report them and reset them; ``self._batches_in_window`` is its size."""
         raise NotImplementedError
 
     def _report(self, trainer: pl.Trainer, metric: str, kind: str, findings: list[tuple[str, float, str]]) -> None:

@@ -33,14 +33,16 @@ class DeadNeuronCallback(ActivationCallback):
 
     Cost: nothing on steps that are not sampled. On a sampled step, forward hooks and a TorchFunctionMode are
     installed for the forward pass only (never in validation, the sanity check or prediction) and the tallies
-    accumulate on device; the check brings them to the host in one transfer.
+    accumulate on device. The check runs on the Trainer's first logging step after the window is full and brings
+    the tallies to the host in one transfer, so no other step waits on the device.
 
     Logs ``gradwatch/dead_fraction/{layer}``; alerts ``dead_neurons`` naming the layer.
 
     Args:
         threshold: alert when a layer's dead fraction exceeds this (0 < threshold <= 1).
         sample_every_n_steps: sample the forward pass of every this many optimizer steps.
-        window: sampled batches per check; the tallies cover these and then reset.
+        window: sampled batches per check; the tallies cover these (and any sampled before the next logging
+            step) and then reset.
 
     Example::
 
@@ -126,7 +128,7 @@ class DeadNeuronCallback(ActivationCallback):
             size = self._layers[index].units
             message = (
                 f"Dead units in '{name}' at step {step}: {fraction:.0%} of its {size} units produced no "
-                f"positive activation over the last {self.window} sampled batches (threshold "
+                f"positive activation over the last {self._batches_in_window} sampled batches (threshold "
                 f"{self.threshold:.0%}). Usual remedies: LeakyReLU or GELU instead of ReLU, a lower learning "
                 "rate, He (Kaiming) initialisation, biases not initialised negative."
             )

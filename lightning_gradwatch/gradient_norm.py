@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from typing import Any, Literal
 
@@ -17,10 +16,14 @@ from lightning_gradwatch._core import (
     ParamGroups,
     check_positive,
     check_positive_int,
+    clean_name,
+    exact_tags,
     grad_scaler,
     grad_unscale_factor,
     host_values,
     is_sharded,
+    layer_charts,
+    layer_of,
     local_tensor,
     logger_step,
     optimizer_index,
@@ -29,8 +32,6 @@ from lightning_gradwatch._core import (
 )
 from lightning_gradwatch.alerts import Alert, AlertKind
 from lightning_gradwatch.functional.norms import power_means, total_norm, validate_norm_type
-
-_MAX_LAYOUT_CHARTS = 24  # above this many top-level modules, one chart per metric instead of one per module
 
 
 class GradientNormLogger(GradwatchCallback):
@@ -337,17 +338,16 @@ class GradientNormLogger(GradwatchCallback):
     def _tensorboard_layout(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, dict[str, list[Any]]]:
-        tops = sorted({name.split(".")[0] for name, _ in pl_module.named_parameters()})
+        layers = [clean_name(n) for n, p in pl_module.named_parameters() if p.requires_grad]
+        if self.group_by == "module":
+            layers = [layer_of(n) for n in layers]
         charts: dict[str, list[Any]] = {"global gradient norm": ["Multiline", [r"^gradwatch/global/grad_norm"]]}
         metrics = [("grad_norm", "gradient norm")]
         if self.log_grad_to_weight:
             metrics.append(("grad_to_weight", "grad/weight ratio"))
         for tag, title in metrics:
-            if len(tops) > _MAX_LAYOUT_CHARTS:
-                charts[f"{title}: all layers"] = ["Multiline", [rf"^gradwatch/{tag}/"]]
-                continue
-            for top in tops:
-                charts[f"{title}: {top}"] = ["Multiline", [rf"^gradwatch/{tag}/{re.escape(top)}(\.|$)"]]
+            for span, names in layer_charts(list(dict.fromkeys(layers))):
+                charts[f"{title}: {span}"] = ["Multiline", [exact_tags(f"gradwatch/{tag}/", names)]]
         return {"gradwatch: gradients": charts}
 
     # -- state -----------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ class SaturationCallback(ActivationCallback):
 
     The fraction is over a window of sampled training batches; under DDP the counts are summed across ranks once
     per check. Cost as for :class:`~lightning_gradwatch.DeadNeuronCallback`: nothing on unsampled steps, forward
-    hooks and a TorchFunctionMode for the forward pass of sampled steps only, one transfer per check.
+    hooks and a TorchFunctionMode for the forward pass of sampled steps only, one transfer per check, on a
+    logging step.
 
     Logs ``gradwatch/saturation/{layer}``; alerts ``saturation`` naming the layer.
 
@@ -39,7 +40,7 @@ class SaturationCallback(ActivationCallback):
         threshold: alert when a layer's saturated fraction exceeds this (0 < threshold <= 1).
         margin: how close to a bound counts as saturated (0 < margin < 0.5).
         sample_every_n_steps: sample the forward pass of every this many optimizer steps.
-        window: sampled batches per check.
+        window: sampled batches per check (checked at the next logging step).
 
     Example::
 
@@ -126,7 +127,7 @@ class SaturationCallback(ActivationCallback):
             fraction = values[i] / total
             message = (
                 f"Saturated {kind} after '{name}' at step {step}: {fraction:.0%} of its outputs lie within "
-                f"{self.margin:g} of {bounds} over the last {self.window} sampled batches (threshold "
+                f"{self.margin:g} of {bounds} over the last {self._batches_in_window} sampled batches (threshold "
                 f"{self.threshold:.0%}), where their gradient all but vanishes. Usual remedies: ReLU-family "
                 "activations, normalisation layers (BatchNorm/LayerNorm), smaller weight initialisation."
             )

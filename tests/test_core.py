@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -9,7 +11,14 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gradwatch import Alert, GradientNormLogger
-from lightning_gradwatch._core import GradwatchCallback, merge_layouts
+from lightning_gradwatch._core import (
+    CHART_LINES,
+    MAX_CHARTS,
+    GradwatchCallback,
+    exact_tags,
+    layer_charts,
+    merge_layouts,
+)
 from tests import tensorboard_events as tb
 from tests.models import Classifier, mlp, trainer_kwargs
 
@@ -83,3 +92,44 @@ def test_alert_is_frozen_and_round_trips() -> None:
     assert Alert.from_dict(alert.to_dict()) == alert
     with pytest.raises(AttributeError):
         alert.step = 4  # type: ignore[misc]
+
+
+# -- custom-scalars charts -------------------------------------------------------------------------------------
+def gpt_layers(blocks: int) -> list[str]:
+    per_block = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+    inner = [f"transformer.h.{i}.{m}" for i in range(blocks) for m in per_block]
+    return ["transformer.wte", "transformer.wpe", *inner, "transformer.ln_f", "lm_head"]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param([f"net.{i}" for i in range(0, 42, 2)], id="sequential-21"),
+        pytest.param(gpt_layers(12), id="gpt-12-blocks"),
+        pytest.param(["proj", "encoder.layers.0.linear1", "encoder.layers.1.linear1", "head"], id="small"),
+        pytest.param([f"blocks.{i}.fc{j}" for i in range(200) for j in range(3)], id="600-layers"),
+    ],
+)
+def test_layer_charts_keep_order_and_cover_every_layer_once(names: list[str]) -> None:
+    charts = layer_charts(names)
+    assert [n for _, chunk in charts for n in chunk] == names  # every layer once, in model order
+    limit = max(CHART_LINES, math.ceil(len(names) / MAX_CHARTS))
+    assert all(1 <= len(chunk) <= limit for _, chunk in charts)
+    assert len(charts) <= MAX_CHARTS + 1 and len({title for title, _ in charts}) == len(charts)
+    for _, chunk in charts:
+        regex = re.compile(exact_tags("gradwatch/grad_norm/", chunk))
+        assert [n for n in names if regex.search(f"gradwatch/grad_norm/{n}")] == chunk
+        assert not regex.search(f"gradwatch/grad_norm/{chunk[0]}.weight")  # exact: no prefix matches
+
+
+def test_layer_charts_split_along_the_module_tree() -> None:
+    assert layer_charts([f"net.{i}" for i in range(0, 42, 2)])[0] == (
+        "net: 0 … 12",
+        [f"net.{i}" for i in range(0, 14, 2)],
+    )
+    charts = dict(layer_charts(gpt_layers(12)))
+    # one chart per transformer block, never half a block
+    assert charts["transformer.h.5: ln_1 … mlp.c_proj"] == [
+        n for n in gpt_layers(12) if n.startswith("transformer.h.5.")
+    ]
+    assert layer_charts(["fc"]) == [("fc", ["fc"])] and layer_charts([]) == []

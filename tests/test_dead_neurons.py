@@ -102,6 +102,19 @@ def test_dead_units_found_whichever_way_relu_is_written(tmp_path: Any, style: st
     assert no_probe_left(model)
 
 
+def test_check_waits_for_a_logging_step_and_a_full_window_is_checked_when_training_ends(tmp_path: Any) -> None:
+    net = Net("functional")
+    kill(net.fc1, 0.5)
+    callback = DeadNeuronCallback(sample_every_n_steps=1, window=3)
+    fit(tmp_path, Classifier(net, lr=0.0), [callback], max_steps=13, log_every_n_steps=5)
+    # windows fill at steps 2, 7 and 12; the first two are checked at the next logging step (4 and 9, so five
+    # batches each), the third at the end of training, where Lightning's logging step is 13
+    events = tb.scalars(tmp_path / "tb" / "version_0")["gradwatch/dead_fraction/net.fc1"]
+    assert events == [(4, 0.5), (9, 0.5), (13, 0.5)]
+    [alert] = callback.alerts
+    assert alert.step == 5 and "over the last 5 sampled batches" in alert.message
+
+
 def test_leaky_relu_units_never_die(tmp_path: Any) -> None:
     class Leaky(Net):
         def activation(self, x: torch.Tensor) -> torch.Tensor:

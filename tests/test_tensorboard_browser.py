@@ -31,9 +31,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 CATEGORY = "gradwatch: gradients"
-# What the layout must hold for a Classifier (one top-level module, `net`) with grad/weight ratios on.
-EXPECTED_CHARTS = {"global gradient norm", "gradient norm: net", "grad/weight ratio: net"}
 HEALTHY, SICK = "relu_mlp_3_layers", "sigmoid_mlp_20_layers"
+# The sick run's layout: its 21 layers (net.0 ... net.40, all in one attribute) in three charts of seven per metric.
+SPANS = ("net: 0 … 12", "net: 14 … 26", "net: 28 … 40")
+EXPECTED_CHARTS = {"global gradient norm"} | {
+    f"{m}: {s}" for m in ("gradient norm", "grad/weight ratio") for s in SPANS
+}
+# On the page TensorBoard merges both runs' layouts (the healthy run adds "net: 0 … 6"), and each chart draws its
+# layers from both runs: net.0 ... net.6 exist in both, net.8 and up in the sick run only.
+LINES_PER_SPAN = {"net: 0 … 6": 4 + 4, "net: 0 … 12": 4 + 7, "net: 14 … 26": 7, "net: 28 … 40": 7}
+ON_PAGE = {"global gradient norm": 2} | {
+    f"{m}: {s}": n for m in ("gradient norm", "grad/weight ratio") for s, n in LINES_PER_SPAN.items()
+}
 STEPS = 30
 RENDER_TIMEOUT = 30.0
 
@@ -105,7 +114,7 @@ return buttons.length;
 # else null.
 _PER_LAYER_TICKS_IF_LOG = page_script(
     """
-const card = deepAll(document, 'tf-custom-scalar-multi-line-chart-card').find(c => c.title === 'gradient norm: net');
+const card = deepAll(document, 'tf-custom-scalar-multi-line-chart-card').find(c => c.title === 'gradient norm: net: 0 … 12');
 if (!card) return null;
 const ticks = deepAll(card, '.y-axis text').map(t => t.textContent.trim()).filter(t => t && !isNaN(Number(t)));
 return ticks.filter(t => /^1e-\\d+$/.test(t)).length >= 3 ? ticks.map(Number) : null;
@@ -136,7 +145,7 @@ def test_custom_scalars_tab_renders_the_gradwatch_charts(page: tuple[str, Chromi
     # charts to a log axis (the card's own button, as a user would) and check the axis now reaches that far down,
     # i.e. every layer's line is really drawn where it belongs; the screenshot shows this view.
     clicked = browser.evaluate(_LOG_SCALE_PER_LAYER_CHARTS)
-    assert clicked == len(EXPECTED_CHARTS) - 1
+    assert clicked == len(ON_PAGE) - 1
     ticks = browser.wait_for(_PER_LAYER_TICKS_IF_LOG, timeout=RENDER_TIMEOUT)
     assert min(ticks) < 1e-12 and max(ticks) > 1e-3, ticks
     time.sleep(0.5)  # let the redraw settle before the picture
@@ -145,14 +154,12 @@ def test_custom_scalars_tab_renders_the_gradwatch_charts(page: tuple[str, Chromi
     categories = {c["name"]: c for c in state["categories"]}
     assert CATEGORY in categories, f"no '{CATEGORY}' category; page shows: {list(categories)}"
     cards = {card["title"]: card for card in categories[CATEGORY]["cards"]}
-    assert set(cards) == EXPECTED_CHARTS
+    assert set(cards) == set(ON_PAGE)
     for title, card in cards.items():
-        # every logged step drawn; at least one line per series: 2 runs for the global norm, and 2 runs x
-        # (3 + 1 layers of the ReLU MLP, 20 + 1 of the sigmoid MLP) = 25 series in each per-layer chart
+        # every logged step drawn; at least one line per series (run x layer)
         assert card["points"] >= STEPS, (title, card)
-        assert card["lines"] >= (2 if title == "global gradient norm" else 25), (title, card)
-    assert "Matches (25)" in state["text"]
-    assert CATEGORY in state["text"] and all(title in state["text"] for title in EXPECTED_CHARTS)
+        assert card["lines"] >= ON_PAGE[title], (title, card)
+    assert CATEGORY in state["text"] and all(title in state["text"] for title in ON_PAGE)
 
     width, height = _png_size(png)
     assert (width, height) == (1280, 800)

@@ -1,0 +1,130 @@
+"""The host-device syncs each callback adds, counted on CPU (see tests/host_reads.py).
+
+The target: nothing on a step that does not log, except NaNGuard's one flag per step in 32-bit and bf16 (under
+fp16 it reads the GradScaler's own found-inf, which the scaler has already brought to the host); one transfer
+per callback on a step that logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+
+from lightning_gradwatch import (
+    AdaptiveClipping,
+    DeadNeuronCallback,
+    GradientNormLogger,
+    GradWatch,
+    NaNGuard,
+    SaturationCallback,
+)
+from tests.host_reads import HostReadCounter
+from tests.models import IN_FEATURES, NUM_CLASSES, Classifier, classification_data, trainer_kwargs
+
+STEPS = 40
+PRESET_STEPS = 100  # the preset's defaults close their first activation window at step 90, checked at 94
+LOG_EVERY = 5
+
+
+def relu_then_tanh() -> nn.Module:
+    """Something for every callback to measure: a rectifier for the dead-unit tally, a tanh for saturation."""
+    return nn.Sequential(
+        nn.Linear(IN_FEATURES, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, NUM_CLASSES)
+    )
+
+
+def counted_fit(tmp_path: Path, callbacks: list[Callback], precision: str, steps: int) -> HostReadCounter:
+    torch.manual_seed(0)
+    counter = HostReadCounter()
+    kwargs: dict[str, Any] = {"precision": precision}
+    if precision == "16-mixed":  # a real GradScaler on CPU needs the plugin spelled out
+        kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path, callbacks=[counter.callback(), *callbacks], max_steps=steps, log_every_n_steps=LOG_EVERY, **kwargs
+        )
+    )
+    model = Classifier(relu_then_tanh(), data=classification_data(steps * 32), lr=1e-3, optimizer="adam")
+    with counter:
+        trainer.fit(model)
+    assert counter.steps == list(range(steps))  # one epoch: no epoch-end work inside a step
+    return counter
+
+
+_BASELINES: dict[tuple[str, int], dict[int, int]] = {}
+
+
+def added_reads(
+    tmp_path: Path, callbacks: list[Callback], precision: str, steps: int = STEPS
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Host reads added per step by ``callbacks`` against the same fit without them: (non-logging steps, logging
+    steps)."""
+    if (precision, steps) not in _BASELINES:
+        _BASELINES[precision, steps] = counted_fit(tmp_path / "none", [], precision, steps).per_step()
+    baseline = _BASELINES[precision, steps]
+    counter = counted_fit(tmp_path / "with", callbacks, precision, steps)
+    added = {step: n - baseline[step] for step, n in counter.per_step().items()}
+    assert len(counter.logging_steps) == steps // LOG_EVERY
+    quiet = {s: n for s, n in added.items() if s not in counter.logging_steps}
+    logging = {s: n for s, n in added.items() if s in counter.logging_steps}
+    return quiet, logging
+
+
+def activation_checks() -> set[int]:
+    """Logging steps that close a window of DeadNeuronCallback/SaturationCallback(sample_every_n_steps=2,
+    window=3): each is checked at the first logging step after its third sampled batch (4, 14, 24, 34)."""
+    checks, sampled = set(), 0
+    for step in range(STEPS):
+        sampled += step % 2 == 0
+        if sampled >= 3 and (step + 1) % LOG_EVERY == 0:
+            checks.add(step)
+            sampled = 0
+    return checks
+
+
+CALLBACKS: dict[str, Callable[[], list[Callback]]] = {
+    "GradientNormLogger": lambda: [GradientNormLogger()],
+    "DeadNeuronCallback": lambda: [DeadNeuronCallback(sample_every_n_steps=2, window=3)],
+    "SaturationCallback": lambda: [SaturationCallback(sample_every_n_steps=2, window=3)],
+    "AdaptiveClipping-zscore": lambda: [AdaptiveClipping()],
+    "AdaptiveClipping-percentile": lambda: [AdaptiveClipping(mode="percentile")],
+    "AdaptiveClipping-agc": lambda: [AdaptiveClipping(mode="agc")],
+}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_no_sync_on_steps_that_do_not_log_and_one_transfer_on_steps_that_do(
+    tmp_path: Path, name: str, precision: str
+) -> None:
+    quiet, logging = added_reads(tmp_path, CALLBACKS[name](), precision)
+    assert set(quiet.values()) == {0}
+    if name in ("DeadNeuronCallback", "SaturationCallback"):
+        expected = {s: int(s in activation_checks()) for s in logging}
+    else:
+        expected = dict.fromkeys(logging, 1)
+    assert logging == expected
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_nan_guard_reads_one_flag_per_step_except_under_a_grad_scaler(tmp_path: Path, precision: str) -> None:
+    quiet, logging = added_reads(tmp_path, [NaNGuard()], precision)
+    per_step = 0 if precision == "16-mixed" else 1
+    assert set(quiet.values()) == {per_step}
+    assert set(logging.values()) == {1}  # the logging step's values ride with the flag
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_preset_at_defaults(tmp_path: Path, precision: str) -> None:
+    quiet, logging = added_reads(tmp_path, [GradWatch()], precision, PRESET_STEPS)
+    assert set(quiet.values()) == {0 if precision == "16-mixed" else 1}
+    # NaNGuard, GradientNormLogger and AdaptiveClipping transfer once each; the activation window closes at 94
+    assert logging == {s: 5 if s == 94 else 3 for s in logging}
