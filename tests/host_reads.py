@@ -101,7 +101,8 @@ def _makes_host_tensors(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 class HostReadCounter(TorchFunctionMode):
-    """While entered, records each host read made during a training batch, keyed by the batch's global step.
+    """While entered, records each host read made during a training batch, keyed by the optimizer step the batch
+    belongs to (``trainer.global_step``: with gradient accumulation, its micro-batches add up).
 
     :attr:`reads` maps a step to the call sites of its reads; :attr:`logging_steps` holds the steps on which the
     Trainer logs (set by :meth:`callback`, which must be in the Trainer's callbacks).
@@ -134,8 +135,9 @@ class HostReadCounter(TorchFunctionMode):
 
         class _Steps(Callback):
             def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-                counter.step = trainer.global_step
-                counter.steps.append(counter.step)
+                counter.step = trainer.global_step  # micro-batches of one optimizer step share it
+                if not counter.steps or counter.steps[-1] != counter.step:
+                    counter.steps.append(counter.step)
                 if trainer._logger_connector.should_update_logs:
                     counter.logging_steps.add(counter.step)
 

@@ -41,7 +41,9 @@ def relu_then_tanh() -> nn.Module:
     )
 
 
-def counted_fit(tmp_path: Path, callbacks: list[Callback], precision: str, steps: int) -> HostReadCounter:
+def counted_fit(
+    tmp_path: Path, callbacks: list[Callback], precision: str, steps: int, accumulate: int = 1
+) -> HostReadCounter:
     torch.manual_seed(0)
     counter = HostReadCounter()
     kwargs: dict[str, Any] = {"precision": precision}
@@ -49,28 +51,34 @@ def counted_fit(tmp_path: Path, callbacks: list[Callback], precision: str, steps
         kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
     trainer = pl.Trainer(
         **trainer_kwargs(
-            tmp_path, callbacks=[counter.callback(), *callbacks], max_steps=steps, log_every_n_steps=LOG_EVERY, **kwargs
+            tmp_path,
+            callbacks=[counter.callback(), *callbacks],
+            max_steps=steps,
+            log_every_n_steps=LOG_EVERY,
+            accumulate_grad_batches=accumulate,
+            **kwargs,
         )
     )
-    model = Classifier(relu_then_tanh(), data=classification_data(steps * 32), lr=1e-3, optimizer="adam")
+    model = Classifier(relu_then_tanh(), data=classification_data(steps * accumulate * 32), lr=1e-3, optimizer="adam")
     with counter:
         trainer.fit(model)
     assert counter.steps == list(range(steps))  # one epoch: no epoch-end work inside a step
     return counter
 
 
-_BASELINES: dict[tuple[str, int], dict[int, int]] = {}
+_BASELINES: dict[tuple[str, int, int], dict[int, int]] = {}
 
 
 def added_reads(
-    tmp_path: Path, callbacks: list[Callback], precision: str, steps: int = STEPS
+    tmp_path: Path, callbacks: list[Callback], precision: str, steps: int = STEPS, accumulate: int = 1
 ) -> tuple[dict[int, int], dict[int, int]]:
     """Host reads added per step by ``callbacks`` against the same fit without them: (non-logging steps, logging
     steps)."""
-    if (precision, steps) not in _BASELINES:
-        _BASELINES[precision, steps] = counted_fit(tmp_path / "none", [], precision, steps).per_step()
-    baseline = _BASELINES[precision, steps]
-    counter = counted_fit(tmp_path / "with", callbacks, precision, steps)
+    key = (precision, steps, accumulate)
+    if key not in _BASELINES:
+        _BASELINES[key] = counted_fit(tmp_path / "none", [], precision, steps, accumulate).per_step()
+    baseline = _BASELINES[key]
+    counter = counted_fit(tmp_path / "with", callbacks, precision, steps, accumulate)
     added = {step: n - baseline[step] for step, n in counter.per_step().items()}
     assert len(counter.logging_steps) == steps // LOG_EVERY
     quiet = {s: n for s, n in added.items() if s not in counter.logging_steps}
@@ -128,3 +136,21 @@ def test_preset_at_defaults(tmp_path: Path, precision: str) -> None:
     assert set(quiet.values()) == {0 if precision == "16-mixed" else 1}
     # NaNGuard, GradientNormLogger and AdaptiveClipping transfer once each; the activation window closes at 94
     assert logging == {s: 5 if s == 94 else 3 for s in logging}
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "per_step"),
+    [
+        ("GradientNormLogger", lambda: [GradientNormLogger()], 0),
+        ("DeadNeuronCallback", CALLBACKS["DeadNeuronCallback"], 0),
+        ("NaNGuard", lambda: [NaNGuard()], 1),
+        ("GradWatch", lambda: [GradWatch()], 1),
+    ],
+)
+def test_budget_is_per_optimizer_step_under_gradient_accumulation(
+    tmp_path: Path, name: str, make: Callable[[], list[Callback]], per_step: int
+) -> None:
+    # four micro-batches per optimizer step: the budget is per optimizer step, not per micro-batch
+    quiet, logging = added_reads(tmp_path, make(), "32-true", accumulate=4)
+    assert set(quiet.values()) == {per_step}, name
+    assert min(logging.values()) >= 1, name
