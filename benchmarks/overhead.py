@@ -6,9 +6,9 @@ shared machine does not pass for overhead while the cost of logging steps still 
 rounds is reported. Step time is measured between on_train_batch_start and on_train_batch_end, so data loading
 and Trainer start-up are excluded.
 
-The last column counts the host-device syncs each configuration adds on steps that do not log: on a GPU with
-``torch.cuda.set_sync_debug_mode``, during the timed runs; on a CPU with tests/host_reads.py (every host read of
-a tensor seen through ``__torch_function__``), in one extra untimed fit per configuration.
+The last column counts the host-device syncs each configuration adds on steps that do not log, in one more
+untimed fit per configuration: on a GPU with ``torch.cuda.set_sync_debug_mode``; on a CPU with
+tests/host_reads.py (every host read of a device tensor, seen through ``__torch_function__``).
 
     python benchmarks/overhead.py                       # CPU, MLP, all configurations
     python benchmarks/overhead.py --device cuda --model gpt --precision bf16-mixed   # a GPT-style model on a GPU
@@ -22,7 +22,6 @@ Prints a Markdown table for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import sys
@@ -45,37 +44,50 @@ import lightning_gradwatch as gw
 
 class StepTimer(Callback):
     """Per-step time: wall clock, or with ``cpu=True`` the main thread's CPU time (robust on a shared machine,
-    exact when torch runs on one thread). With ``count_syncs=True`` (CUDA) it also counts the host-device syncs
-    of each non-logging step with ``torch.cuda.set_sync_debug_mode("warn")``."""
+    exact when torch runs on one thread)."""
 
-    def __init__(self, cpu: bool = False, count_syncs: bool = False) -> None:
+    def __init__(self, cpu: bool = False) -> None:
         self.times: list[float] = []
-        self.syncs: list[int] = []
         self._start = 0.0
         self._clock = time.thread_time if cpu else time.perf_counter
-        self._count_syncs = count_syncs
-        self._caught: Any = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        logging_step = trainer._logger_connector.should_update_logs
-        if self._count_syncs and not logging_step:
-            self._caught = warnings.catch_warnings(record=True)
-            self._records = self._caught.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
         self._start = self._clock()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self._caught is not None:
-            torch.cuda.set_sync_debug_mode("default")
-            self._caught.__exit__(None, None, None)
-            self._caught = None
-            self.syncs.append(sum("synchroniz" in str(r.message) for r in self._records))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(self._clock() - self._start)
+
+
+class CudaSyncCounter(Callback):
+    """Counts the host-device syncs of each non-logging training step with ``torch.cuda.set_sync_debug_mode``
+    (every sync raises a warning, caught and counted here), keyed by the step."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, int] = {}
+        self._caught: Any = None
+        self._records: list[Any] = []
+        self._step = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer._logger_connector.should_update_logs:
+            return
+        self._step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self._caught = warnings.catch_warnings(record=True)
+        self._records = self._caught.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._caught is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._caught.__exit__(None, None, None)
+        self._caught = None
+        self.per_step[self._step] = sum("synchroniz" in str(r.message) for r in self._records)
 
 
 class RandomTokens(Dataset):
@@ -188,10 +200,11 @@ CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = 
 DEFAULT_CONFIGS = [name for name in CONFIGS if name != "zclip"]
 
 
-def run_once(name: str, args: argparse.Namespace) -> tuple[float, float]:
-    """One fit of configuration ``name``: its step cost and its mean syncs per non-logging step (CUDA only)."""
+def make_fit(
+    name: str, args: argparse.Namespace, extra: list[Callback], run_name: str
+) -> tuple[pl.Trainer, Bench, DataLoader]:
+    """The Trainer, model and data of one fit of configuration ``name``, with ``extra`` callbacks last."""
     callbacks, trainer_kwargs, recipe = CONFIGS[name]()
-    timer = StepTimer(cpu=args.clock == "cpu", count_syncs=args.device == "cuda")
     model = Bench(args.model, with_grad_norm_recipe=recipe)
     trainer = pl.Trainer(
         accelerator=args.device,
@@ -199,48 +212,46 @@ def run_once(name: str, args: argparse.Namespace) -> tuple[float, float]:
         precision=args.precision,
         max_steps=args.steps,
         log_every_n_steps=args.log_every_n_steps,
-        callbacks=[*callbacks, timer],
-        logger=pl.loggers.TensorBoardLogger(args.logdir, name=name),
+        callbacks=[*callbacks, *extra],
+        logger=pl.loggers.TensorBoardLogger(args.logdir, name=run_name),
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         **trainer_kwargs,
     )
-    trainer.fit(model, model.data(args.steps, args.batch_size))
-    syncs = timer.syncs[args.warmup :]
-    return step_cost(timer.times, args.warmup, args.log_every_n_steps), statistics.fmean(syncs) if syncs else math.nan
+    return trainer, model, model.data(args.steps, args.batch_size)
 
 
-def host_reads_added(names: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """CPU: the host reads each configuration adds per non-logging step against ``none``, from one untimed fit
-    each under tests/host_reads.py's counter (it slows every op, so it never runs during a timed fit)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
-    from tests.host_reads import HostReadCounter
+def run_once(name: str, args: argparse.Namespace) -> float:
+    """One timed fit of configuration ``name``: its step cost."""
+    timer = StepTimer(cpu=args.clock == "cpu")
+    trainer, model, data = make_fit(name, args, [timer], name)
+    trainer.fit(model, data)
+    return step_cost(timer.times, args.warmup, args.log_every_n_steps)
 
+
+def syncs_added(names: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """The host-device syncs each configuration adds per non-logging step against ``none``, from one untimed
+    fit each (counting slows a step, so it never runs during a timed fit): on CUDA counted with
+    ``torch.cuda.set_sync_debug_mode``; on CPU, where there is no sync to see, the host reads that would be one,
+    counted by tests/host_reads.py."""
     per_step: dict[str, dict[int, int]] = {}
-    logging_steps: set[int] = set()
     for name in names:
-        callbacks, trainer_kwargs, recipe = CONFIGS[name]()
+        if args.device == "cuda":
+            cuda_counter = CudaSyncCounter()
+            trainer, model, data = make_fit(name, args, [cuda_counter], f"{name}_counted")
+            trainer.fit(model, data)
+            per_step[name] = cuda_counter.per_step
+            continue
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
+        from tests.host_reads import HostReadCounter
+
         counter = HostReadCounter()
-        model = Bench(args.model, with_grad_norm_recipe=recipe)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision=args.precision,
-            max_steps=args.steps,
-            log_every_n_steps=args.log_every_n_steps,
-            callbacks=[counter.callback(), *callbacks],
-            logger=pl.loggers.TensorBoardLogger(args.logdir, name=f"{name}_counted"),
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            **trainer_kwargs,
-        )
+        trainer, model, data = make_fit(name, args, [counter.callback()], f"{name}_counted")
         with counter:
-            trainer.fit(model, model.data(args.steps, args.batch_size))
-        per_step[name] = counter.per_step()
-        logging_steps = counter.logging_steps
-    quiet = [s for s in per_step["none"] if s >= args.warmup and s not in logging_steps]
+            trainer.fit(model, data)
+        per_step[name] = {s: n for s, n in counter.per_step().items() if s not in counter.logging_steps}
+    quiet = [s for s in per_step["none"] if s >= args.warmup and all(s in per_step[n] for n in names)]
     return {n: statistics.fmean(per_step[n][s] - per_step["none"][s] for s in quiet) for n in names}
 
 
@@ -285,19 +296,13 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     ratios: dict[str, list[float]] = {n: [] for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
-    syncs: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate so no config always runs first
         this_round = {n: run_once(n, args) for n in order}
         for n in names:
-            cost, step_syncs = this_round[n]
-            times[n].append(cost)
-            ratios[n].append(cost / this_round["none"][0])
-            syncs[n].append(step_syncs)
-    if args.device == "cpu":
-        counted = host_reads_added(names, args)
-        syncs = {n: [counted[n]] for n in names}
-        syncs["none"] = [0.0]
+            times[n].append(this_round[n])
+            ratios[n].append(this_round[n] / this_round["none"])
+    added = syncs_added(names, args)
     device = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
@@ -310,13 +315,12 @@ def main() -> None:
     )
     print("|---|---|---|---|---|")
     for n in names:
-        added = statistics.median(syncs[n]) - statistics.median(syncs["none"])
         print(
             f"| {n} | {statistics.median(times[n]) * 1e3:.2f} | {statistics.median(ratios[n]):.3f} | "
-            f"{min(ratios[n]):.3f}-{max(ratios[n]):.3f} | {'n/a' if math.isnan(added) else f'{added:+.2f}'} |"
+            f"{min(ratios[n]):.3f}-{max(ratios[n]):.3f} | {added[n]:+.2f} |"
         )
     how = "torch.cuda.set_sync_debug_mode" if args.device == "cuda" else "host reads counted by tests/host_reads.py"
-    print(f"\nSyncs: {how}, mean over the non-logging steps after warm-up.")
+    print(f"\nSyncs: {how}, in one more untimed fit per configuration, mean over the non-logging steps after warm-up.")
 
 
 if __name__ == "__main__":
