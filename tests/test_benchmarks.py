@@ -1,0 +1,58 @@
+"""The benchmark scripts still run: a tiny run of each main one, as a subprocess from the repository root.
+
+These are smoke tests of the scripts, not measurements: the figures live in benchmarks/RESULTS.md. The sync
+column of overhead.py is deterministic, so it is checked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str, tmp_path: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_overhead_reports_ratios_and_the_syncs_each_configuration_adds(tmp_path: Path) -> None:
+    out = run_script(
+        "overhead.py",
+        *("--steps", "16", "--rounds", "1", "--warmup", "2", "--log-every-n-steps", "5", "--batch-size", "16"),
+        *("--configs", "none,gradient_norm,lightning_grad_norm_recipe,nan_guard", "--logdir", str(tmp_path)),
+        tmp_path=tmp_path,
+    )
+    rows = table_rows(out)
+    assert set(rows) == {"none", "gradient_norm", "lightning_grad_norm_recipe", "nan_guard"}
+    assert rows["none"][1] == "1.000" and all(float(r[1]) > 0 for r in rows.values())
+    # the benchmark MLP has 4 Linear layers: 8 parameters, one sync each for Lightning's recipe
+    assert {n: r[3] for n, r in rows.items()} == {
+        "none": "+0.00", "gradient_norm": "+0.00", "lightning_grad_norm_recipe": "+8.00", "nan_guard": "+1.00",
+    }  # fmt: skip
+
+
+def test_clipping_quality_runs(tmp_path: Path) -> None:
+    out = run_script(
+        "clipping_quality.py",
+        *("--seeds", "1", "--steps", "40", "--spike-step", "20", "--optimizers", "adam"),
+        *("--methods", "none,adaptive_zscore", "--json", str(tmp_path / "raw.json")),
+        tmp_path=tmp_path,
+    )
+    assert "adaptive_zscore" in out and (tmp_path / "raw.json").exists()
