@@ -20,7 +20,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -231,6 +231,10 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
 
     hook_order = 20
     threshold: float  # the subclass's alert threshold on a layer's fraction
+    #: What the subclass reports: ``gradwatch/<metric>/<layer>`` in one chart titled ``chart``, alerts ``alert_kind``.
+    metric: ClassVar[str]
+    chart: ClassVar[str]
+    alert_kind: ClassVar[str]
 
     def __init__(self, sample_every_n_steps: int, window: int) -> None:
         super().__init__()
@@ -312,11 +316,11 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         """Reduce the window's tallies, report them and reset them; ``self._batches_in_window`` is its size."""
         raise NotImplementedError
 
-    def _report(self, trainer: pl.Trainer, metric: str, kind: str, findings: list[tuple[str, float, str]]) -> None:
-        """Log each layer's fraction as ``gradwatch/<metric>/<layer>`` and alert ``kind`` for a layer whose
+    def _report(self, trainer: pl.Trainer, findings: list[tuple[str, float, str]]) -> None:
+        """Log each layer's fraction as ``gradwatch/<metric>/<layer>`` and alert ``alert_kind`` for a layer whose
         fraction exceeds ``self.threshold`` (once per onset). ``findings``: ``(layer, fraction, message)``."""
         step, metrics = trainer.global_step, {}
-        threshold = self.threshold
+        threshold, metric, kind = self.threshold, self.metric, self.alert_kind
         for name, fraction, message in findings:
             metrics[f"gradwatch/{metric}/{name}"] = fraction
             self._set_condition(
@@ -329,3 +333,9 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
                 ),
             )
         self._log_metrics(trainer, metrics)
+
+    @override
+    def _tensorboard_layout(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, dict[str, list[Any]]]:
+        return {"gradwatch: activations": {self.chart: ["Multiline", [rf"^gradwatch/{self.metric}/"]]}}

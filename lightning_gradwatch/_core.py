@@ -381,6 +381,7 @@ class GradwatchCallback(Callback):
     def __init__(self) -> None:
         self.alerts: list[Alert] = []
         self._active_conditions: set[tuple[str, str]] = set()
+        self._param_groups_cache: dict[tuple[int, str], ParamGroups] = {}
 
     # -- alerts ----------------------------------------------------------------------------------------------
     def _emit_alert(self, trainer: pl.Trainer, alert: Alert) -> None:
@@ -443,6 +444,19 @@ class GradwatchCallback(Callback):
             writer.add_custom_scalars(layout)
             setattr(writer, _LAYOUT_WRITTEN_ATTR, True)
 
+    # -- parameters ------------------------------------------------------------------------------------------
+    def _param_groups(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, by: str
+    ) -> ParamGroups:
+        """``optimizer``'s parameters grouped ``by`` module or parameter, built once per fit and optimizer (under
+        FSDP building is a collective, reached by every rank at the same step)."""
+        key = (id(optimizer), by)
+        groups = self._param_groups_cache.get(key)
+        if groups is None:
+            groups = ParamGroups.build(pl_module, optimizer, by, sharded=is_sharded(trainer))
+            self._param_groups_cache[key] = groups
+        return groups
+
     # -- hooks -----------------------------------------------------------------------------------------------
     def _before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -465,6 +479,7 @@ class GradwatchCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._param_groups_cache.clear()  # a new fit may bring new optimizers
         self._write_layout_once(trainer, pl_module)
 
     # -- state -----------------------------------------------------------------------------------------------

@@ -53,6 +53,9 @@ class DeadNeuronCallback(ActivationCallback):
     """
 
     kinds = frozenset({"relu"})
+    metric = "dead_fraction"
+    chart = "dead units (fraction per layer)"
+    alert_kind = AlertKind.DEAD_NEURONS
 
     def __init__(self, threshold: float = 0.3, sample_every_n_steps: int = 10, window: int = 10) -> None:
         check_fraction("threshold", threshold)
@@ -133,15 +136,7 @@ class DeadNeuronCallback(ActivationCallback):
                 "rate, He (Kaiming) initialisation, biases not initialised negative."
             )
             findings.append((name, fraction, message))
-        self._report(trainer, "dead_fraction", AlertKind.DEAD_NEURONS, findings)
-
-    @override
-    def _tensorboard_layout(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> dict[str, dict[str, list[Any]]]:
-        return {
-            "gradwatch: activations": {"dead units (fraction per layer)": ["Multiline", [r"^gradwatch/dead_fraction/"]]}
-        }
+        self._report(trainer, findings)
 
     @override
     def _extra_state(self) -> dict[str, Any]:

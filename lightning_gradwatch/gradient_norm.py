@@ -21,7 +21,6 @@ from lightning_gradwatch._core import (
     grad_scaler,
     grad_unscale_factor,
     host_values,
-    is_sharded,
     layer_charts,
     layer_of,
     local_tensor,
@@ -130,7 +129,6 @@ class GradientNormLogger(GradwatchCallback):
         self.exploding_factor = exploding_factor
         self.history_size = history_size
         self._history: dict[str, list[float]] = {}
-        self._groups: dict[int, ParamGroups] = {}
 
     @property
     @override
@@ -141,11 +139,6 @@ class GradientNormLogger(GradwatchCallback):
 
     # -- hooks -----------------------------------------------------------------------------------------------
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._groups.clear()
-        super().on_fit_start(trainer, pl_module)
-
-    @override
     def _before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -155,21 +148,13 @@ class GradientNormLogger(GradwatchCallback):
         )
         if not (log_now or hist_now):
             return
-        groups = self._param_groups(trainer, pl_module, optimizer)
+        groups = self._param_groups(trainer, pl_module, optimizer, self.group_by)
         if hist_now:
             self._write_histograms(trainer, groups, optimizer)
         if log_now:
             self._log_norms(trainer, groups, optimizer)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _param_groups(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> ParamGroups:
-        key = id(optimizer)
-        if key not in self._groups:
-            self._groups[key] = ParamGroups.build(pl_module, optimizer, self.group_by, sharded=is_sharded(trainer))
-        return self._groups[key]
-
     def _log_norms(self, trainer: pl.Trainer, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> None:
         grads, positions = groups.present_grads()
         if not grads:

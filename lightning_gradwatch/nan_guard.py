@@ -138,7 +138,6 @@ class NaNGuard(GradwatchCallback):
         """What lives only for one fit: device-side flags and counters (no sync), snapshots, the halt state."""
         self._loss_bad: Tensor | None = None
         self._amp: dict[str, Tensor] = {}
-        self._groups: dict[int, ParamGroups] = {}
         self._snapshot: _Snapshot | None = None
         self._rollbacks_to_snapshot = 0
         self._clean_steps_since_snapshot = 0
@@ -167,7 +166,7 @@ class NaNGuard(GradwatchCallback):
     def _before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        groups = self._param_groups(pl_module, optimizer)
+        groups = self._param_groups(trainer, pl_module, optimizer, "parameter")
         if self._halted:
             # halted, but the loop goes on (min_steps/min_epochs not met): no update lands after the fault
             self._loss_bad = None
@@ -417,12 +416,6 @@ class NaNGuard(GradwatchCallback):
             True,
             lambda: Alert(step=step, kind=AlertKind.NON_FINITE, name=name, value=value, threshold=0.0, message=message),
         )
-
-    def _param_groups(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> ParamGroups:
-        key = id(optimizer)
-        if key not in self._groups:
-            self._groups[key] = ParamGroups.build(pl_module, optimizer, "parameter")
-        return self._groups[key]
 
     @staticmethod
     def _drop_update(groups: ParamGroups) -> None:

@@ -51,6 +51,9 @@ class SaturationCallback(ActivationCallback):
     """
 
     kinds = frozenset({"sigmoid", "tanh"})
+    metric = "saturation"
+    chart = "saturated outputs (fraction per layer)"
+    alert_kind = AlertKind.SATURATION
 
     def __init__(
         self, threshold: float = 0.2, margin: float = 0.01, sample_every_n_steps: int = 10, window: int = 10
@@ -132,17 +135,7 @@ class SaturationCallback(ActivationCallback):
                 "activations, normalisation layers (BatchNorm/LayerNorm), smaller weight initialisation."
             )
             findings.append((name, fraction, message))
-        self._report(trainer, "saturation", AlertKind.SATURATION, findings)
-
-    @override
-    def _tensorboard_layout(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> dict[str, dict[str, list[Any]]]:
-        return {
-            "gradwatch: activations": {
-                "saturated outputs (fraction per layer)": ["Multiline", [r"^gradwatch/saturation/"]]
-            }
-        }
+        self._report(trainer, findings)
 
     @override
     def _extra_state(self) -> dict[str, Any]:
