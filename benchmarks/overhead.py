@@ -118,18 +118,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+GPT_DIMS = "12,768,12,32000,512"  # layers, width, heads, vocab, sequence
+
+
 class Bench(pl.LightningModule):
-    def __init__(self, model: str, with_grad_norm_recipe: bool = False) -> None:
+    def __init__(self, model: str, with_grad_norm_recipe: bool = False, gpt_dims: str = GPT_DIMS) -> None:
         super().__init__()
         self.kind = model
         self.with_grad_norm_recipe = with_grad_norm_recipe
-        if model == "gpt":  # ~100M parameters: 12 layers, d=768, vocab 32k
-            self.vocab, self.seq = 32000, 512
-            self.embed = nn.Embedding(self.vocab, 768)
-            self.pos = nn.Parameter(torch.zeros(self.seq, 768))
-            self.blocks = nn.Sequential(*[Block(768, 12) for _ in range(12)])
-            self.ln = nn.LayerNorm(768)
-            self.head = nn.Linear(768, self.vocab, bias=False)
+        if model == "gpt":
+            layers, d, heads, self.vocab, self.seq = (int(v) for v in gpt_dims.split(","))
+            self.embed = nn.Embedding(self.vocab, d)
+            self.pos = nn.Parameter(torch.zeros(self.seq, d))
+            self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+            self.ln = nn.LayerNorm(d)
+            self.head = nn.Linear(d, self.vocab, bias=False)
+            self.head.weight = self.embed.weight  # tied, as in GPT-2: ~110M parameters at the default dims
         elif model == "cnn":  # a small ResNet with functional ReLU after conv -> bn (what the dead-unit probe watches)
             self.vocab = None
             self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
@@ -205,7 +209,7 @@ def make_fit(
 ) -> tuple[pl.Trainer, Bench, DataLoader]:
     """The Trainer, model and data of one fit of configuration ``name``, with ``extra`` callbacks last."""
     callbacks, trainer_kwargs, recipe = CONFIGS[name]()
-    model = Bench(args.model, with_grad_norm_recipe=recipe)
+    model = Bench(args.model, with_grad_norm_recipe=recipe, gpt_dims=args.gpt_dims)
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=1,
@@ -269,6 +273,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", choices=["mlp", "cnn", "gpt"], default="mlp")
+    parser.add_argument("--gpt-dims", default=GPT_DIMS, help="gpt: layers,width,heads,vocab,sequence")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=120)
@@ -308,7 +313,9 @@ def main() -> None:
         if args.device == "cuda"
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
-    print(f"\nmodel={args.model} device={device} precision={args.precision} batch={args.batch_size} "
+    params = sum(p.numel() for p in Bench(args.model, gpt_dims=args.gpt_dims).parameters())
+    model = f"{args.model}({args.gpt_dims})" if args.model == "gpt" else args.model
+    print(f"\nmodel={model} params={params / 1e6:.1f}M device={device} precision={args.precision} batch={args.batch_size} "
           f"steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} clock={args.clock} torch={torch.__version__}\n")  # fmt: skip
     print(
         "| configuration | step cost (ms) | ratio to none (median over rounds) | min-max ratio | syncs added per non-logging step |"

@@ -48,6 +48,20 @@ def test_overhead_reports_ratios_and_the_syncs_each_configuration_adds(tmp_path:
     }  # fmt: skip
 
 
+def test_overhead_gpt_path_in_bf16(tmp_path: Path) -> None:
+    # the GPU measurement's model, shrunk to run on a CPU: the same code path, in bf16-mixed
+    out = run_script(
+        "overhead.py",
+        *("--model", "gpt", "--gpt-dims", "2,32,4,500,16", "--precision", "bf16-mixed", "--batch-size", "4"),
+        *("--steps", "12", "--rounds", "1", "--warmup", "2", "--log-every-n-steps", "5"),
+        *("--configs", "none,grad_watch_preset", "--logdir", str(tmp_path)),
+        tmp_path=tmp_path,
+    )
+    assert "model=gpt(2,32,4,500,16)" in out and "precision=bf16-mixed" in out
+    rows = table_rows(out)
+    assert rows["grad_watch_preset"][3] == "+1.00"  # NaNGuard's flag, in bf16
+
+
 def test_clipping_quality_runs(tmp_path: Path) -> None:
     out = run_script(
         "clipping_quality.py",
