@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
@@ -213,6 +214,18 @@ class ActivationProbe:
 _PROBES: weakref.WeakKeyDictionary[nn.Module, ActivationProbe] = weakref.WeakKeyDictionary()
 
 
+def compiled_modules(model: nn.Module) -> list[str]:
+    """The parts of ``model`` that run under ``torch.compile``: a LightningModule handed to ``Trainer.fit``
+    compiled, submodules wrapped by ``torch.compile(...)`` or compiled in place with ``module.compile()``."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    found = ["forward"] if getattr(model, "_compiler_ctx", None) else []
+    for name, module in model.named_modules():
+        if isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None:
+            found.append(clean_name(name) if name else "(the model)")
+    return found
+
+
 def probe_for(model: nn.Module) -> ActivationProbe:
     """The one probe of ``model``, shared by every activation callback."""
     probe = _PROBES.get(model)
@@ -246,6 +259,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         self._probe: ActivationProbe | None = None  # set while attached
         self._layers: list[Layer] = []
         self._sampled = False
+        self._compiled = False  # the model runs under torch.compile: nothing to watch
 
     @property
     def attached(self) -> bool:
@@ -265,11 +279,28 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
             probe.unsubscribe(self, commit=commit)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        compiled = compiled_modules(pl_module)
+        self._compiled = bool(compiled)
+        if compiled:
+            # Dynamo would trace the probe's mode and hooks into the compiled graph and recompile on every
+            # sampled step; a compiled kernel's activations cannot be seen anyway.
+            rank_zero_warn(
+                f"{type(self).__name__} is inactive in this run: the model runs under torch.compile "
+                f"({', '.join(compiled)}), where activations cannot be watched without recompiling. The "
+                "gradient callbacks are not affected; to watch activations, train without torch.compile.",
+                category=UserWarning,
+            )
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # validation, the sanity check and prediction never reach this hook: only training batches are sampled
-        self._sampled = not trainer.sanity_checking and logger_step(trainer) % self.sample_every_n_steps == 0
+        self._sampled = (
+            not self._compiled and not trainer.sanity_checking and logger_step(trainer) % self.sample_every_n_steps == 0
+        )
         if self._sampled:
             self._attach(pl_module)
             self._batches_in_window += 1

@@ -111,3 +111,37 @@ def test_bad_arguments(kwargs: dict[str, Any], argument: str) -> None:
         default_callbacks(**kwargs)
     with pytest.raises(ValueError, match=f"`{argument}`"):
         GradWatch(**kwargs)
+
+
+def compiled_model(how: str) -> Any:
+    net = mlp(3, width=64)
+    if how == "submodule":
+        return Classifier(torch.compile(net, backend="eager"))
+    # Lightning compiles training_step too, where dynamo cannot trace self.log: a model that does not log
+    return torch.compile(NaNAt(step=-1), backend="eager")
+
+
+def fit_counting_graphs(tmp_path: Path, how: str, callbacks: list[Any]) -> int:
+    """Fit a model compiled ``how`` and return how many graphs torch.compile built (one more per recompilation)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, max_steps=12)).fit(compiled_model(how))
+    return int(counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.parametrize("how", ["submodule", "lightning_module"])
+def test_compiled_model_gradients_watched_activations_left_alone(
+    tmp_path: Path, how: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    watch = GradWatch(log_every_n_steps=2)
+    graphs = fit_counting_graphs(tmp_path, how, [watch])
+    # the activation probe would put its mode and hooks into the traced code: a recompilation per sampled step
+    assert graphs >= 1 and graphs == fit_counting_graphs(tmp_path / "bare", how, [])
+    inactive = [str(w.message) for w in recwarn if "is inactive in this run" in str(w.message)]
+    assert len(inactive) == 2 and all("torch.compile" in m for m in inactive)  # dead units and saturation
+    tags = tb.scalars(tmp_path / "tb" / "version_0")
+    # gradients are watched under the model's own layer names (no torch.compile wrapper segment)
+    assert {"gradwatch/grad_norm/net.0", "gradwatch/grad_norm/net.6", "gradwatch/clip/pre_clip_norm"} <= set(tags)
+    assert not any(t.startswith(("gradwatch/dead_fraction/", "gradwatch/saturation/")) for t in tags)
