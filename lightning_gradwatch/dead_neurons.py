@@ -34,7 +34,8 @@ class DeadNeuronCallback(ActivationCallback):
     Cost: nothing on steps that are not sampled. On a sampled step, forward hooks and a TorchFunctionMode are
     installed for the forward pass only (never in validation, the sanity check or prediction) and the tallies
     accumulate on device. The check runs on the Trainer's first logging step after the window is full and brings
-    the tallies to the host in one transfer, so no other step waits on the device.
+    the tallies to the host in one transfer, so no other step waits on the device. When the model runs under
+    ``torch.compile`` the callback stays inactive and warns once: the probe would force a recompilation.
 
     Logs ``gradwatch/dead_fraction/{layer}``; alerts ``dead_neurons`` naming the layer.
 

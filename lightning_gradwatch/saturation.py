@@ -32,7 +32,7 @@ class SaturationCallback(ActivationCallback):
     The fraction is over a window of sampled training batches; under DDP the counts are summed across ranks once
     per check. Cost as for :class:`~lightning_gradwatch.DeadNeuronCallback`: nothing on unsampled steps, forward
     hooks and a TorchFunctionMode for the forward pass of sampled steps only, one transfer per check, on a
-    logging step.
+    logging step; inactive (one warning) when the model runs under ``torch.compile``.
 
     Logs ``gradwatch/saturation/{layer}``; alerts ``saturation`` naming the layer.
 
