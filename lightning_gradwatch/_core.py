@@ -305,6 +305,8 @@ def layer_charts(names: Sequence[str]) -> list[tuple[str, list[str]]]:
     def split(group: list[str], depth: int) -> list[list[str]]:
         if len(group) <= limit:
             return [group]
+        if all(depth >= len(name.split(".")) for name in group):  # nothing left to split on (repeated names)
+            return pack([[name] for name in group], len(group))
         children: list[list[str]] = []
         for name in group:  # consecutive runs sharing the path component at ``depth``
             parts = name.split(".")

@@ -133,3 +133,4 @@ def test_layer_charts_split_along_the_module_tree() -> None:
         n for n in gpt_layers(12) if n.startswith("transformer.h.5.")
     ]
     assert layer_charts(["fc"]) == [("fc", ["fc"])] and layer_charts([]) == []
+    assert [len(c) for _, c in layer_charts(["fc"] * 12)] == [6, 6]  # repeated names end, not recurse forever
