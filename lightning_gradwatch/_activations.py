@@ -248,6 +248,8 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     metric: ClassVar[str]
     chart: ClassVar[str]
     alert_kind: ClassVar[str]
+    #: The keys of the subclass's checkpointed window tallies (``"layers"`` first: the names they belong to).
+    tally_keys: ClassVar[tuple[str, ...]]
 
     def __init__(self, sample_every_n_steps: int, window: int) -> None:
         super().__init__()
@@ -260,6 +262,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         self._layers: list[Layer] = []
         self._sampled = False
         self._compiled = False  # the model runs under torch.compile: nothing to watch
+        self._loaded: dict[str, Any] | None = None  # a checkpoint's tallies, until the next layout adopts them
 
     @property
     def attached(self) -> bool:
@@ -370,3 +373,30 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, dict[str, list[Any]]]:
         return {"gradwatch: activations": {self.chart: ["Multiline", [rf"^gradwatch/{self.metric}/"]]}}
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def _tallies(self) -> dict[str, Any] | None:
+        """The current window's tallies on the host, keyed by :attr:`tally_keys`; ``None`` before the layout."""
+        raise NotImplementedError
+
+    def _forget_layout(self) -> None:
+        """Drop the per-layer buffers: the next sampled step lays them out again (adopting loaded tallies)."""
+        raise NotImplementedError
+
+    def _take_loaded(self, names: list[str]) -> dict[str, Any] | None:
+        """A loaded checkpoint's tallies if they belong to the layers ``names`` (once; then they are used up)."""
+        loaded, self._loaded = self._loaded, None
+        return loaded if loaded is not None and loaded.get("layers") == names else None
+
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        # saved again before the first sampled step after a resume: the loaded tallies are still the window's
+        tallies = self._tallies() or self._loaded or {}
+        return {"batches_in_window": self._batches_in_window, **tallies}
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._batches_in_window = int(state.get("batches_in_window", 0))
+        self._forget_layout()  # laid out again, from the checkpoint's tallies, at the next sampled step
+        if "layers" in state:
+            self._loaded = {k: state[k] for k in self.tally_keys}

@@ -57,6 +57,7 @@ class DeadNeuronCallback(ActivationCallback):
     metric = "dead_fraction"
     chart = "dead units (fraction per layer)"
     alert_kind = AlertKind.DEAD_NEURONS
+    tally_keys = ("layers", "alive", "seen")
 
     def __init__(self, threshold: float = 0.3, sample_every_n_steps: int = 10, window: int = 10) -> None:
         check_fraction("threshold", threshold)
@@ -69,7 +70,6 @@ class DeadNeuronCallback(ActivationCallback):
         self._offsets: list[int] = []
         self._segment_ids: Tensor | None = None
         self._units: Tensor | None = None
-        self._loaded: dict[str, Any] | None = None
 
     @property
     @override
@@ -92,8 +92,8 @@ class DeadNeuronCallback(ActivationCallback):
         self._segment_ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), self._units.long())
         self._alive = torch.zeros(self._offsets[-1], dtype=torch.bool, device=device)
         self._seen = torch.zeros(len(layers), dtype=torch.bool, device=device)
-        loaded, self._loaded = self._loaded, None
-        if loaded is not None and loaded.get("layers") == names:  # resume the window the checkpoint was in
+        loaded = self._take_loaded(names)
+        if loaded is not None:  # resume the window the checkpoint was in
             self._alive.copy_(loaded["alive"])
             self._seen.copy_(loaded["seen"])
 
@@ -140,18 +140,12 @@ class DeadNeuronCallback(ActivationCallback):
         self._report(trainer, findings)
 
     @override
-    def _extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"batches_in_window": self._batches_in_window}
-        if self._alive is not None and self._seen is not None:
-            state.update(layers=list(self._names), alive=self._alive.cpu(), seen=self._seen.cpu())
-        elif self._loaded is not None:  # saved again before the first sampled step after a resume
-            state.update(self._loaded)
-        return state
+    def _tallies(self) -> dict[str, Any] | None:
+        if self._alive is None or self._seen is None:
+            return None
+        return {"layers": list(self._names), "alive": self._alive.cpu(), "seen": self._seen.cpu()}
 
     @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._batches_in_window = int(state.get("batches_in_window", 0))
-        self._alive = self._seen = None  # laid out again, from the checkpoint's tallies, at the next sampled step
+    def _forget_layout(self) -> None:
+        self._alive = self._seen = None
         self._names = []
-        if "layers" in state:
-            self._loaded = {"layers": list(state["layers"]), "alive": state["alive"], "seen": state["seen"]}

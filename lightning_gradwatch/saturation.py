@@ -54,6 +54,7 @@ class SaturationCallback(ActivationCallback):
     metric = "saturation"
     chart = "saturated outputs (fraction per layer)"
     alert_kind = AlertKind.SATURATION
+    tally_keys = ("layers", "saturated", "totals", "kinds")
 
     def __init__(
         self, threshold: float = 0.2, margin: float = 0.01, sample_every_n_steps: int = 10, window: int = 10
@@ -70,7 +71,6 @@ class SaturationCallback(ActivationCallback):
         self._saturated: Tensor | None = None
         self._totals: list[float] = []
         self._kinds: list[set[str]] = []
-        self._loaded: dict[str, Any] | None = None
 
     @property
     @override
@@ -87,8 +87,8 @@ class SaturationCallback(ActivationCallback):
         self._saturated = torch.zeros(len(layers), dtype=torch.float32, device=device)
         self._totals = [0.0] * len(layers)
         self._kinds = [set() for _ in layers]
-        loaded, self._loaded = self._loaded, None
-        if loaded is not None and loaded.get("layers") == names:  # resume the window the checkpoint was in
+        loaded = self._take_loaded(names)
+        if loaded is not None:  # resume the window the checkpoint was in
             self._saturated.copy_(loaded["saturated"])
             self._totals = [float(t) for t in loaded["totals"]]
             self._kinds = [set(k) for k in loaded["kinds"]]
@@ -138,22 +138,16 @@ class SaturationCallback(ActivationCallback):
         self._report(trainer, findings)
 
     @override
-    def _extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"batches_in_window": self._batches_in_window}
-        if self._saturated is not None:
-            state.update(
-                layers=list(self._names),
-                saturated=self._saturated.cpu(),
-                totals=list(self._totals),
-                kinds=[sorted(k) for k in self._kinds],
-            )
-        elif self._loaded is not None:  # saved again before the first sampled step after a resume
-            state.update(self._loaded)
-        return state
+    def _tallies(self) -> dict[str, Any] | None:
+        if self._saturated is None:
+            return None
+        return {
+            "layers": list(self._names),
+            "saturated": self._saturated.cpu(),
+            "totals": list(self._totals),
+            "kinds": [sorted(k) for k in self._kinds],
+        }
 
     @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._batches_in_window = int(state.get("batches_in_window", 0))
-        self._saturated, self._names = None, []  # laid out again, from the checkpoint, at the next sampled step
-        if "layers" in state:
-            self._loaded = {k: state[k] for k in ("layers", "saturated", "totals", "kinds")}
+    def _forget_layout(self) -> None:
+        self._saturated, self._names = None, []
