@@ -236,10 +236,11 @@ def probe_for(model: nn.Module) -> ActivationProbe:
 
 class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     """The cadence and lifecycle shared by the activation callbacks: sample every ``sample_every_n_steps``
-    optimizer steps; once ``window`` sampled batches are folded together, check at the Trainer's next logging
-    step (one reduction across ranks, one host transfer), log, alert and start a new window. Checking on a
-    logging step keeps the host transfer off every other step; with ``log_every_n_steps=0`` the check runs as
-    soon as the window is full, and a full window the last logging step missed is checked when training ends.
+    optimizer steps; once ``window`` sampled batches are folded together, check at the next logging step (the
+    callback's ``log_every_n_steps``, else the Trainer's), with one reduction across ranks and one host transfer,
+    log, alert and start a new window. Checking on a logging step keeps the host transfer off every other step;
+    with the Trainer's ``log_every_n_steps=0`` the check runs as soon as the window is full, and a full window the
+    last logging step missed is checked when training ends.
     Subclasses implement the :class:`ActivationSubscriber` methods, :meth:`_check`, and their state."""
 
     hook_order = 20
@@ -251,12 +252,14 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     #: The keys of the subclass's checkpointed window tallies (``"layers"`` first: the names they belong to).
     tally_keys: ClassVar[tuple[str, ...]]
 
-    def __init__(self, sample_every_n_steps: int, window: int) -> None:
+    def __init__(self, sample_every_n_steps: int, window: int, log_every_n_steps: int | None) -> None:
         super().__init__()
         check_positive_int("sample_every_n_steps", sample_every_n_steps)
         check_positive_int("window", window)
+        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         self.sample_every_n_steps = sample_every_n_steps
         self.window = window
+        self.log_every_n_steps = log_every_n_steps
         self._batches_in_window = 0
         self._probe: ActivationProbe | None = None  # set while attached
         self._layers: list[Layer] = []
@@ -320,7 +323,8 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         self._sampled = False
         # the same decision on every rank: the logging cadence and the window count do not depend on the data
         if self._batches_in_window >= self.window and (
-            self._should_log(trainer, None) or trainer.log_every_n_steps == 0
+            self._should_log(trainer, self.log_every_n_steps)
+            or (self.log_every_n_steps is None and trainer.log_every_n_steps == 0)
         ):
             self._close_window(trainer)
 

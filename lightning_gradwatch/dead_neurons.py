@@ -44,6 +44,8 @@ class DeadNeuronCallback(ActivationCallback):
         sample_every_n_steps: sample the forward pass of every this many optimizer steps.
         window: sampled batches per check; the tallies cover these (and any sampled before the next logging
             step) and then reset.
+        log_every_n_steps: check and log on every this many optimizer steps once the window is full; ``None``
+            follows the Trainer's ``log_every_n_steps``.
 
     Example::
 
@@ -59,9 +61,15 @@ class DeadNeuronCallback(ActivationCallback):
     alert_kind = AlertKind.DEAD_NEURONS
     tally_keys = ("layers", "alive", "seen")
 
-    def __init__(self, threshold: float = 0.3, sample_every_n_steps: int = 10, window: int = 10) -> None:
+    def __init__(
+        self,
+        threshold: float = 0.3,
+        sample_every_n_steps: int = 10,
+        window: int = 10,
+        log_every_n_steps: int | None = None,
+    ) -> None:
         check_fraction("threshold", threshold)
-        super().__init__(sample_every_n_steps, window)
+        super().__init__(sample_every_n_steps, window, log_every_n_steps)
         self.threshold = float(threshold)
         # all layers' units end to end: alive in this window; per layer: fed a rectifier in this window
         self._alive: Tensor | None = None

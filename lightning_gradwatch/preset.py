@@ -51,7 +51,10 @@ def default_callbacks(
         GradientNormLogger(log_every_n_steps=log_every_n_steps),
     ]
     if activations:
-        callbacks += [DeadNeuronCallback(), SaturationCallback()]
+        callbacks += [
+            DeadNeuronCallback(log_every_n_steps=log_every_n_steps),
+            SaturationCallback(log_every_n_steps=log_every_n_steps),
+        ]
     if clipping is not None:
         callbacks.append(AdaptiveClipping(mode=clipping, log_every_n_steps=log_every_n_steps))
     if report:

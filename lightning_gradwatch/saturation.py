@@ -41,6 +41,8 @@ class SaturationCallback(ActivationCallback):
         margin: how close to a bound counts as saturated (0 < margin < 0.5).
         sample_every_n_steps: sample the forward pass of every this many optimizer steps.
         window: sampled batches per check (checked at the next logging step).
+        log_every_n_steps: check and log on every this many optimizer steps once the window is full; ``None``
+            follows the Trainer's ``log_every_n_steps``.
 
     Example::
 
@@ -57,12 +59,17 @@ class SaturationCallback(ActivationCallback):
     tally_keys = ("layers", "saturated", "totals", "kinds")
 
     def __init__(
-        self, threshold: float = 0.2, margin: float = 0.01, sample_every_n_steps: int = 10, window: int = 10
+        self,
+        threshold: float = 0.2,
+        margin: float = 0.01,
+        sample_every_n_steps: int = 10,
+        window: int = 10,
+        log_every_n_steps: int | None = None,
     ) -> None:
         check_fraction("threshold", threshold)
         if not (isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 < margin < 0.5):
             raise ValueError(f"`margin` must be a number with 0 < margin < 0.5, got {margin!r}.")
-        super().__init__(sample_every_n_steps, window)
+        super().__init__(sample_every_n_steps, window, log_every_n_steps)
         self.threshold = float(threshold)
         self.margin = float(margin)
         self._bounds = {kind: saturation_bound(kind, self.margin) for kind in self.kinds}

@@ -115,6 +115,15 @@ def test_check_waits_for_a_logging_step_and_a_full_window_is_checked_when_traini
     assert alert.step == 5 and "over the last 5 sampled batches" in alert.message
 
 
+def test_own_logging_cadence_overrides_the_trainers(tmp_path: Any) -> None:
+    net = Net("functional")
+    kill(net.fc1, 0.5)
+    callback = DeadNeuronCallback(sample_every_n_steps=1, window=2, log_every_n_steps=4)
+    fit(tmp_path, Classifier(net, lr=0.0), [callback], max_steps=12, log_every_n_steps=50)
+    events = tb.scalars(tmp_path / "tb" / "version_0")["gradwatch/dead_fraction/net.fc1"]
+    assert [step for step, _ in events] == [3, 7, 11]
+
+
 def test_leaky_relu_units_never_die(tmp_path: Any) -> None:
     class Leaky(Net):
         def activation(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,6 +266,7 @@ def test_ddp_unit_alive_on_one_rank_only_is_alive(tmp_path: Any) -> None:
         ({"sample_every_n_steps": 0}, "sample_every_n_steps"),
         ({"sample_every_n_steps": 2.0}, "sample_every_n_steps"),
         ({"window": -2}, "window"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs: dict[str, Any], argument: str) -> None:
