@@ -239,6 +239,9 @@ def syncs_added(names: list[str], args: argparse.Namespace) -> dict[str, float]:
     fit each (counting slows a step, so it never runs during a timed fit): on CUDA counted with
     ``torch.cuda.set_sync_debug_mode``; on CPU, where there is no sync to see, the host reads that would be one,
     counted by tests/host_reads.py."""
+    if args.device != "cuda":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
+        from tests.host_reads import HostReadCounter
     per_step: dict[str, dict[int, int]] = {}
     for name in names:
         if args.device == "cuda":
@@ -247,9 +250,6 @@ def syncs_added(names: list[str], args: argparse.Namespace) -> dict[str, float]:
             trainer.fit(model, data)
             per_step[name] = cuda_counter.per_step
             continue
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
-        from tests.host_reads import HostReadCounter
-
         counter = HostReadCounter()
         trainer, model, data = make_fit(name, args, [counter.callback()], f"{name}_counted")
         with counter:

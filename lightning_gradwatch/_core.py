@@ -72,6 +72,12 @@ def layer_of(param_name: str) -> str:
     return module or param_name
 
 
+def group_of(raw_name: str, by: str) -> str:
+    """The name a parameter is reported under: its module (``by="module"``) or itself, wrappers dropped."""
+    name = clean_name(raw_name)
+    return layer_of(name) if by == "module" else name
+
+
 @dataclass
 class ParamGroups:
     """The parameters of one optimizer, in model order, with the layer (group) each belongs to."""
@@ -100,7 +106,7 @@ class ParamGroups:
             if id(p) not in in_optimizer:
                 continue
             name = clean_name(raw_name)
-            group = layer_of(name) if by == "module" else name
+            group = group_of(raw_name, by)
             if group not in group_ids:
                 group_ids[group] = len(group_names)
                 group_names.append(group)

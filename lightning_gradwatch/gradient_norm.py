@@ -16,13 +16,12 @@ from lightning_gradwatch._core import (
     ParamGroups,
     check_positive,
     check_positive_int,
-    clean_name,
     exact_tags,
     grad_scaler,
     grad_unscale_factor,
+    group_of,
     host_values,
     layer_charts,
-    layer_of,
     local_tensor,
     logger_step,
     optimizer_index,
@@ -323,9 +322,7 @@ class GradientNormLogger(GradwatchCallback):
     def _tensorboard_layout(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, dict[str, list[Any]]]:
-        layers = [clean_name(n) for n, p in pl_module.named_parameters() if p.requires_grad]
-        if self.group_by == "module":
-            layers = [layer_of(n) for n in layers]
+        layers = [group_of(n, self.group_by) for n, p in pl_module.named_parameters() if p.requires_grad]
         charts: dict[str, list[Any]] = {"global gradient norm": ["Multiline", [r"^gradwatch/global/grad_norm"]]}
         metrics = [("grad_norm", "gradient norm")]
         if self.log_grad_to_weight:
