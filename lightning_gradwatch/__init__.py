@@ -1,7 +1,7 @@
 """lightning-gradwatch: gradient-health callbacks for PyTorch Lightning."""
 
 from lightning_gradwatch.adaptive_clipping import AdaptiveClipping
-from lightning_gradwatch.alerts import ALERT_KINDS, Alert, AlertKind
+from lightning_gradwatch.alerts import ALERT_KIND_INFO, ALERT_KINDS, Alert, AlertKind, AlertKindInfo, Severity
 from lightning_gradwatch.dead_neurons import DeadNeuronCallback
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
@@ -13,15 +13,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALERT_KINDS",
+    "ALERT_KIND_INFO",
     "AdaptiveClipping",
     "Alert",
     "AlertKind",
+    "AlertKindInfo",
     "DeadNeuronCallback",
     "GradWatch",
     "GradientNormLogger",
     "HealthReport",
     "NaNGuard",
     "SaturationCallback",
+    "Severity",
     "__version__",
     "default_callbacks",
 ]

@@ -1,15 +1,22 @@
-"""The alert contract shared by every gradwatch callback.
+"""The alert contract shared by every gradwatch callback, and the one registry of alert kinds.
 
 Each callback keeps ``self.alerts: list[Alert]``. An alert is appended when a condition starts (or, for
 events such as spikes, when it happens), never once per step while a condition persists.
+
+Every kind is described once, in :data:`ALERT_KIND_INFO` (a title for the report and the usual remedy): alert
+messages end with that remedy (:func:`with_remedy`) and the health report uses the same entry.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["ALERT_KINDS", "Alert", "AlertKind"]
+__all__ = ["ALERT_KINDS", "ALERT_KIND_INFO", "SEVERITIES", "Alert", "AlertKind", "AlertKindInfo", "Severity"]
+
+#: How much an alert asks of the user: ``"warning"`` needs action, ``"info"`` is worth knowing.
+Severity = Literal["warning", "info"]
+SEVERITIES: tuple[str, ...] = ("warning", "info")
 
 
 class AlertKind:
@@ -24,7 +31,58 @@ class AlertKind:
     GRADIENT_SPIKE = "gradient_spike"
 
 
-ALERT_KINDS: frozenset[str] = frozenset(v for k, v in vars(AlertKind).items() if k.isupper())
+@dataclass(frozen=True)
+class AlertKindInfo:
+    """How a kind of finding is named in the report, and what usually fixes it."""
+
+    title: str
+    remedy: str
+
+
+#: The one description of each alert kind: the report's title and the remedy every message ends with.
+ALERT_KIND_INFO: dict[str, AlertKindInfo] = {
+    AlertKind.VANISHING_GRADIENT: AlertKindInfo(
+        "Vanishing gradients",
+        "ReLU-family activations instead of sigmoid/tanh, residual connections, normalisation layers "
+        "(BatchNorm/LayerNorm), He/Xavier initialisation",
+    ),
+    AlertKind.EXPLODING_GRADIENT: AlertKindInfo(
+        "Exploding gradients",
+        "clip gradients (AdaptiveClipping or Trainer(gradient_clip_val=...)), lower the learning rate, check the "
+        "weight initialisation and the scale of inputs and targets",
+    ),
+    AlertKind.DEAD_NEURONS: AlertKindInfo(
+        "Dead units",
+        "LeakyReLU or GELU instead of ReLU, a lower learning rate, He (Kaiming) initialisation, biases not "
+        "initialised negative",
+    ),
+    AlertKind.SATURATION: AlertKindInfo(
+        "Saturated activations",
+        "ReLU-family activations, normalisation layers (BatchNorm/LayerNorm), smaller weight initialisation",
+    ),
+    AlertKind.NON_FINITE: AlertKindInfo(
+        "Non-finite values",
+        "lower the learning rate, check the data for NaN/Inf, clip gradients, use bf16 or a GradScaler for fp16",
+    ),
+    AlertKind.LOSS_SCALE_COLLAPSE: AlertKindInfo(
+        "Loss-scale collapse",
+        "bf16 instead of fp16, a lower learning rate, look for a loss or activation that overflows fp16 (e.g. "
+        "missing normalisation)",
+    ),
+    AlertKind.GRADIENT_SPIKE: AlertKindInfo(
+        "Gradient spikes",
+        "keep AdaptiveClipping on; isolated spikes are usually bad batches (outliers, label noise), frequent ones "
+        "a learning rate that is too high or missing warm-up",
+    ),
+}
+
+ALERT_KINDS: frozenset[str] = frozenset(ALERT_KIND_INFO)
+
+
+def with_remedy(kind: str, finding: str) -> str:
+    """An alert message: what was found, then the usual remedy of ``kind`` from :data:`ALERT_KIND_INFO`."""
+    info = ALERT_KIND_INFO.get(kind)
+    return finding if info is None else f"{finding} Usual remedies: {info.remedy}."
 
 
 @dataclass(frozen=True)
@@ -38,6 +96,8 @@ class Alert:
         value: the measured quantity that crossed the threshold.
         threshold: the threshold it crossed.
         message: what is wrong, where, and the usual remedy.
+        severity: ``"warning"`` (needs action; the default) or ``"info"`` (worth knowing: a handled transient, a
+            stable sparse layer). Info alerts are logged at INFO level and listed apart in the report.
     """
 
     step: int
@@ -46,6 +106,11 @@ class Alert:
     value: float
     threshold: float
     message: str
+    severity: Severity = "warning"
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"`severity` must be one of {', '.join(map(repr, SEVERITIES))}, got {self.severity!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,4 +124,5 @@ class Alert:
             value=float(data["value"]),
             threshold=float(data["threshold"]),
             message=str(data["message"]),
+            severity=data.get("severity", "warning"),
         )

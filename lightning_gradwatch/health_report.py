@@ -13,28 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
 from lightning_gradwatch._core import GradwatchCallback, gradwatch_callbacks
-from lightning_gradwatch.alerts import Alert, AlertKind
-
-#: The usual remedy for each kind of finding.
-REMEDIES: dict[str, str] = {
-    AlertKind.VANISHING_GRADIENT: "ReLU-family activations, residual connections, normalisation layers, He/Xavier init",
-    AlertKind.EXPLODING_GRADIENT: "gradient clipping (AdaptiveClipping), a lower learning rate, smaller init",
-    AlertKind.DEAD_NEURONS: "LeakyReLU/GELU, a lower learning rate, He init, biases not negative",
-    AlertKind.SATURATION: "ReLU-family activations, normalisation layers, smaller init",
-    AlertKind.NON_FINITE: "a lower learning rate, check the data for NaN/Inf, loss scaling (bf16 or a GradScaler)",
-    AlertKind.LOSS_SCALE_COLLAPSE: "bf16 instead of fp16, a lower learning rate, check the loss for overflow",
-    AlertKind.GRADIENT_SPIKE: "keep AdaptiveClipping on; look for outlier batches; lower the learning rate",
-}
-
-_TITLES: dict[str, str] = {
-    AlertKind.VANISHING_GRADIENT: "Vanishing gradients",
-    AlertKind.EXPLODING_GRADIENT: "Exploding gradients",
-    AlertKind.DEAD_NEURONS: "Dead units",
-    AlertKind.SATURATION: "Saturated activations",
-    AlertKind.NON_FINITE: "Non-finite values",
-    AlertKind.LOSS_SCALE_COLLAPSE: "Loss-scale collapse",
-    AlertKind.GRADIENT_SPIKE: "Gradient spikes",
-}
+from lightning_gradwatch.alerts import ALERT_KIND_INFO, Alert, AlertKind
 
 
 @dataclass(frozen=True)
@@ -77,7 +56,7 @@ def summarize(alerts: Iterable[Alert]) -> list[Finding]:
                 occurrences=len(group),
                 worst_value=worst.value,
                 threshold=worst.threshold,
-                remedy=REMEDIES.get(kind, "see the alert message"),
+                remedy=ALERT_KIND_INFO[kind].remedy if kind in ALERT_KIND_INFO else "see the alert message",
                 message=group[0].message,
             )
         )
@@ -96,7 +75,7 @@ def render_markdown(findings: list[Finding], steps: int, stopped_early: bool = F
         "|---|---|---|---|---|---|",
     ]
     for f in findings:
-        title = _TITLES.get(f.kind, f.kind)
+        title = ALERT_KIND_INFO[f.kind].title if f.kind in ALERT_KIND_INFO else f.kind
         lines.append(
             f"| {title} | `{f.name or '(model)'}` | {f.first_step} | {f.occurrences}x | "
             f"{f.worst_value:.3g} ({f.threshold:.3g}) | {f.remedy} |"
