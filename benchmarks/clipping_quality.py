@@ -143,8 +143,8 @@ def run(
     out: dict[str, Any] = {"losses": losses, "heldout": final}
     for cb in callbacks:
         if isinstance(cb, AdaptiveClipping):
-            state = cb._state[0]
-            out["clipped_fraction"] = float(state["total_clipped"] / state["total_steps"].clamp_min(1))
+            stats = cb._stats[0]
+            out["clipped_fraction"] = float(stats.total_clipped / stats.total_steps.clamp_min(1))
     return out
 
 

@@ -8,7 +8,7 @@ and Trainer start-up are excluded.
 
 The last column counts the host-device syncs each configuration adds on steps that do not log, in one more
 untimed fit per configuration: on a GPU with ``torch.cuda.set_sync_debug_mode``; on a CPU with
-tests/host_reads.py (every host read of a device tensor, seen through ``__torch_function__``).
+lightning_gradwatch/testing.py (every host read of a device tensor, seen through ``__torch_function__``).
 
     python benchmarks/overhead.py                       # CPU, MLP, all configurations
     python benchmarks/overhead.py --device cuda --model gpt --precision bf16-mixed   # a GPT-style model on a GPU
@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_gradwatch as gw
+from lightning_gradwatch.testing import HostReadCounter
 
 
 class StepTimer(Callback):
@@ -238,10 +237,7 @@ def syncs_added(names: list[str], args: argparse.Namespace) -> dict[str, float]:
     """The host-device syncs each configuration adds per non-logging step against ``none``, from one untimed
     fit each (counting slows a step, so it never runs during a timed fit): on CUDA counted with
     ``torch.cuda.set_sync_debug_mode``; on CPU, where there is no sync to see, the host reads that would be one,
-    counted by tests/host_reads.py."""
-    if args.device != "cuda":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
-        from tests.host_reads import HostReadCounter
+    counted by lightning_gradwatch/testing.py."""
     per_step: dict[str, dict[int, int]] = {}
     for name in names:
         if args.device == "cuda":
@@ -326,7 +322,11 @@ def main() -> None:
             f"| {n} | {statistics.median(times[n]) * 1e3:.2f} | {statistics.median(ratios[n]):.3f} | "
             f"{min(ratios[n]):.3f}-{max(ratios[n]):.3f} | {added[n]:+.2f} |"
         )
-    how = "torch.cuda.set_sync_debug_mode" if args.device == "cuda" else "host reads counted by tests/host_reads.py"
+    how = (
+        "torch.cuda.set_sync_debug_mode"
+        if args.device == "cuda"
+        else "host reads counted by lightning_gradwatch/testing.py"
+    )
     print(f"\nSyncs: {how}, in one more untimed fit per configuration, mean over the non-logging steps after warm-up.")
 
 

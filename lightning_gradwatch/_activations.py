@@ -30,7 +30,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_gradwatch._core import GradwatchCallback, check_positive_int, clean_name, logger_step
+from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._params import clean_name
+from lightning_gradwatch._reporting import logger_step
+from lightning_gradwatch._validation import check_number
 from lightning_gradwatch.alerts import Alert
 
 _PRODUCERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
@@ -254,12 +257,9 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
 
     def __init__(self, sample_every_n_steps: int, window: int, log_every_n_steps: int | None) -> None:
         super().__init__()
-        check_positive_int("sample_every_n_steps", sample_every_n_steps)
-        check_positive_int("window", window)
-        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
-        self.sample_every_n_steps = sample_every_n_steps
-        self.window = window
-        self.log_every_n_steps = log_every_n_steps
+        self.sample_every_n_steps = check_number("sample_every_n_steps", sample_every_n_steps, ge=1, integer=True)
+        self.window = check_number("window", window, ge=1, integer=True)
+        self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
         self._batches_in_window = 0
         self._probe: ActivationProbe | None = None  # set while attached
         self._layers: list[Layer] = []
@@ -327,11 +327,13 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
             or (self.log_every_n_steps is None and trainer.log_every_n_steps == 0)
         ):
             self._close_window(trainer)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._batches_in_window >= self.window:  # full, but no logging step came after it
             self._close_window(trainer)
+        super().on_train_end(trainer, pl_module)
 
     def _close_window(self, trainer: pl.Trainer) -> None:
         if self._layers:
@@ -341,6 +343,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._detach(commit=False)
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -399,8 +402,9 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         return {"batches_in_window": self._batches_in_window, **tallies}
 
     @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
+    def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
         self._batches_in_window = int(state.get("batches_in_window", 0))
         self._forget_layout()  # laid out again, from the checkpoint's tallies, at the next sampled step
         if "layers" in state:
             self._loaded = {k: state[k] for k in self.tally_keys}
+        return []

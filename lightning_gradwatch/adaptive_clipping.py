@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -13,35 +12,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._core import (
-    GradwatchCallback,
-    ParamGroups,
-    all_reduce_norms,
-    check_fraction,
-    check_positive,
-    check_positive_int,
-    grad_unscale_factor,
-    host_values,
-    is_sharded,
-    local_tensor,
-    optimizer_index,
-    scaler_found_inf,
-)
-from lightning_gradwatch.alerts import Alert, AlertKind
-from lightning_gradwatch.functional.clipping import (
-    agc_coefficients,
-    apply_clip_coefficient,
-    clip_coefficient,
-    ema_update,
-    ring_push,
-    ring_quantile,
-    zscore_threshold,
-)
-from lightning_gradwatch.functional.norms import global_norm, validate_norm_type
+from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._clip_rules import AGCRule, ClipInterval, NormStatistics, PercentileRule, ZScoreRule
+from lightning_gradwatch._distributed import is_sharded
+from lightning_gradwatch._params import local_tensor, optimizer_index
+from lightning_gradwatch._reporting import host_values
+from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch._validation import check_choice, check_number
+from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
+from lightning_gradwatch.functional.clipping import apply_clip_coefficient, clip_coefficient, ema_update
+from lightning_gradwatch.functional.norms import validate_norm_type
 
-_MODES = ("zscore", "percentile", "agc")
-# the statistics that survive a checkpoint; the others only cover the current logging interval
-_PERSISTENT = ("mean", "var", "count", "history", "history_count", "total_clipped", "total_steps")
+ClipMode = Literal["zscore", "percentile", "agc"]
+CLIP_MODES: tuple[str, ...] = ("zscore", "percentile", "agc")
 
 
 class AdaptiveClipping(GradwatchCallback):
@@ -118,10 +101,11 @@ class AdaptiveClipping(GradwatchCallback):
     """
 
     hook_order = 30
+    single_instance = True
 
     def __init__(
         self,
-        mode: Literal["zscore", "percentile", "agc"] = "zscore",
+        mode: ClipMode = "zscore",
         z_threshold: float = 3.0,
         ema_decay: float = 0.97,
         quantile: float = 0.9,
@@ -136,45 +120,19 @@ class AdaptiveClipping(GradwatchCallback):
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        if mode not in _MODES:
-            raise ValueError(f"`mode` must be one of {', '.join(repr(m) for m in _MODES)}, got {mode!r}.")
-        check_positive("z_threshold", z_threshold)
-        if not (isinstance(ema_decay, (int, float)) and not isinstance(ema_decay, bool) and 0 < ema_decay < 1):
-            raise ValueError(f"`ema_decay` must be a number with 0 < ema_decay < 1, got {ema_decay!r}.")
-        check_fraction("quantile", quantile)
-        check_positive_int("history_size", history_size)
-        check_positive("clip_factor", clip_factor)
-        check_positive("agc_eps", agc_eps)
-        if agc_exclude is not None and (
-            isinstance(agc_exclude, str) or not all(isinstance(p, str) for p in agc_exclude)
-        ):
-            raise ValueError(f"`agc_exclude` must be a list of name patterns or None, got {agc_exclude!r}.")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"`warmup_steps` must be an integer >= 1, got {warmup_steps!r}.")
-        if warmup_cap is not None and not (
-            isinstance(warmup_cap, (int, float)) and not isinstance(warmup_cap, bool) and warmup_cap > 1
-        ):
-            raise ValueError(f"`warmup_cap` must be a number > 1 or None, got {warmup_cap!r}.")
+        self.mode: ClipMode = check_choice("mode", mode, CLIP_MODES)
+        self.rule = _make_rule(
+            self.mode, z_threshold, warmup_steps, warmup_cap, quantile, history_size, clip_factor, agc_eps, agc_exclude
+        )
+        self.ema_decay = check_number("ema_decay", ema_decay, gt=0, lt=1)
         self.norm_type = validate_norm_type(norm_type)
-        if not (isinstance(alert_ratio, (int, float)) and not isinstance(alert_ratio, bool) and alert_ratio >= 1):
-            raise ValueError(f"`alert_ratio` must be a number >= 1, got {alert_ratio!r}.")
-        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
-        self.mode = mode
-        self.z_threshold = float(z_threshold)
-        self.ema_decay = float(ema_decay)
-        self.quantile = float(quantile)
-        self.history_size = history_size
-        self.clip_factor = float(clip_factor)
-        self.agc_eps = float(agc_eps)
-        self.agc_exclude = None if agc_exclude is None else list(agc_exclude)
-        self.warmup_steps = warmup_steps
-        self.warmup_cap = None if warmup_cap is None else float(warmup_cap)
-        self.alert_ratio = float(alert_ratio)
-        self.log_every_n_steps = log_every_n_steps
-        self._state: dict[int, dict[str, Tensor]] = {}
-        self._loaded: dict[int, dict[str, Tensor]] = {}
-        self._steps_since_log: dict[int, int] = {}
-        self._params: dict[int, tuple[list[torch.nn.Parameter], list[bool]]] = {}
+        self.alert_ratio = check_number("alert_ratio", alert_ratio, ge=1)
+        self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
+        self._stats: dict[int, NormStatistics] = {}  # per optimizer index
+        self._intervals: dict[int, ClipInterval] = {}
+        self._interval_start: dict[int, int] = {}  # the first step of each optimizer's current logging interval
+        self._loaded: dict[int, dict[str, Any]] = {}  # a checkpoint's state, adopted at the optimizer's next step
+        self._unit_clipped: dict[int, list[bool]] = {}  # agc: which parameters are clipped unit-wise
         self._warned_trainer_clipping = False
 
     @property
@@ -194,8 +152,7 @@ class AdaptiveClipping(GradwatchCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._params.clear()
-        self._steps_since_log.clear()
+        self._unit_clipped.clear()
         clip_val = trainer.gradient_clip_val
         if clip_val is not None and clip_val > 0 and not self._warned_trainer_clipping:
             self._warned_trainer_clipping = True
@@ -207,216 +164,127 @@ class AdaptiveClipping(GradwatchCallback):
         super().on_fit_start(trainer, pl_module)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for index in list(self._intervals):  # spikes after the last logging step are reported, once
+            self._report(trainer, index, final=True)
+        super().on_train_end(trainer, pl_module)
+
+    @override
     def _before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        step: StepGradients,
     ) -> None:
-        index = optimizer_index(trainer, optimizer)
-        params, agc_mask = self._optimizer_params(index, pl_module, optimizer)
-        present = [(p, m) for p, m in zip(params, agc_mask, strict=True) if p.grad is not None]
-        if not present:
+        if not step.grads:
             return
-        grads = [local_tensor(p.grad) for p, _ in present]  # type: ignore[arg-type]
-        device = grads[0].device
-        state = self._state_for(index, device)
-
-        unscale = grad_unscale_factor(trainer, optimizer)  # fused optimizers under fp16: grads still scaled
-        norm = global_norm(grads, self.norm_type)
-        if is_sharded(trainer):
-            norm = all_reduce_norms(norm.reshape(1), self.norm_type)[0]
-        if unscale is not None:
-            norm = norm * unscale.to(device)
+        index = optimizer_index(trainer, optimizer)
+        stats, interval = self._state_for(index, step.device, trainer.global_step)
+        norm = step.global_norm(self.norm_type)  # shared with the guard and the norm logger: no extra pass
         valid = torch.isfinite(norm)
-        found_inf = scaler_found_inf(trainer, optimizer)
-        if found_inf is not None:
-            valid = valid & (found_inf.to(device) == 0)
+        if step.found_inf is not None:
+            valid = valid & (step.found_inf.to(step.device) == 0)
 
-        # the z-score rule's threshold (or the warm-up cap): what the statistics are fed at most, and the
-        # reference for spike detection in every mode
-        stats_threshold = zscore_threshold(
-            state["mean"], state["var"], state["count"], self.z_threshold, self.warmup_steps, self.warmup_cap
-        )
-        if self.mode == "percentile":
-            quantile = ring_quantile(state["history"], state["history_count"], self.quantile)
-            threshold = torch.where(state["history_count"] >= self.warmup_steps, quantile, stats_threshold)
-        else:  # zscore; in agc mode the z-score rule is the backstop for the parameters AGC leaves alone
-            threshold = zscore_threshold(
-                state["mean"],
-                state["var"],
-                state["count"],
-                self.z_threshold,
-                self.warmup_steps,
-                self.warmup_cap,
-                norm=norm,
-            )
-        unit_coefficient = self._apply_agc(present, grads, unscale, valid) if self.mode == "agc" else None
+        ceiling = self.rule.ceiling(stats)  # what the statistics are fed at most; the spike reference
+        threshold = self.rule.threshold(stats, norm)
+        unit_factor = self._clip_units(index, step, valid) if isinstance(self.rule, AGCRule) else None
         coefficient = torch.where(valid, clip_coefficient(norm, threshold), torch.ones_like(norm))
-        apply_clip_coefficient(grads, coefficient)
-        if unit_coefficient is not None:
-            coefficient = coefficient * unit_coefficient  # what the most clipped unit got, for the logs
+        # on a CPU the value is free to read: skip the multiplication by 1 that most steps would do
+        if not (step.host_is_free and float(coefficient) >= 1.0):
+            apply_clip_coefficient(step.grads, coefficient)
+        if unit_factor is not None:
+            coefficient = coefficient * unit_factor  # what the most clipped unit got, for the logs
+        if step.repeat:
+            return  # another evaluation of the same step (LBFGS): clipped alike, counted once
 
-        self._update_state(state, norm, valid, stats_threshold, threshold, coefficient, trainer.global_step)
-        self._steps_since_log[index] = self._steps_since_log.get(index, 0) + 1
+        stats.mean, stats.var, stats.count = ema_update(
+            stats.mean, stats.var, stats.count, torch.minimum(norm, ceiling), self.ema_decay, valid
+        )
+        if isinstance(self.rule, PercentileRule):
+            self.rule.push(stats, norm, valid)
+        stats.total_clipped = stats.total_clipped + (valid & (coefficient < 1.0)).float()
+        stats.total_steps = stats.total_steps + valid.float()
+        interval.record(trainer.global_step, norm, valid, ceiling, threshold, coefficient, self.alert_ratio)
         if self._should_log(trainer, self.log_every_n_steps):
-            self._report(trainer, index, state)
+            self._report(trainer, index)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _optimizer_params(
-        self, index: int, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> tuple[list[torch.nn.Parameter], list[bool]]:
-        """The optimizer's parameters (model order first) and, for AGC, whether each one is clipped unit-wise."""
-        if index not in self._params:
-            groups = ParamGroups.build(pl_module, optimizer, "parameter")
-            params, names = list(groups.params), list(groups.names)
-            known = {id(p) for p in params}
-            for group in optimizer.param_groups:  # parameters not registered on the module
-                for p in group["params"]:
-                    if id(p) not in known:
-                        params.append(p)
-                        names.append("")
-                        known.add(id(p))
-            self._params[index] = (params, self._agc_mask(params, names))
-        return self._params[index]
-
-    def _agc_mask(self, params: list[torch.nn.Parameter], names: list[str]) -> list[bool]:
-        multi = [p.dim() >= 2 for p in params]
-        if self.agc_exclude is None:
-            last = max((i for i, m in enumerate(multi) if m), default=None)
-            return [m and i != last for i, m in enumerate(multi)]
-        patterns = self.agc_exclude
-        return [
-            m and not any(fnmatch.fnmatchcase(n, pat) for pat in patterns) for m, n in zip(multi, names, strict=True)
-        ]
-
-    def _state_for(self, index: int, device: torch.device) -> dict[str, Tensor]:
-        state = self._state.get(index)
-        if state is None:
-
-            def zero(dtype: torch.dtype = torch.float32) -> Tensor:
-                return torch.zeros((), dtype=dtype, device=device)
-
-            state = {
-                "mean": zero(),
-                "var": zero(),
-                "count": zero(),
-                "history": torch.zeros(self.history_size if self.mode == "percentile" else 1, device=device),
-                "history_count": zero(torch.int64),
-                "total_clipped": zero(),
-                "total_steps": zero(),
-            }
+    def _state_for(self, index: int, device: torch.device, step: int) -> tuple[NormStatistics, ClipInterval]:
+        stats = self._stats.get(index)
+        if stats is None:
+            stats = NormStatistics.zeros(device, self.rule.history_size if isinstance(self.rule, PercentileRule) else 1)
+            interval = ClipInterval.zeros(device)
             loaded = self._loaded.pop(index, None)
             if loaded is not None:
-                for key in _PERSISTENT:
-                    if key in loaded and loaded[key].shape == state[key].shape:
-                        state[key] = loaded[key].to(device=device, dtype=state[key].dtype)
-            state.update(self._fresh_interval(device))
-            self._state[index] = state
-        elif state["mean"].device != device:
-            for key in state:
-                state[key] = state[key].to(device)
-        return state
+                stats.load(loaded.get("statistics", {}))
+                interval.load(loaded.get("interval", {}))
+                step = int(loaded.get("interval_start", step))
+            self._stats[index], self._intervals[index] = stats, interval
+            self._interval_start[index] = step
+        elif stats.mean.device != device:
+            self._stats[index] = stats = stats.to(device)
+            self._intervals[index] = self._intervals[index].to(device)
+        return stats, self._intervals[index]
 
-    @staticmethod
-    def _fresh_interval(device: torch.device) -> dict[str, Tensor]:
-        keys = ("clipped", "spikes", "worst_ratio", "worst_step", "worst_norm", "worst_threshold", "worst_coef")
-        return {k: torch.zeros((), device=device) for k in keys}
+    def _clip_units(self, index: int, step: StepGradients, valid: Tensor) -> Tensor:
+        assert isinstance(self.rule, AGCRule)
+        mask = self._unit_clipped.get(index)
+        if mask is None:
+            mask = self._unit_clipped[index] = self.rule.unit_clipped(step.params, step.index.names)
+        chosen = [k for k, i in enumerate(step.positions) if mask[i]]
+        weights = [local_tensor(step.params[step.positions[k]].detach()) for k in chosen]
+        return self.rule.clip_units(weights, [step.grads[k] for k in chosen], step.unscale, valid, step.host_is_free)
 
-    def _apply_agc(
-        self,
-        present: list[tuple[torch.nn.Parameter, bool]],
-        grads: list[Tensor],
-        unscale: Tensor | None,
-        valid: Tensor,
-    ) -> Tensor:
-        chosen = [i for i, (_, clip) in enumerate(present) if clip]
-        if not chosen:
-            return torch.ones((), device=grads[0].device)
-        weights = [local_tensor(present[i][0]) for i in chosen]
-        clipped_grads = [grads[i] for i in chosen]
-        coefficients, max_ratio, _ = agc_coefficients(
-            weights, clipped_grads, self.clip_factor, self.agc_eps, grad_scale=unscale
-        )
-        for g, c in zip(clipped_grads, coefficients, strict=True):
-            g.mul_(torch.where(valid, c, torch.ones_like(c)))
-        smallest = torch.where(torch.isfinite(max_ratio), max_ratio.clamp_min(1.0).reciprocal(), 1.0)
-        return torch.where(valid, smallest, torch.ones_like(smallest))
-
-    def _update_state(
-        self,
-        state: dict[str, Tensor],
-        norm: Tensor,
-        valid: Tensor,
-        stats_threshold: Tensor,
-        threshold: Tensor,
-        coefficient: Tensor,
-        step: int,
-    ) -> None:
-        folded = torch.minimum(norm, stats_threshold)
-        state["mean"], state["var"], state["count"] = ema_update(
-            state["mean"], state["var"], state["count"], folded, self.ema_decay, valid
-        )
-        if self.mode == "percentile":
-            state["history"], state["history_count"] = ring_push(state["history"], state["history_count"], norm, valid)
-        clipped = (valid & (coefficient < 1.0)).float()
-        state["clipped"] = state["clipped"] + clipped
-        state["total_clipped"] = state["total_clipped"] + clipped
-        state["total_steps"] = state["total_steps"] + valid.float()
-        ratio = torch.where(valid, norm / stats_threshold, torch.zeros_like(norm))
-        spike = ratio >= self.alert_ratio
-        state["spikes"] = state["spikes"] + spike.float()
-        worse = spike & (ratio > state["worst_ratio"])
-        state["worst_ratio"] = torch.where(worse, ratio, state["worst_ratio"])
-        state["worst_step"] = torch.where(worse, float(step), state["worst_step"])
-        state["worst_norm"] = torch.where(worse, norm, state["worst_norm"])
-        state["worst_threshold"] = torch.where(
-            worse, torch.minimum(threshold, stats_threshold), state["worst_threshold"]
-        )
-        state["worst_coef"] = torch.where(worse, coefficient, state["worst_coef"])
-        state["last_norm"] = norm
-        state["last_threshold"] = threshold
-        state["last_coefficient"] = coefficient
-
-    def _report(self, trainer: pl.Trainer, index: int, state: dict[str, Tensor]) -> None:
+    def _report(self, trainer: pl.Trainer, index: int, final: bool = False) -> None:
         """The one host transfer of a logging step: metrics, and at most one spike alert for the interval."""
-        keys = ("last_norm", "last_threshold", "last_coefficient", "clipped", "mean", "var", "spikes")
-        keys += ("worst_ratio", "worst_step", "worst_norm", "worst_threshold", "worst_coef")
-        values = dict(zip(keys, (v[0] for v in host_values(*(state[k] for k in keys))), strict=True))
-        steps = max(self._steps_since_log.get(index, 1), 1)
-        self._steps_since_log[index] = 0
-        state.update(self._fresh_interval(state["mean"].device))
+        interval = self._intervals[index]
+        stats = self._stats[index]
+        keys = ClipInterval.REPORTED
+        fetched = host_values(*(getattr(interval, k) for k in keys), stats.mean, stats.var)
+        values = dict(zip(keys, (v[0] for v in fetched[: len(keys)]), strict=True))
+        mean, var = fetched[-2][0], fetched[-1][0]
+        steps = int(values["steps"])
+        start, end = self._interval_start.get(index, trainer.global_step), trainer.global_step
+        self._intervals[index] = ClipInterval.zeros(stats.mean.device)
+        self._interval_start[index] = end + 1
+        if steps == 0:
+            return
 
         suffix = f"_optimizer{index}" if len(trainer.optimizers) > 1 else ""
-        metrics = {
-            f"gradwatch/clip/pre_clip_norm{suffix}": values["last_norm"],
-            f"gradwatch/clip/coefficient{suffix}": values["last_coefficient"],
-            f"gradwatch/clip/clipped_fraction{suffix}": values["clipped"] / steps,
-            f"gradwatch/clip/ema_mean{suffix}": values["mean"],
-            f"gradwatch/clip/ema_std{suffix}": math.sqrt(max(values["var"], 0.0)),
-            f"gradwatch/clip/spikes{suffix}": values["spikes"],
-            f"gradwatch/clip/threshold{suffix}": values["last_threshold"],
-        }
-        self._log_metrics(trainer, {k: v for k, v in metrics.items() if math.isfinite(v)})
-
+        if not final:
+            metrics = {
+                f"gradwatch/clip/pre_clip_norm{suffix}": values["last_norm"],
+                f"gradwatch/clip/coefficient{suffix}": values["last_coefficient"],
+                f"gradwatch/clip/clipped_fraction{suffix}": values["clipped"] / steps,
+                f"gradwatch/clip/ema_mean{suffix}": mean,
+                f"gradwatch/clip/ema_std{suffix}": math.sqrt(max(var, 0.0)),
+                f"gradwatch/clip/spikes{suffix}": values["spikes"],
+                f"gradwatch/clip/threshold{suffix}": values["last_threshold"],
+            }
+            self._log_metrics(trainer, {k: v for k, v in metrics.items() if math.isfinite(v)})
         count = int(values["spikes"])
-        if count == 0:
-            return
+        if count:
+            self._emit_alert(trainer, self._spike_alert(index, suffix, values, count, start, end))
+
+    def _spike_alert(
+        self, index: int, suffix: str, values: dict[str, float], count: int, start: int, end: int
+    ) -> Alert:
         step = int(values["worst_step"])
         norm, limit, ratio, coef = (values[k] for k in ("worst_norm", "worst_threshold", "worst_ratio", "worst_coef"))
         what = "scaled by" if self.mode != "agc" else "smallest unit factor"
-        self._emit_alert(
-            trainer,
-            Alert(
-                step=step,
-                kind=AlertKind.GRADIENT_SPIKE,
-                name=f"optimizer{index}" if suffix else "",
-                value=norm,
-                threshold=limit,
-                message=(
-                    f"{count} gradient spike{'s' if count > 1 else ''} in the last {steps} steps; the worst at step "
-                    f"{step}: global norm {norm:.4g}, {ratio:.3g}x the expected ceiling, clipped ({what} {coef:.3g}). "
-                    "Isolated spikes are usually bad batches (outliers, label noise); frequent ones suggest a "
-                    "learning rate that is too high or missing warm-up."
-                ),
-            ),
+        covered = f"step {start}" if start == end else f"steps {start}-{end}"
+        finding = (
+            f"{count} gradient spike{'s' if count > 1 else ''} in {covered}; the worst at step {step}: global norm "
+            f"{norm:.4g}, {ratio:.3g}x the expected ceiling, clipped ({what} {coef:.3g})."
+        )
+        return Alert(
+            step=step,
+            kind=AlertKind.GRADIENT_SPIKE,
+            name=f"optimizer{index}" if suffix else "",
+            value=norm,
+            threshold=limit,
+            message=with_remedy(AlertKind.GRADIENT_SPIKE, finding),
         )
 
     # -- TensorBoard / state ---------------------------------------------------------------------------------
@@ -439,13 +307,44 @@ class AdaptiveClipping(GradwatchCallback):
         }
 
     @override
-    def _extra_state(self) -> dict[str, Any]:
-        saved: dict[int, dict[str, Tensor]] = {**self._loaded}
-        for index, state in self._state.items():
-            saved[index] = {k: state[k].detach().cpu().clone() for k in _PERSISTENT}
-        return {"clip_mode": self.mode, "clip_state": {str(i): s for i, s in saved.items()}}
+    def _config(self) -> dict[str, Any]:
+        return {"mode": self.mode, "norm_type": self.norm_type}
 
     @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._state.clear()
-        self._loaded = {int(i): dict(s) for i, s in state.get("clip_state", {}).items()}
+    def _extra_state(self) -> dict[str, Any]:
+        saved: dict[str, Any] = {str(i): s for i, s in self._loaded.items()}
+        for index, stats in self._stats.items():
+            saved[str(index)] = {
+                "statistics": stats.to_state(),
+                "interval": self._intervals[index].to_state(),
+                "interval_start": self._interval_start.get(index, 0),
+            }
+        return {"clip_state": saved}
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
+        self._stats.clear()
+        self._intervals.clear()
+        loaded = {int(i): dict(s) for i, s in state.get("clip_state", {}).items()}
+        if changed:  # statistics of another rule or norm do not apply; the unreported spikes still do
+            for s in loaded.values():
+                s.pop("statistics", None)
+        self._loaded = loaded
+        return ["the clipping statistics (a new warm-up follows)"] if changed and loaded else []
+
+
+def _make_rule(
+    mode: str,
+    z_threshold: float,
+    warmup_steps: int,
+    warmup_cap: float | None,
+    quantile: float,
+    history_size: int,
+    clip_factor: float,
+    agc_eps: float,
+    agc_exclude: Any,
+) -> ZScoreRule:
+    """The rule of ``mode``; every argument is validated, whichever mode uses it."""
+    percentile = PercentileRule(z_threshold, warmup_steps, warmup_cap, quantile, history_size)
+    agc = AGCRule(z_threshold, warmup_steps, warmup_cap, clip_factor, agc_eps, agc_exclude)
+    return {"zscore": ZScoreRule(z_threshold, warmup_steps, warmup_cap), "percentile": percentile, "agc": agc}[mode]

@@ -10,8 +10,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._activations import ActivationCallback, Layer
-from lightning_gradwatch._core import all_reduce_max, check_fraction, host_values
-from lightning_gradwatch.alerts import AlertKind
+from lightning_gradwatch._distributed import all_reduce_max
+from lightning_gradwatch._reporting import host_values
+from lightning_gradwatch._validation import check_number
+from lightning_gradwatch.alerts import AlertKind, with_remedy
 from lightning_gradwatch.functional.activations import alive_units, dead_fractions
 
 
@@ -68,9 +70,8 @@ class DeadNeuronCallback(ActivationCallback):
         window: int = 10,
         log_every_n_steps: int | None = None,
     ) -> None:
-        check_fraction("threshold", threshold)
         super().__init__(sample_every_n_steps, window, log_every_n_steps)
-        self.threshold = float(threshold)
+        self.threshold = check_number("threshold", threshold, gt=0, le=1)
         # all layers' units end to end: alive in this window; per layer: fed a rectifier in this window
         self._alive: Tensor | None = None
         self._seen: Tensor | None = None
@@ -138,11 +139,11 @@ class DeadNeuronCallback(ActivationCallback):
             if not seen:
                 continue
             size = self._layers[index].units
-            message = (
+            message = with_remedy(
+                AlertKind.DEAD_NEURONS,
                 f"Dead units in '{name}' at step {step}: {fraction:.0%} of its {size} units produced no "
                 f"positive activation over the last {self._batches_in_window} sampled batches (threshold "
-                f"{self.threshold:.0%}). Usual remedies: LeakyReLU or GELU instead of ReLU, a lower learning "
-                "rate, He (Kaiming) initialisation, biases not initialised negative."
+                f"{self.threshold:.0%}).",
             )
             findings.append((name, fraction, message))
         self._report(trainer, findings)

@@ -11,24 +11,13 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._core import (
-    GradwatchCallback,
-    ParamGroups,
-    check_positive,
-    check_positive_int,
-    exact_tags,
-    grad_scaler,
-    grad_unscale_factor,
-    group_of,
-    host_values,
-    layer_charts,
-    local_tensor,
-    logger_step,
-    optimizer_index,
-    scaler_found_inf,
-    tensorboard_writers,
-)
-from lightning_gradwatch.alerts import Alert, AlertKind
+from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._layout import exact_tags, layer_charts
+from lightning_gradwatch._params import ParamGroups, group_of, optimizer_index
+from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
+from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch._validation import check_bool, check_choice, check_number
+from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.norms import power_means, total_norm, validate_norm_type
 
 
@@ -104,29 +93,16 @@ class GradientNormLogger(GradwatchCallback):
     ) -> None:
         super().__init__()
         self.norm_type = validate_norm_type(norm_type)
-        if group_by not in ("module", "parameter"):
-            raise ValueError(f"`group_by` must be 'module' or 'parameter', got {group_by!r}.")
-        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
-        check_positive_int("histogram_every_n_steps", histogram_every_n_steps, allow_none=True)
-        if vanishing_threshold is not None:
-            check_positive("vanishing_threshold", vanishing_threshold)
-        check_positive("vanishing_ratio", vanishing_ratio)
-        if exploding_threshold is not None:
-            check_positive("exploding_threshold", exploding_threshold)
-        if exploding_factor is not None and not (isinstance(exploding_factor, (int, float)) and exploding_factor > 1):
-            raise ValueError(f"`exploding_factor` must be a number > 1 or None, got {exploding_factor!r}.")
-        check_positive_int("history_size", history_size)
-        if history_size < 5:
-            raise ValueError(f"`history_size` must be an integer >= 5, got {history_size!r}.")
-        self.group_by = group_by
-        self.log_every_n_steps = log_every_n_steps
-        self.log_grad_to_weight = log_grad_to_weight
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.vanishing_threshold = vanishing_threshold
-        self.vanishing_ratio = vanishing_ratio
-        self.exploding_threshold = exploding_threshold
-        self.exploding_factor = exploding_factor
-        self.history_size = history_size
+        self.group_by = check_choice("group_by", group_by, ("module", "parameter"))
+        positive_int: dict[str, Any] = {"ge": 1, "integer": True, "optional": True}
+        self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, **positive_int)
+        self.log_grad_to_weight = check_bool("log_grad_to_weight", log_grad_to_weight)
+        self.histogram_every_n_steps = check_number("histogram_every_n_steps", histogram_every_n_steps, **positive_int)
+        self.vanishing_threshold = check_number("vanishing_threshold", vanishing_threshold, gt=0, optional=True)
+        self.vanishing_ratio = check_number("vanishing_ratio", vanishing_ratio, gt=0)
+        self.exploding_threshold = check_number("exploding_threshold", exploding_threshold, gt=0, optional=True)
+        self.exploding_factor = check_number("exploding_factor", exploding_factor, gt=1, optional=True)
+        self.history_size = check_number("history_size", history_size, ge=5, integer=True)
         self._history: dict[str, list[float]] = {}
 
     @property
@@ -139,44 +115,43 @@ class GradientNormLogger(GradwatchCallback):
     # -- hooks -----------------------------------------------------------------------------------------------
     @override
     def _before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        step: StepGradients,
     ) -> None:
+        if not step.grads or step.repeat:
+            return  # the guard dropped this update, or a closure optimizer re-evaluates a step already logged
         log_now = self._should_log(trainer, self.log_every_n_steps)
         hist_now = (
             self.histogram_every_n_steps is not None and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0
         )
         if not (log_now or hist_now):
             return
-        groups = self._param_groups(trainer, pl_module, optimizer, self.group_by)
+        groups = step.index.grouping(self.group_by)
         if hist_now:
-            self._write_histograms(trainer, groups, optimizer)
+            self._write_histograms(trainer, groups, step)
         if log_now:
-            self._log_norms(trainer, groups, optimizer)
+            self._log_norms(trainer, groups, step)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _log_norms(self, trainer: pl.Trainer, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> None:
-        grads, positions = groups.present_grads()
-        if not grads:
-            return
-        layer_norms = groups.layer_norms(grads, positions, self.norm_type)
-        unscale = grad_unscale_factor(trainer, optimizer)
-        if unscale is not None:
-            layer_norms = layer_norms * unscale.to(layer_norms.device)
+    def _log_norms(self, trainer: pl.Trainer, groups: ParamGroups, step: StepGradients) -> None:
+        layer_norms = groups.combine(step.param_norms(self.norm_type), self.norm_type)  # the shared pass
         global_norm = total_norm(layer_norms, self.norm_type)
         to_fetch = [global_norm, layer_norms]
         if self.log_grad_to_weight:
-            weights = [local_tensor(groups.params[i].detach()) for i in positions]
-            weight_norms = groups.layer_norms(weights, positions, self.norm_type)
+            weight_norms = groups.combine(step.weight_norms(self.norm_type), self.norm_type)
             to_fetch.append(layer_norms / weight_norms.clamp_min(1e-12))
-        to_fetch.append(self._overflow_flag(trainer, optimizer, global_norm))
+        to_fetch.append(self._overflow_flag(step, global_norm))
 
         fetched = host_values(*to_fetch)  # the one host sync of a logging step
         if fetched[-1][0] > 0:
             return  # the GradScaler skips this step for overflow: normal under fp16, nothing to report
         total, per_layer = fetched[0][0], fetched[1]
-        suffix = self._optimizer_suffix(trainer, optimizer)
+        suffix = self._optimizer_suffix(trainer, step.optimizer)
         metrics = {f"gradwatch/global/grad_norm{suffix}": total}
-        present_groups = sorted({groups.group_of_param[i] for i in positions})
+        present_groups = sorted({groups.group_of_param[i] for i in step.positions})
         for g in present_groups:
             metrics[f"gradwatch/grad_norm/{groups.group_names[g]}"] = per_layer[g]
         if self.log_grad_to_weight:
@@ -187,12 +162,11 @@ class GradientNormLogger(GradwatchCallback):
         self._check(trainer, groups, present_groups, total, per_layer, suffix)
 
     @staticmethod
-    def _overflow_flag(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, global_norm: Tensor) -> Tensor:
+    def _overflow_flag(step: StepGradients, global_norm: Tensor) -> Tensor:
         """1.0 on a step the GradScaler will skip for overflow, else 0.0 (a device tensor, no sync)."""
-        found_inf = scaler_found_inf(trainer, optimizer)
-        if found_inf is not None:
-            return found_inf.to(global_norm.device)
-        if grad_scaler(trainer) is not None:
+        if step.found_inf is not None:
+            return step.found_inf.to(global_norm.device)
+        if step.has_scaler:
             # fused optimizers check for inf inside their own step: non-finite scaled grads mean a skip there too
             return (~torch.isfinite(global_norm)).to(torch.float32)
         return torch.zeros((), device=global_norm.device)
@@ -238,11 +212,10 @@ class GradientNormLogger(GradwatchCallback):
                 name=largest_name,
                 value=total,
                 threshold=threshold,
-                message=(
+                message=with_remedy(
+                    AlertKind.EXPLODING_GRADIENT,
                     f"Exploding gradients at step {step}: the global {p}-norm {total:.4g} {reason}; the largest "
-                    f"layer norm is in '{largest_name}' ({per_layer[largest]:.4g}). Usual remedies: clip gradients "
-                    "(AdaptiveClipping or Trainer(gradient_clip_val=...)), lower the learning rate, check the "
-                    "weight initialisation and the scale of inputs and targets."
+                    f"layer norm is in '{largest_name}' ({per_layer[largest]:.4g}).",
                 ),
             ),
         )
@@ -289,34 +262,31 @@ class GradientNormLogger(GradwatchCallback):
                 name=first_name,
                 value=first_value,
                 threshold=float(self.vanishing_threshold),  # type: ignore[arg-type]
-                message=(
+                message=with_remedy(
+                    AlertKind.VANISHING_GRADIENT,
                     f"Vanishing gradients at step {step}: layer '{first_name}' has a gradient magnitude of "
                     f"{first_value:.3g} per element, {first_value / median:.2g}x the network's median "
-                    f"({median:.3g}); {len(offending)} of the first {len(early)} layers are affected. Usual "
-                    "remedies: ReLU-family activations instead of sigmoid/tanh, residual connections, "
-                    "normalisation layers (BatchNorm/LayerNorm), He/Xavier initialisation."
+                    f"({median:.3g}); {len(offending)} of the first {len(early)} layers are affected.",
                 ),
             ),
         )
 
-    def _write_histograms(self, trainer: pl.Trainer, groups: ParamGroups, optimizer: torch.optim.Optimizer) -> None:
+    def _write_histograms(self, trainer: pl.Trainer, groups: ParamGroups, step: StepGradients) -> None:
         writers = tensorboard_writers(trainer)
         if not writers:
             return
-        unscale = grad_unscale_factor(trainer, optimizer)
         by_group: dict[int, list[Tensor]] = {}
-        grads, positions = groups.present_grads()
-        for g, i in zip(grads, positions, strict=True):
+        for g, i in zip(step.grads, step.positions, strict=True):
             by_group.setdefault(groups.group_of_param[i], []).append(g.detach().reshape(-1).float())
-        step = logger_step(trainer)
+        logged_step = logger_step(trainer)
         for g, parts in by_group.items():
             values = torch.cat(parts)
-            if unscale is not None:
-                values = values * unscale.to(values.device)
+            if step.unscale is not None:
+                values = values * step.unscale.to(values.device)
             values = values[torch.isfinite(values)].cpu()
             if values.numel():
                 for writer in writers:
-                    writer.add_histogram(f"gradwatch/grad_hist/{groups.group_names[g]}", values, step)
+                    writer.add_histogram(f"gradwatch/grad_hist/{groups.group_names[g]}", values, logged_step)
 
     @override
     def _tensorboard_layout(
@@ -334,9 +304,17 @@ class GradientNormLogger(GradwatchCallback):
 
     # -- state -----------------------------------------------------------------------------------------------
     @override
+    def _config(self) -> dict[str, Any]:
+        return {"norm_type": self.norm_type}
+
+    @override
     def _extra_state(self) -> dict[str, Any]:
         return {"norm_history": {k: list(v) for k, v in self._history.items()}}
 
     @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
+    def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
+        if "norm_type" in changed:  # norms of another p are not comparable: the relative rule starts afresh
+            self._history = {}
+            return ["the global-norm history of the relative exploding rule"] if state.get("norm_history") else []
         self._history = {str(k): [float(x) for x in v] for k, v in state.get("norm_history", {}).items()}
+        return []

@@ -9,10 +9,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
-from lightning_gradwatch._core import GradwatchCallback, gradwatch_callbacks
+from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
+from lightning_gradwatch._reporting import log_dir
 from lightning_gradwatch.alerts import ALERT_KIND_INFO, Alert, AlertKind
 
 
@@ -107,6 +107,7 @@ class HealthReport(GradwatchCallback):
     """
 
     hook_order = 100
+    single_instance = True
 
     def __init__(self, dirpath: str | None = None, print_report: bool = True) -> None:
         super().__init__()
@@ -123,6 +124,7 @@ class HealthReport(GradwatchCallback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._report(trainer)
 
     def _report(self, trainer: pl.Trainer) -> None:
@@ -134,7 +136,7 @@ class HealthReport(GradwatchCallback):
             f.kind in (AlertKind.NON_FINITE, AlertKind.LOSS_SCALE_COLLAPSE) for f in self.findings
         )
         text = render_markdown(self.findings, trainer.global_step, stopped_early)
-        directory = self.dirpath or _log_dir(trainer)
+        directory = self.dirpath or log_dir(trainer)
         os.makedirs(directory, exist_ok=True)
         md_path = os.path.join(directory, "gradwatch_report.md")
         json_path = os.path.join(directory, "gradwatch_report.json")
@@ -154,14 +156,3 @@ class HealthReport(GradwatchCallback):
         self.report_paths = [md_path, json_path]
         if self.print_report:
             print(text + (f"(saved to {md_path})\n" if self.findings else ""), end="")
-
-
-def _log_dir(trainer: pl.Trainer) -> str:
-    """The Trainer's log directory, found without ``trainer.log_dir`` (a collective) so rank zero can call it alone."""
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
-            return logger.log_dir
-        if logger.save_dir is not None:
-            return logger.save_dir
-    return trainer.default_root_dir

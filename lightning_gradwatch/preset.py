@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_gradwatch._core import GradwatchCallback, check_positive_int
-from lightning_gradwatch.adaptive_clipping import AdaptiveClipping
+from lightning_gradwatch._base import GradwatchCallback, find_state
+from lightning_gradwatch._validation import check_bool, check_choice, check_number
+from lightning_gradwatch.adaptive_clipping import CLIP_MODES, AdaptiveClipping, ClipMode
 from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.dead_neurons import DeadNeuronCallback
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
-from lightning_gradwatch.nan_guard import NaNGuard
+from lightning_gradwatch.nan_guard import NAN_ACTIONS, NanAction, NaNGuard
 from lightning_gradwatch.saturation import SaturationCallback
-
-_ACTIONS = ("halt", "skip", "rollback")
-_CLIP_MODES = ("zscore", "percentile", "agc")
 
 
 def default_callbacks(
-    nan_action: Literal["halt", "skip", "rollback"] = "halt",
-    clipping: Literal["zscore", "percentile", "agc"] | None = "zscore",
+    nan_action: NanAction = "halt",
+    clipping: ClipMode | None = "zscore",
     activations: bool = True,
     report: bool = True,
     log_every_n_steps: int | None = None,
@@ -41,11 +39,11 @@ def default_callbacks(
 
         trainer = Trainer(callbacks=default_callbacks(nan_action="rollback"))
     """
-    if nan_action not in _ACTIONS:
-        raise ValueError(f"`nan_action` must be one of {', '.join(map(repr, _ACTIONS))}, got {nan_action!r}.")
-    if clipping is not None and clipping not in _CLIP_MODES:
-        raise ValueError(f"`clipping` must be one of {', '.join(map(repr, _CLIP_MODES))} or None, got {clipping!r}.")
-    check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+    check_choice("nan_action", nan_action, NAN_ACTIONS)
+    check_choice("clipping", clipping, CLIP_MODES, optional=True)
+    activations = check_bool("activations", activations)
+    report = check_bool("report", report)
+    log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
     callbacks: list[GradwatchCallback] = [
         NaNGuard(action=nan_action, log_every_n_steps=log_every_n_steps),
         GradientNormLogger(log_every_n_steps=log_every_n_steps),
@@ -95,13 +93,15 @@ class GradWatch(Callback):
 
     def __init__(
         self,
-        nan_action: Literal["halt", "skip", "rollback"] = "halt",
-        clipping: Literal["zscore", "percentile", "agc"] | None = "zscore",
+        nan_action: NanAction = "halt",
+        clipping: ClipMode | None = "zscore",
         activations: bool = True,
         report: bool = True,
         log_every_n_steps: int | None = None,
     ) -> None:
         self.gradwatch_callbacks = default_callbacks(nan_action, clipping, activations, report, log_every_n_steps)
+        for callback in self.gradwatch_callbacks:
+            callback._bundled = True  # their state is saved and restored here, under the bundle's key
 
     @property
     def alerts(self) -> list[Alert]:
@@ -115,12 +115,23 @@ class GradWatch(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for cb in self.gradwatch_callbacks:
-            if cb.state_key in state_dict:
-                cb.load_state_dict(state_dict[cb.state_key])
+            state = find_state(cb, state_dict)  # its own key, or its class's saved with other arguments
+            if state is not None:
+                cb.load_state_dict(state)
+
+    @override
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks", {})
+        if self.state_key not in states:  # saved by separate gradwatch callbacks: restore each from its own entry
+            self.load_state_dict(states)
 
 
 def _forward(hook: str) -> Any:
     def forward(self: GradWatch, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(self, GradWatch):  # Lightning called the hook on the class: callbacks=[GradWatch]
+            raise TypeError(
+                "callbacks=[GradWatch] passes the class itself; pass an instance: Trainer(callbacks=[GradWatch()])."
+            )
         for callback in self.gradwatch_callbacks:
             getattr(callback, hook)(*args, **kwargs)
 
@@ -129,5 +140,5 @@ def _forward(hook: str) -> Any:
     return forward
 
 
-for _hook in [name for name in dir(Callback) if name.startswith("on_")] + ["setup", "teardown"]:
+for _hook in [n for n in dir(Callback) if n.startswith("on_") and n != "on_load_checkpoint"] + ["setup", "teardown"]:
     setattr(GradWatch, _hook, _forward(_hook))

@@ -10,8 +10,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._activations import ActivationCallback, Layer
-from lightning_gradwatch._core import all_reduce_sum, check_fraction, host_values
-from lightning_gradwatch.alerts import AlertKind
+from lightning_gradwatch._distributed import all_reduce_sum
+from lightning_gradwatch._reporting import host_values
+from lightning_gradwatch._validation import check_number
+from lightning_gradwatch.alerts import AlertKind, with_remedy
 from lightning_gradwatch.functional.activations import saturated_count, saturation_bound
 
 _BOUNDS = {"sigmoid": "0 or 1", "tanh": "-1 or 1"}
@@ -66,12 +68,9 @@ class SaturationCallback(ActivationCallback):
         window: int = 10,
         log_every_n_steps: int | None = None,
     ) -> None:
-        check_fraction("threshold", threshold)
-        if not (isinstance(margin, (int, float)) and not isinstance(margin, bool) and 0 < margin < 0.5):
-            raise ValueError(f"`margin` must be a number with 0 < margin < 0.5, got {margin!r}.")
         super().__init__(sample_every_n_steps, window, log_every_n_steps)
-        self.threshold = float(threshold)
-        self.margin = float(margin)
+        self.threshold = check_number("threshold", threshold, gt=0, le=1)
+        self.margin = check_number("margin", margin, gt=0, lt=0.5)
         self._bounds = {kind: saturation_bound(kind, self.margin) for kind in self.kinds}
         self._names: list[str] = []
         # per layer, this window: saturated count (device), element count and kinds seen (host: known without sync)
@@ -135,11 +134,11 @@ class SaturationCallback(ActivationCallback):
             kind = " and ".join(kinds)
             bounds = " or ".join(_BOUNDS[k] for k in kinds)
             fraction = values[i] / total
-            message = (
+            message = with_remedy(
+                AlertKind.SATURATION,
                 f"Saturated {kind} after '{name}' at step {step}: {fraction:.0%} of its outputs lie within "
                 f"{self.margin:g} of {bounds} over the last {self._batches_in_window} sampled batches (threshold "
-                f"{self.threshold:.0%}), where their gradient all but vanishes. Usual remedies: ReLU-family "
-                "activations, normalisation layers (BatchNorm/LayerNorm), smaller weight initialisation."
+                f"{self.threshold:.0%}), where their gradient all but vanishes.",
             )
             findings.append((name, fraction, message))
         self._report(trainer, findings)

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradwatch import AdaptiveClipping, GradientNormLogger
-from lightning_gradwatch._core import grad_scaler, grads_are_scaled
+from lightning_gradwatch._precision import grad_scaler, grads_are_scaled
 from tests import tensorboard_events as tb
 from tests.distributed import run_ddp_script
 from tests.models import Classifier, mlp, trainer_kwargs
@@ -120,8 +120,8 @@ def test_spike_during_warmup_is_capped_and_does_not_disable_clipping_later(tmp_p
     fit(tmp_path, Spiky(spike_step=6, hook=second_spike), [pre, callback, post], max_steps=50)
     early = statistics.fmean(pre.by_step[s] for s in range(6))
     assert pre.by_step[6] > 100 * early and post.by_step[6] == pytest.approx(10 * early, rel=1e-3)  # warm-up cap
-    std = callback._state[0]["var"].sqrt().item()
-    assert std < callback._state[0]["mean"].item()  # the variance was not blown up by the first spike...
+    std = callback._stats[0].var.sqrt().item()
+    assert std < callback._stats[0].mean.item()  # the variance was not blown up by the first spike...
     clipped_and_reported(pre, post, _SpikesAfter(callback, 6), SPIKE_STEP)  # ...so this one is clipped
     assert [a.step for a in callback.alerts] == [6, SPIKE_STEP]
 
@@ -153,15 +153,15 @@ def test_healthy_run_is_barely_touched(tmp_path: Any, gradwatch_log: Any) -> Non
     pre, post = Norms(), Norms()
     callback = AdaptiveClipping()
     fit(tmp_path, Spiky(spike_step=None, optimizer="adam", lr=3e-3), [pre, callback, post], max_steps=80)
-    state = callback._state[0]
-    assert state["total_steps"].item() == 80
-    assert state["total_clipped"].item() <= 4  # at most 5% of the steps
+    state = callback._stats[0]
+    assert state.total_steps.item() == 80
+    assert state.total_clipped.item() <= 4  # at most 5% of the steps
     touched = [s for s in pre.by_step if post.by_step[s] < pre.by_step[s] * (1 - 1e-6)]
-    assert len(touched) == state["total_clipped"].item()
+    assert len(touched) == state.total_clipped.item()
     for s in touched:  # and never by much
         assert post.by_step[s] > 0.5 * pre.by_step[s]
     assert callback.alerts == [] and "gradient_spike" not in gradwatch_log.text
-    assert state["mean"].item() == pytest.approx(statistics.fmean(list(pre.by_step.values())[-33:]), rel=0.3)
+    assert state.mean.item() == pytest.approx(statistics.fmean(list(pre.by_step.values())[-33:]), rel=0.3)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam_fused"])
@@ -185,9 +185,9 @@ def test_fp16_overflow_steps_neither_poison_the_statistics_nor_get_clipped(tmp_p
     assert len(overflow) == skipped >= 15  # many overflow steps happened, before the statistics were ready
     for s in overflow:  # left as they were (inf), not turned into NaN or zero: the scaler skips them
         assert post.by_step[s] == pre.by_step[s] or math.isnan(post.by_step[s]) == math.isnan(pre.by_step[s])
-    state = callback._state[0]
-    assert state["count"].item() == 50 - skipped
-    assert all(math.isfinite(state[k].item()) for k in ("mean", "var"))
+    state = callback._stats[0]
+    assert state.count.item() == 50 - skipped
+    assert all(math.isfinite(getattr(state, k).item()) for k in ("mean", "var"))
     # clipping works afterwards: the spike is clipped, and reported
     normal = statistics.median(pre.by_step[s] for s in range(SPIKE_STEP - 8, SPIKE_STEP))
     assert pre.by_step[SPIKE_STEP] > 50 * normal and post.by_step[SPIKE_STEP] < 2 * normal
@@ -207,9 +207,9 @@ def test_non_finite_norm_under_32_is_left_to_nanguard(tmp_path: Any) -> None:
     model = Spiky(spike_step=None, hook=poison)
     fit(tmp_path, model, [pre, callback, post], max_steps=40)
     assert pre.by_step[30] == math.inf and post.by_step[30] == math.inf  # untouched: not clipped to 0 or NaN
-    state = callback._state[0]
-    assert state["count"].item() == 39  # not folded into the statistics
-    assert math.isfinite(state["mean"].item()) and math.isfinite(state["var"].item())
+    state = callback._stats[0]
+    assert state.count.item() == 39  # not folded into the statistics
+    assert math.isfinite(state.mean.item()) and math.isfinite(state.var.item())
     assert callback.alerts == []
 
 
@@ -236,10 +236,10 @@ def test_checkpoint_resume_restores_the_statistics(tmp_path: Any, mode: str) -> 
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
-    live = callback._state[0]
+    live = callback._stats[0]
     for key in ("mean", "var", "count", "history", "history_count"):
-        assert torch.equal(saved["clip_state"]["0"][key], live[key].cpu())
-    assert saved["clip_state"]["0"]["count"].item() == SPIKE_STEP + 5
+        assert torch.equal(saved["clip_state"]["0"]["statistics"][key], getattr(live, key).cpu())
+    assert saved["clip_state"]["0"]["statistics"]["count"].item() == SPIKE_STEP + 5
     assert [a["kind"] for a in saved["alerts"]] == ["gradient_spike"]
 
     resumed = AdaptiveClipping(mode=mode)  # type: ignore[arg-type]
@@ -248,14 +248,14 @@ def test_checkpoint_resume_restores_the_statistics(tmp_path: Any, mode: str) -> 
     class Peek(Callback):
         def on_train_batch_start(self, *args: Any) -> None:
             if not seen:
-                resumed._state_for(0, torch.device("cpu"))
-                seen.update({k: v.item() for k, v in resumed._state[0].items() if v.numel() == 1})
+                stats, _ = resumed._state_for(0, torch.device("cpu"), 0)
+                seen.update({k: v.item() for k, v in stats.to_state().items() if v.numel() == 1})
 
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resume", callbacks=[resumed, Peek()], max_steps=SPIKE_STEP + 10))
     trainer.fit(Spiky(), ckpt_path=path)
     # resumed statistics: no second warm-up, and the state continues from where it was
-    assert seen["count"] == SPIKE_STEP + 5 and seen["mean"] == pytest.approx(live["mean"].item())
-    assert resumed._state[0]["count"].item() == SPIKE_STEP + 10
+    assert seen["count"] == SPIKE_STEP + 5 and seen["mean"] == pytest.approx(live.mean.item())
+    assert resumed._stats[0].count.item() == SPIKE_STEP + 10
     assert [a.kind for a in resumed.alerts] == ["gradient_spike"]  # the alert history came back too
 
 

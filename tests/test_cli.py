@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lightning_gradwatch._core import GradwatchCallback
+from lightning_gradwatch._base import GradwatchCallback
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

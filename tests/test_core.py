@@ -11,14 +11,8 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gradwatch import Alert, GradientNormLogger
-from lightning_gradwatch._core import (
-    CHART_LINES,
-    MAX_CHARTS,
-    GradwatchCallback,
-    exact_tags,
-    layer_charts,
-    merge_layouts,
-)
+from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._layout import CHART_LINES, MAX_CHARTS, exact_tags, layer_charts, merge_layouts
 from tests import tensorboard_events as tb
 from tests.models import Classifier, mlp, trainer_kwargs
 
@@ -34,7 +28,9 @@ class Recorder(GradwatchCallback):
     def state_key(self) -> str:
         return self._generate_state_key(label=self.label)
 
-    def _before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def _before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, step: Any
+    ) -> None:
         calls.append(self.label)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from lightning_gradwatch import Alert, GradientNormLogger
-from lightning_gradwatch._core import grad_scaler, grads_are_scaled
+from lightning_gradwatch._precision import grad_scaler, grads_are_scaled
 from tests import tensorboard_events as tb
 from tests.distributed import run_ddp_script
 from tests.models import (

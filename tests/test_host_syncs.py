@@ -1,4 +1,4 @@
-"""The host-device syncs each callback adds, counted on CPU (see tests/host_reads.py).
+"""The host-device syncs each callback adds, counted on CPU (see lightning_gradwatch/testing.py).
 
 The target: nothing on a step that does not log, except NaNGuard's one flag per step in 32-bit and bf16 (under
 fp16 it reads the GradScaler's own found-inf, which the scaler has already brought to the host); one transfer
@@ -26,7 +26,7 @@ from lightning_gradwatch import (
     NaNGuard,
     SaturationCallback,
 )
-from tests.host_reads import HostReadCounter
+from lightning_gradwatch.testing import HostReadCounter
 from tests.models import IN_FEATURES, NUM_CLASSES, Classifier, classification_data, trainer_kwargs
 
 STEPS = 40

@@ -201,14 +201,15 @@ def test_rollback_restores_buffers_poisoned_by_the_forward_pass(tmp_path: Any) -
     assert "rolled back" in alert.message and "only action='rollback'" not in alert.message
 
 
-def test_skip_names_buffers_the_forward_pass_poisoned(tmp_path: Any) -> None:
-    guard = NaNGuard(action="skip")
+def test_skip_restores_the_buffers_the_forward_pass_poisoned(tmp_path: Any) -> None:
+    guard, snaps = NaNGuard(action="skip"), Snapshots()
     model = Poisoned(nan_steps=(5,), net=batchnorm_mlp())
-    fit(tmp_path, model, [guard], max_steps=8)
+    fit(tmp_path, model, [guard, snaps], max_steps=8)
     [alert] = guard.alerts
     assert "buffers 2 buffer(s) (net.1.running_mean, net.1.running_var)" in alert.message
-    assert "only action='rollback' restores them" in alert.message
-    assert finite(model) and not finite_buffers(model)  # the limitation the message states
+    assert "the buffers were restored to their values before this step" in alert.message
+    assert finite(model) and finite_buffers(model)
+    assert same(snaps.buffers[6], snaps.buffers[5])  # the faulty batch's update of the statistics was undone
 
 
 def test_halt_holds_when_min_steps_keeps_the_loop_going(tmp_path: Any) -> None:
@@ -296,7 +297,8 @@ def test_resume_from_the_halt_checkpoint(tmp_path: Any) -> None:
     guard = NaNGuard()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpts")
     fit(tmp_path, Poisoned(nan_steps=(10,)), [guard, checkpoints], max_steps=30, enable_checkpointing=True)
-    assert guard.halt_checkpoint == str(tmp_path / "ckpts" / "gradwatch-halt-step=11.ckpt")
+    # named after the faulty step, as the alert and the log are; it holds the state before that step's update
+    assert guard.halt_checkpoint == str(tmp_path / "ckpts" / "gradwatch-halt-step=10.ckpt")
     # the same fault again right after resuming: a new episode, alerted and halted at once
     again = NaNGuard()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[again], max_steps=30))
@@ -326,7 +328,7 @@ def test_ddp_nan_on_one_rank_stops_both_at_the_same_step(tmp_path: Any) -> None:
     assert [a["kind"] for a in rank0["alerts"]] == ["non_finite"] == [a["kind"] for a in rank1["alerts"]]
     # the checkpoint on halt is a collective save: both ranks know it, rank 0 wrote it, with finite weights
     assert (
-        rank0["halt_checkpoint"] == rank1["halt_checkpoint"] == str(tmp_path / "ckpts" / "gradwatch-halt-step=6.ckpt")
+        rank0["halt_checkpoint"] == rank1["halt_checkpoint"] == str(tmp_path / "ckpts" / "gradwatch-halt-step=5.ckpt")
     )
     assert rank0["saved"] == {"global_step": 6, "finite": True}
 

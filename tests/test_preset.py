@@ -60,7 +60,7 @@ def test_order_is_correct_by_construction_and_the_guard_halts(
     logged = dict(tb.scalars(tmp_path / "tb" / "version_0")["gradwatch/global/grad_norm"])
     assert 6 not in logged and all(math.isfinite(v) for v in logged.values())
     clip = watch.gradwatch_callbacks[4]
-    assert math.isfinite(clip._state[0]["mean"].item())
+    assert math.isfinite(clip._stats[0].mean.item())
     out = capsys.readouterr().out
     assert "Non-finite values" in out and "stopped early" in out
     report = json.loads(Path(tmp_path / "tb" / "version_0" / "gradwatch_report.json").read_text())

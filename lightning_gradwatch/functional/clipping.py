@@ -142,14 +142,13 @@ def agc_coefficients(
     clip_factor: float,
     eps: float = 1e-3,
     grad_scale: Tensor | None = None,
-) -> tuple[list[Tensor], Tensor, Tensor]:
+) -> tuple[list[Tensor], Tensor]:
     """Unit-wise clip coefficients of Adaptive Gradient Clipping (Brock et al., NFNets 2021).
 
     A unit is one output row of a weight (dimension 0; the rest is flattened): its gradient norm may be at
     most ``clip_factor * max(||W_unit||, eps)``. Returns, for each pair, a coefficient tensor shaped to
     broadcast against the gradient (``(rows, 1, ..., 1)``), 1.0 where the unit is within its limit or its
-    gradient norm is not finite; also the largest ``||G_unit|| / max_norm`` over all units and the squared
-    sum of all unit gradient norms (for the global norm), both 0-dim.
+    gradient norm is not finite; and the largest ``||G_unit|| / max_norm`` over all units (0-dim).
 
     Args:
         weights, grads: parameters and their gradients, pairwise, each at least 2-D.
@@ -160,7 +159,6 @@ def agc_coefficients(
     """
     coefficients: list[Tensor] = []
     ratios: list[Tensor] = []
-    squares: list[Tensor] = []
     for w, g in zip(weights, grads, strict=True):
         shape = (-1,) + (1,) * (g.dim() - 1)
         g_norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float32)
@@ -171,23 +169,18 @@ def agc_coefficients(
         coefficient = clip_coefficient(g_norm, max_norm, eps=1e-12)
         coefficients.append(coefficient.reshape(shape).to(g.dtype))
         ratios.append((g_norm / max_norm).amax())
-        squares.append(g_norm.square().sum())
     if not coefficients:
-        zero = torch.zeros(())
-        return [], zero, zero
+        return [], torch.zeros(())
     device = grads[0].device
-    return (
-        coefficients,
-        torch.stack([r.to(device) for r in ratios]).amax(),
-        torch.stack([s.to(device) for s in squares]).sum(),
-    )
+    return coefficients, torch.stack([r.to(device) for r in ratios]).amax()
 
 
 def apply_clip_coefficient(grads: Sequence[Tensor], coefficient: Tensor) -> None:
     """Multiply ``grads`` in place by the 0-dim ``coefficient``, with one ``foreach`` kernel per device and dtype.
 
     Like ``torch.nn.utils.clip_grad_norm_``, the multiplication always happens (by 1.0 when nothing is
-    clipped): deciding whether to skip it would need a host sync.
+    clipped): deciding whether to skip it would need a host sync. (On a CPU, where reading the coefficient is free,
+    the caller may skip the call instead.)
     """
     buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:

@@ -25,7 +25,7 @@ if __name__ == "__main__":
     # the outlier batch only on rank 0: after the all-reduce both ranks see the same spike
     model.factor = 1000.0 if trainer.global_rank == 0 else 1.0
     trainer.fit(model)
-    state = {k: v.tolist() for k, v in callback._state[0].items() if v.numel() == 1}
+    state = {k: v.tolist() for k, v in callback._stats[0].to_state().items() if v.numel() == 1}
     report(
         out_dir,
         trainer.global_rank,

@@ -1,7 +1,7 @@
 """2-process FSDP2 (fully_shard, gloo, CPU): per-layer norms from local shards equal the full gradients' norms.
 
 Lightning's FSDP strategies require a GPU, so this drives torch's FSDP2 directly through the same code path the
-callbacks use (ParamGroups.build(sharded=True) and ParamGroups.layer_norms).
+callbacks use (OptimizerParams.of(sharded=True), StepGradients.param_norms and ParamGroups.combine).
 """
 
 import math
@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_gradwatch._core import ParamGroups
+from lightning_gradwatch._params import OptimizerParams
+from lightning_gradwatch._step import StepGradients
 from tests.distributed import report
 
 
@@ -34,11 +35,12 @@ def run(rank: int, out_dir: str, port: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(8, 5) * (rank + 1)).pow(2).sum().backward()
 
-    groups = ParamGroups.build(model, optimizer, "module", sharded=True)
-    grads, positions = groups.present_grads()
+    index = OptimizerParams.of(model, optimizer, sharded=True)
+    groups = index.grouping("module")
+    step = StepGradients(optimizer, index)
     result = {"groups": groups.group_names, "numels": groups.group_numels.tolist()}
     for p_name, p in (("2", 2.0), ("inf", math.inf), ("1", 1.0)):
-        result[f"sharded_{p_name}"] = groups.layer_norms(grads, positions, p).tolist()
+        result[f"sharded_{p_name}"] = groups.combine(step.param_norms(p), p).tolist()
         full = {}
         for name, param in model.named_parameters():
             full.setdefault(name.rpartition(".")[0], []).append(param.grad.full_tensor().flatten())

@@ -1,4 +1,7 @@
-"""Count, on CPU, the operations that would make the host wait for the GPU.
+"""Testing aid: count, on CPU, the operations that would make the host wait for the GPU.
+
+Used by the test suite and ``benchmarks/overhead.py`` to hold every callback to its host-sync budget without a GPU;
+useful too for checking one's own callbacks or LightningModule code.
 
 On a GPU, reading a device tensor from Python (``.item()``, ``.tolist()``, ``bool(t)``, ``.cpu()``, ...) or
 running an op whose output size depends on the data (``nonzero``, boolean-mask indexing, ``unique``, ...)
@@ -25,6 +28,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+
+from lightning_gradwatch import _step
+
+__all__ = ["HostReadCounter"]
 
 _READS_HOST = {
     torch.Tensor.item,
@@ -101,11 +108,24 @@ def _makes_host_tensors(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 class HostReadCounter(TorchFunctionMode):
-    """While entered, records each host read made during a training batch, keyed by the optimizer step the batch
+    """While entered, records each host read made during a training batch (from the :meth:`callback`'s
+    ``on_train_batch_start`` to the next batch or the end of the epoch), keyed by the optimizer step the batch
     belongs to (``trainer.global_step``: with gradient accumulation, its micro-batches add up).
 
     :attr:`reads` maps a step to the call sites of its reads; :attr:`logging_steps` holds the steps on which the
     Trainer logs (set by :meth:`callback`, which must be in the Trainer's callbacks).
+
+    While entered, gradwatch takes its device path on the CPU too: the decisions it would take on the host where a
+    read is free (e.g. skipping a multiplication by 1 when nothing is clipped) are taken on the device, as on a
+    GPU, so what is counted is what a GPU run would sync.
+
+    Example::
+
+        counter = HostReadCounter()
+        trainer = Trainer(accelerator="cpu", callbacks=[counter.callback(), MyCallback()])
+        with counter:
+            trainer.fit(model)
+        print(counter.per_step())  # host reads per optimizer step
     """
 
     def __init__(self) -> None:
@@ -114,6 +134,15 @@ class HostReadCounter(TorchFunctionMode):
         self.reads: dict[int, list[str]] = defaultdict(list)
         self.steps: list[int] = []
         self.logging_steps: set[int] = set()
+        self._host_decisions = True
+
+    def __enter__(self) -> HostReadCounter:
+        self._host_decisions, _step.HOST_DECISIONS_ON_CPU = _step.HOST_DECISIONS_ON_CPU, False
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        _step.HOST_DECISIONS_ON_CPU = self._host_decisions
+        super().__exit__(*exc)
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -141,6 +170,9 @@ class HostReadCounter(TorchFunctionMode):
                 if trainer._logger_connector.should_update_logs:
                     counter.logging_steps.add(counter.step)
 
+            def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                counter.step = None  # reads at the end of an epoch or of the fit belong to no step
+
             def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
                 counter.step = None
 
@@ -154,6 +186,6 @@ def _call_site(func: Any) -> str:
     """The innermost frame outside torch, for a failure message that says who read."""
     name = getattr(func, "__name__", repr(func))
     for frame in reversed(traceback.extract_stack()[:-3]):
-        if "/torch/" not in frame.filename and not frame.filename.endswith("host_reads.py"):
+        if "/torch/" not in frame.filename and not frame.filename.endswith("testing.py"):
             return f"{name} at {frame.filename.rsplit('/', 2)[-2:]}:{frame.lineno} in {frame.name}"
     return name

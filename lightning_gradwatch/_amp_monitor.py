@@ -1,0 +1,88 @@
+"""NaNGuard's view of fp16 loss scaling: overflow-skipped steps counted on the device, read at a cadence.
+
+Under ``16-mixed`` a step whose gradients overflowed is normal: the GradScaler skips it and lowers the scale. The
+monitor counts such steps from the scaler's own found-inf flag (or, for fused optimizers that look for inf inside
+their own step, from the scale's backoff one step later), with no host sync; :meth:`AmpMonitor.read` brings the
+counters to the host in one transfer when the guard asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_gradwatch._distributed import all_reduce_max
+from lightning_gradwatch._reporting import host_values
+
+
+@dataclass(frozen=True)
+class AmpReading:
+    """What happened since the previous reading, reduced over ranks."""
+
+    loss_faults: int  # steps whose loss was non-finite
+    max_consecutive: int  # the longest run of overflow-skipped steps
+    consecutive: int  # the current run of overflow-skipped steps
+    overflows: int  # overflow-skipped steps (this rank)
+    scale: float  # the current loss scale
+    extra: tuple[float, ...]  # the caller's flags (max over ranks), in the order given
+
+
+class AmpMonitor:
+    """Device-side counters of overflow-skipped steps and non-finite losses under a GradScaler."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, Tensor] = {}
+        self._previous_scale: Tensor | None = None
+
+    def reset(self) -> None:
+        self._counters = {}
+        self._previous_scale = None
+
+    def observe(
+        self, scaler: torch.amp.GradScaler, found_inf: Tensor | None, loss_bad: Tensor, device: torch.device
+    ) -> None:
+        """Fold one optimizer step in (no host sync)."""
+        assert scaler._scale is not None
+        c = self._counters
+        if not c:
+            c.update({k: torch.zeros((), device=device) for k in ("overflows", "consecutive", "longest", "loss")})
+        if found_inf is not None:
+            overflow = (found_inf > 0).to(device, torch.float32)
+        else:
+            # fused optimizers look for inf inside scaler.step, after this hook. The scaler backs the scale off
+            # exactly when a step overflowed, so a lower scale than at the last step means the previous step
+            # overflowed: exact, free, one step late.
+            scale = scaler._scale.detach().reshape(()).to(device, torch.float32)
+            previous = self._previous_scale
+            overflow = (scale < previous).float() if previous is not None else torch.zeros((), device=device)
+            self._previous_scale = scale.clone()
+        c["overflows"] += overflow
+        c["consecutive"] = (c["consecutive"] + 1) * overflow
+        c["longest"] = torch.maximum(c["longest"], c["consecutive"])
+        c["loss"] += loss_bad.to(device, torch.float32)
+
+    def read(self, scaler: torch.amp.GradScaler, extra: list[Tensor], device: torch.device) -> AmpReading:
+        """Reduce the counters (and the caller's ``extra`` flags) across ranks and bring them to the host in one
+        transfer; the window starts afresh."""
+        assert scaler._scale is not None
+        c = self._counters
+        if not c:
+            self.observe(scaler, None, torch.zeros((), dtype=torch.bool, device=device), device)
+        flags = torch.stack([c["loss"], c["longest"], *(f.to(device, torch.float32) for f in extra)])
+        reduced = all_reduce_max(flags)  # at the reading cadence only
+        values, (scale,), (overflows,), (consecutive,) = host_values(
+            reduced, scaler._scale, c["overflows"], c["consecutive"]
+        )
+        c["overflows"].zero_()
+        c["loss"].zero_()
+        c["longest"].copy_(c["consecutive"])
+        return AmpReading(
+            loss_faults=int(values[0]),
+            max_consecutive=int(values[1]),
+            consecutive=int(consecutive),
+            overflows=int(overflows),
+            scale=scale,
+            extra=tuple(values[2:]),
+        )

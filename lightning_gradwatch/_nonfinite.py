@@ -1,0 +1,98 @@
+"""Naming what went non-finite in a faulty step: the loss, gradients, weights, buffers, optimizer state.
+
+Runs only on a fault (the slow path), where a host sync per check is acceptable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gradwatch._params import OptimizerParams, layer_of, local_tensor
+from lightning_gradwatch._snapshot import float_buffers, optimizer_state_tensors
+from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch.functional.finite import non_finite_mask
+
+
+def non_finite_names(named: list[tuple[str, Tensor]]) -> list[str]:
+    """The names of the tensors holding a NaN or an Inf (exact; one host read)."""
+    if not named:
+        return []
+    mask = non_finite_mask([t for _, t in named]).tolist()
+    return [name for (name, _), bad in zip(named, mask, strict=True) if bad]
+
+
+def state_is_finite(module: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s weights, their optimizer state and the module's float buffers are all finite (exact;
+    one host read)."""
+    index = OptimizerParams.of(module, optimizer)
+    weights = [
+        (n or "(unregistered)", local_tensor(p.detach())) for n, p in zip(index.names, index.params, strict=True)
+    ]
+    state = optimizer_state_tensors(optimizer, index.params, index.names)
+    return not non_finite_names(weights + float_buffers(module) + state)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What went non-finite in one step, for the alert and for the guard's choice of action."""
+
+    text: str  # what went non-finite, for the message
+    first_layer: str  # the alert's name: the source's layer, or "loss"
+    count: int  # how many things (the loss, parameters, buffers) went non-finite
+    weights: list[str]  # non-finite weights (dropping the update cannot repair them)
+    buffers: list[str]  # non-finite float buffers
+    optimizer_state: list[str]  # non-finite optimizer state entries
+
+    @property
+    def poisoned_state(self) -> bool:
+        """The model's own state holds NaN/Inf: only a restore from a clean copy repairs it."""
+        return bool(self.weights or self.optimizer_state)
+
+
+def describe_fault(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: StepGradients,
+    loss_bad: bool,
+    grads_bad: bool,
+) -> Fault:
+    """Name everything non-finite in this step. The weights, buffers and optimizer state are always checked: a NaN
+    weight makes every later gradient NaN, so it, not the loss or the gradients, is named as the source."""
+    names = step.index.names
+    weights = non_finite_names(
+        [(n or "(unregistered)", local_tensor(p.detach())) for n, p in zip(names, step.params, strict=True)]
+    )
+    buffers = non_finite_names(float_buffers(module))
+    opt_state = non_finite_names(optimizer_state_tensors(optimizer, step.params, names))
+    grads = non_finite_names(
+        [(names[i] or "(unregistered)", g) for g, i in zip(step.grads, step.positions, strict=True)]
+    )
+    parts, first, count = [], "", 0
+    if weights:
+        parts.append(f"the weights of {_some(weights)} (the source: every gradient through them is non-finite)")
+        first, count = layer_of(weights[0]), len(weights)
+    if opt_state:
+        parts.append(f"the optimizer state of {_some(opt_state, 'entry')}")
+        first, count = first or layer_of(opt_state[0].split(" (")[0]), count + len(opt_state)
+    if loss_bad:
+        parts.append("the loss")
+        first, count = first or "loss", count + 1
+    if grads:
+        parts.append(f"the gradients of {_some(grads)}; first offending layer '{layer_of(grads[0])}'")
+        first, count = first or layer_of(grads[0]), count + len(grads)
+    elif grads_bad:  # non-finite on another rank only (sharded): the flag came from the reduction
+        parts.append("the gradients (on another rank)")
+    if buffers:
+        parts.append(f"the buffers {_some(buffers, 'buffer')}")
+        first, count = first or layer_of(buffers[0]), count + len(buffers)
+    return Fault(
+        ", ".join(parts) or "the weights or buffers (on another rank)", first, count, weights, buffers, opt_state
+    )
+
+
+def _some(names: list[str], noun: str = "parameter") -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{len(names)} {noun}(s) ({shown})"

@@ -1,0 +1,142 @@
+"""An optimizer's parameters: their names, their order, and the layers (groups) they are reported under."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_gradwatch._distributed import all_reduce_sum
+from lightning_gradwatch.functional.norms import combine_norms
+
+_WRAPPER_PREFIXES = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|_forward_module)\.")
+
+
+def clean_name(name: str) -> str:
+    """Drop wrapper segments (FSDP, activation checkpointing, torch.compile) from a parameter name."""
+    return _WRAPPER_PREFIXES.sub("", name)
+
+
+def layer_of(param_name: str) -> str:
+    """The module that owns a parameter: ``"encoder.0.weight"`` -> ``"encoder.0"``; a root parameter is its own."""
+    module, _, _ = param_name.rpartition(".")
+    return module or param_name
+
+
+def group_of(raw_name: str, by: str) -> str:
+    """The name a parameter is reported under: its module (``by="module"``) or itself, wrappers dropped."""
+    name = clean_name(raw_name)
+    return layer_of(name) if by == "module" else name
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local part of a tensor: a DTensor's shard (FSDP2 / ModelParallelStrategy), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
+    """The position of ``optimizer`` among the Trainer's optimizers (0 if it is not one of them)."""
+    return next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+
+
+@dataclass
+class OptimizerParams:
+    """An optimizer's parameters in model order, then those not registered on the module, with their names.
+
+    Every gradwatch callback indexes the same list, so per-parameter results (the step's gradient norms) are
+    computed once and shared; :meth:`grouping` maps them onto layers.
+    """
+
+    params: list[torch.nn.Parameter]
+    names: list[str]  # wrappers dropped; "" for a parameter the module does not hold
+    sharded: bool = False
+    _groupings: dict[str, ParamGroups] = field(default_factory=dict, repr=False)
+    _positions: dict[tuple[tuple[int, ...], torch.device], Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool = False) -> OptimizerParams:
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params, names, seen = [], [], set()
+        for raw_name, p in module.named_parameters():
+            if id(p) in in_optimizer and id(p) not in seen:
+                params.append(p)
+                names.append(clean_name(raw_name))
+                seen.add(id(p))
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    params.append(p)
+                    names.append("")
+                    seen.add(id(p))
+        return cls(params, names, sharded)
+
+    def position_index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
+        """``positions`` as an int64 device tensor, made once per distinct set (no host-to-device copy per step)."""
+        key = (positions, device)
+        index = self._positions.get(key)
+        if index is None:
+            if len(self._positions) > 16:  # parameters come and go (e.g. unused branches): keep the cache small
+                self._positions.clear()
+            index = self._positions[key] = torch.tensor(positions, dtype=torch.int64, device=device)
+        return index
+
+    def grouping(self, by: str) -> ParamGroups:
+        """The parameters grouped by owning module (``by="module"``) or one group per parameter (built once; under
+        sharding building is a collective: every rank reaches it at the same step)."""
+        groups = self._groupings.get(by)
+        if groups is None:
+            groups = self._groupings[by] = ParamGroups.build(self, by)
+        return groups
+
+
+@dataclass
+class ParamGroups:
+    """How an optimizer's parameters (an :class:`OptimizerParams`) fall into reported groups (layers)."""
+
+    index: OptimizerParams
+    group_names: list[str]
+    group_of_param: list[int]
+    group_numels: Tensor  # elements per group across all shards, float64 on CPU
+    _index_by_device: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, index: OptimizerParams, by: str) -> ParamGroups:
+        group_names: list[str] = []
+        group_ids: dict[str, int] = {}
+        group_of_param: list[int] = []
+        numels: list[int] = []
+        for name, p in zip(index.names, index.params, strict=True):
+            group = (layer_of(name) if by == "module" else name) if name else "(unregistered)"
+            if group not in group_ids:
+                group_ids[group] = len(group_names)
+                group_names.append(group)
+                numels.append(0)
+            group_of_param.append(group_ids[group])
+            numels[group_ids[group]] += local_tensor(p).numel()
+        group_numels = torch.tensor(numels, dtype=torch.float64)
+        if index.sharded:
+            group_numels = all_reduce_sum(group_numels)  # local shard sizes add up to the full layer sizes
+        return cls(index, group_names, group_of_param, group_numels)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self.index.params
+
+    @property
+    def names(self) -> list[str]:
+        return self.index.names
+
+    def group_index(self, device: torch.device) -> Tensor:
+        """The group of each parameter as an int64 device tensor (made once per device: no transfer per step)."""
+        index = self._index_by_device.get(device)
+        if index is None:
+            index = self._index_by_device[device] = torch.tensor(self.group_of_param, device=device)
+        return index
+
+    def combine(self, per_param: Tensor, norm_type: float) -> Tensor:
+        """Per-group norms from per-parameter norms (``per_param[i]`` for ``params[i]``), on device."""
+        return combine_norms(per_param, self.group_index(per_param.device), len(self.group_names), norm_type)

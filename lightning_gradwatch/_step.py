@@ -1,0 +1,143 @@
+"""One optimizer step's final gradients, and the one pass over them that every gradwatch callback shares.
+
+The dispatcher (:class:`~lightning_gradwatch._base.GradwatchCallback`) builds a :class:`StepGradients` per
+optimizer step and hands it to each callback in turn: NaNGuard's finiteness screen, GradientNormLogger's global and
+per-layer norms and AdaptiveClipping's global norm all come from the same per-parameter norms, computed once per
+step and norm type with ``foreach`` kernels, on the device, without a host sync.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_gradwatch._distributed import all_reduce_norms
+from lightning_gradwatch._params import OptimizerParams, local_tensor
+from lightning_gradwatch._precision import grad_scaler, grad_unscale_factor, scaler_found_inf
+from lightning_gradwatch.functional.norms import tensor_norms, total_norm
+
+#: On a CPU a host read is free, so decisions may be taken on the host. ``testing.HostReadCounter`` turns this off
+#: while it counts, so that the CPU runs the path a GPU would.
+HOST_DECISIONS_ON_CPU = True
+
+
+class StepGradients:
+    """The gradients an optimizer is about to apply (after accumulation and the DDP all-reduce, before clipping).
+
+    Args:
+        optimizer: the optimizer about to step.
+        index: the optimizer's parameters (model order), shared by every callback.
+        unscale: ``1 / loss scale`` when the gradients are still scaled (fused optimizers under fp16).
+        found_inf: the GradScaler's overflow flag for this step (a device tensor), if known.
+        has_scaler: a GradScaler is active (16-mixed).
+        repeat: another evaluation of an optimizer step already seen (a closure optimizer such as LBFGS evaluates
+            its closure several times per step): callbacks still act on the gradients but do not count a new step.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        index: OptimizerParams,
+        unscale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+        has_scaler: bool = False,
+        repeat: bool = False,
+    ) -> None:
+        self.optimizer = optimizer
+        self.index = index
+        self.unscale = unscale
+        self.found_inf = found_inf
+        self.has_scaler = has_scaler
+        self.repeat = repeat
+        self.grads: list[Tensor] = []
+        self.positions: list[int] = []  # the index in ``index.params`` of each gradient in ``grads``
+        for i, p in enumerate(index.params):
+            if p.grad is not None:
+                self.grads.append(local_tensor(p.grad))
+                self.positions.append(i)
+        self.dropped = False
+        self._norms: dict[float, Tensor] = {}
+        self._position_index: Tensor | None = None
+
+    @classmethod
+    def of(
+        cls, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, index: OptimizerParams, repeat: bool = False
+    ) -> StepGradients:
+        """The step as the Trainer's precision leaves it in ``on_before_optimizer_step``."""
+        return cls(
+            optimizer,
+            index,
+            unscale=grad_unscale_factor(trainer, optimizer),
+            found_inf=scaler_found_inf(trainer, optimizer),
+            has_scaler=grad_scaler(trainer) is not None,
+            repeat=repeat,
+        )
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self.index.params
+
+    @property
+    def device(self) -> torch.device:
+        return self.grads[0].device if self.grads else torch.device("cpu")
+
+    @property
+    def host_is_free(self) -> bool:
+        """True when the gradients live on the CPU: reading a value there costs no device sync, so a decision may
+        be taken on the host (e.g. skip a multiplication by 1)."""
+        return HOST_DECISIONS_ON_CPU and self.device.type == "cpu"
+
+    def param_norms(self, norm_type: float = 2.0) -> Tensor:
+        """The ``norm_type``-norm of each parameter's gradient (unscaled; the full tensor's, reduced over shards),
+        float32 on the device, 0 for a parameter without a gradient. Computed once per step and norm type."""
+        norms = self._norms.get(norm_type)
+        if norms is None:
+            local = tensor_norms(self.grads, norm_type)
+            if len(self.grads) == len(self.index.params):
+                norms = local
+            else:
+                norms = torch.zeros(len(self.index.params), dtype=torch.float32, device=local.device)
+                if self.grads:
+                    norms.index_copy_(0, self._positions_on(local.device), local)
+            if self.index.sharded:
+                norms = all_reduce_norms(norms, norm_type)  # a collective: every rank asks in the same order
+            if self.unscale is not None:
+                norms = norms * self.unscale.to(norms.device)
+            self._norms[norm_type] = norms
+        return norms
+
+    def weight_norms(self, norm_type: float = 2.0) -> Tensor:
+        """The ``norm_type``-norm of each parameter with a gradient this step (0 for the others), like
+        :meth:`param_norms`; not cached: only logging steps need it."""
+        weights = [local_tensor(self.index.params[i].detach()) for i in self.positions]
+        local = tensor_norms(weights, norm_type)
+        if len(weights) == len(self.index.params):
+            norms = local
+        else:
+            norms = torch.zeros(len(self.index.params), dtype=torch.float32, device=local.device)
+            if weights:
+                norms.index_copy_(0, self._positions_on(local.device), local)
+        return all_reduce_norms(norms, norm_type) if self.index.sharded else norms
+
+    def global_norm(self, norm_type: float = 2.0) -> Tensor:
+        """The norm of all gradients together (0-dim, on the device), from :meth:`param_norms`."""
+        return total_norm(self.param_norms(norm_type), norm_type)
+
+    def has_norms(self, norm_type: float = 2.0) -> bool:
+        """Whether :meth:`param_norms` was already computed this step (reusing it is free)."""
+        return norm_type in self._norms
+
+    def drop(self) -> None:
+        """Drop this update: torch optimizers skip parameters whose ``grad`` is ``None`` (no update, momentum and
+        Adam moments untouched). Later callbacks see no gradients."""
+        for p in self.index.params:
+            p.grad = None
+        self.grads, self.positions = [], []
+        self.dropped = True
+
+    def _positions_on(self, device: torch.device) -> Tensor:
+        # made once per step and only when some gradient is missing: the usual step needs no index at all
+        if self._position_index is None or self._position_index.device != device:
+            self._position_index = self.index.position_index(tuple(self.positions), device)
+        return self._position_index
