@@ -18,6 +18,14 @@ from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._params import local_tensor, optimizer_index
 from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch._types import (
+    AtLeastOne,
+    GreaterThanOne,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    UnitFraction,
+)
 from lightning_gradwatch._validation import check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.clipping import apply_clip_coefficient, clip_coefficient, ema_update
@@ -106,18 +114,18 @@ class AdaptiveClipping(GradwatchCallback):
     def __init__(
         self,
         mode: ClipMode = "zscore",
-        z_threshold: float = 3.0,
-        ema_decay: float = 0.97,
-        quantile: float = 0.9,
-        history_size: int = 1000,
-        clip_factor: float = 0.1,
-        agc_eps: float = 1e-3,
+        z_threshold: PositiveFloat = 3.0,
+        ema_decay: OpenUnitInterval = 0.97,
+        quantile: UnitFraction = 0.9,
+        history_size: PositiveInt = 1000,
+        clip_factor: PositiveFloat = 0.1,
+        agc_eps: PositiveFloat = 1e-3,
         agc_exclude: Sequence[str] | None = None,
-        warmup_steps: int = 25,
-        warmup_cap: float | None = 10.0,
+        warmup_steps: PositiveInt = 25,
+        warmup_cap: GreaterThanOne | None = 10.0,
         norm_type: float | Literal["inf"] = 2.0,
-        alert_ratio: float = 5.0,
-        log_every_n_steps: int | None = None,
+        alert_ratio: AtLeastOne = 5.0,
+        log_every_n_steps: PositiveInt | None = None,
     ) -> None:
         super().__init__()
         self.mode: ClipMode = check_choice("mode", mode, CLIP_MODES)

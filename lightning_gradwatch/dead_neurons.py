@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_gradwatch._activations import ActivationCallback, Layer
 from lightning_gradwatch._distributed import all_reduce_max
 from lightning_gradwatch._reporting import host_values
+from lightning_gradwatch._types import PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_number
 from lightning_gradwatch.alerts import AlertKind, with_remedy
 from lightning_gradwatch.functional.activations import alive_units, dead_fractions
@@ -65,10 +66,10 @@ class DeadNeuronCallback(ActivationCallback):
 
     def __init__(
         self,
-        threshold: float = 0.3,
-        sample_every_n_steps: int = 10,
-        window: int = 10,
-        log_every_n_steps: int | None = None,
+        threshold: UnitFraction = 0.3,
+        sample_every_n_steps: PositiveInt = 10,
+        window: PositiveInt = 10,
+        log_every_n_steps: PositiveInt | None = None,
     ) -> None:
         super().__init__(sample_every_n_steps, window, log_every_n_steps)
         self.threshold = check_number("threshold", threshold, gt=0, le=1)

@@ -16,6 +16,7 @@ from lightning_gradwatch._layout import exact_tags, layer_charts
 from lightning_gradwatch._params import ParamGroups, group_of, optimizer_index
 from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
 from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch._types import GreaterThanOne, PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.norms import power_means, total_norm, validate_norm_type
@@ -82,14 +83,14 @@ class GradientNormLogger(GradwatchCallback):
         self,
         norm_type: float | Literal["inf"] = 2.0,
         group_by: Literal["module", "parameter"] = "module",
-        log_every_n_steps: int | None = None,
+        log_every_n_steps: PositiveInt | None = None,
         log_grad_to_weight: bool = True,
-        histogram_every_n_steps: int | None = None,
-        vanishing_threshold: float | None = 1e-7,
-        vanishing_ratio: float = 1e-3,
-        exploding_threshold: float | None = 1e3,
-        exploding_factor: float | None = 10.0,
-        history_size: int = 20,
+        histogram_every_n_steps: PositiveInt | None = None,
+        vanishing_threshold: PositiveFloat | None = 1e-7,
+        vanishing_ratio: PositiveFloat = 1e-3,
+        exploding_threshold: PositiveFloat | None = 1e3,
+        exploding_factor: GreaterThanOne | None = 10.0,
+        history_size: PositiveInt = 20,
     ) -> None:
         super().__init__()
         self.norm_type = validate_norm_type(norm_type)

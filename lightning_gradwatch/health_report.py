@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
 from lightning_gradwatch._reporting import log_dir
+from lightning_gradwatch._validation import check_bool
 from lightning_gradwatch.alerts import ALERT_KIND_INFO, Alert, AlertKind
 
 
@@ -114,7 +115,7 @@ class HealthReport(GradwatchCallback):
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise ValueError(f"`dirpath` must be a path or None, got {dirpath!r}.")
         self.dirpath = None if dirpath is None else os.fspath(dirpath)
-        self.print_report = print_report
+        self.print_report = check_bool("print_report", print_report)
         self.findings: list[Finding] = []
         self.report_paths: list[str] = []
 

@@ -14,12 +14,13 @@ from typing_extensions import override
 from lightning_gradwatch._amp_monitor import AmpMonitor, AmpReading
 from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._distributed import all_reduce_max
-from lightning_gradwatch._nonfinite import Fault, describe_fault, state_is_finite
+from lightning_gradwatch._nonfinite import Fault, describe_fault, non_finite_names, state_is_finite
 from lightning_gradwatch._params import local_tensor
 from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._reporting import logger_step, print_line
 from lightning_gradwatch._snapshot import BufferShadow, Snapshot, float_buffers, optimizer_state_tensors
 from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch._types import PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite
@@ -97,13 +98,13 @@ class NaNGuard(GradwatchCallback):
     def __init__(
         self,
         action: NanAction = "halt",
-        check_params_every_n_steps: int | None = 100,
-        snapshot_every_n_steps: int = 50,
-        max_rollbacks: int = 3,
-        min_loss_scale: float = 1.0,
-        max_consecutive_overflows: int = 30,
-        amp_check_every_n_steps: int = 10,
-        log_every_n_steps: int | None = None,
+        check_params_every_n_steps: PositiveInt | None = 100,
+        snapshot_every_n_steps: PositiveInt = 50,
+        max_rollbacks: PositiveInt = 3,
+        min_loss_scale: PositiveFloat = 1.0,
+        max_consecutive_overflows: PositiveInt = 30,
+        amp_check_every_n_steps: PositiveInt = 10,
+        log_every_n_steps: PositiveInt | None = None,
         save_checkpoint_on_halt: bool = True,
     ) -> None:
         super().__init__()
@@ -133,7 +134,6 @@ class NaNGuard(GradwatchCallback):
         self._snapshot: Snapshot | None = None
         self._rollbacks_to_snapshot = 0
         self._clean_steps_since_snapshot = 0
-        self._shadow_step = -1
         self._halt_pending: str | None = None
         self._halted = False
 
@@ -173,14 +173,9 @@ class NaNGuard(GradwatchCallback):
         super().on_fit_start(trainer, pl_module)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        # the buffers before this optimizer step's first forward pass, to undo a faulty batch's update of them;
-        # under fp16 faults are only known at a reading, so the copy is refreshed at each clean reading instead
-        if self._shadow_step != trainer.global_step and (grad_scaler(trainer) is None or self._shadow_step < 0):
-            self._shadow.refresh(pl_module)
-            self._shadow_step = trainer.global_step
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the buffers to go back to if the first step's forward pass poisons them; later, each clean check's
+        self._shadow.refresh(pl_module)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -237,20 +232,20 @@ class NaNGuard(GradwatchCallback):
         snapshot_due = self.action == "rollback" and (
             self._snapshot is None or self._clean_steps_since_snapshot >= self.snapshot_every_n_steps
         )
-        check_state = snapshot_due or self._due(trainer, self.check_params_every_n_steps)
+        weights_due = snapshot_due or self._due(trainer, self.check_params_every_n_steps)
+        # buffers every step (they are small, and a NaN there is invisible until evaluation); weights at the
+        # cadence; optimizer state before a snapshot
+        state = self._state_tensors(pl_module, optimizer, step, weights=weights_due, optimizer_state=snapshot_due)
         # the shared 2-norm pass is the screen: finite proves the gradients finite; non-finite is confirmed below
-        flags = [loss_bad, ~torch.isfinite(step.global_norm(2.0))]
-        if check_state:  # weights and buffers (and before a snapshot, optimizer state): a screen, same pass kind
-            state = self._state_tensors(pl_module, optimizer, step, with_optimizer=snapshot_due)
-            flags.append(may_be_non_finite(state))
+        flags = [loss_bad, ~torch.isfinite(step.global_norm(2.0)), may_be_non_finite(state).to(step.device)]
         values = all_reduce_max(torch.stack(flags).to(torch.float32)).tolist()  # one collective, one read
-        loss_is_bad, grads_are_bad, state_is_bad = values[0] > 0, values[1] > 0, check_state and values[2] > 0
+        loss_is_bad, grads_are_bad, state_is_bad = (v > 0 for v in values)
         if grads_are_bad or state_is_bad:  # rare: exact checks tell NaN/Inf from a 2-norm overflowed on huge values
-            state = self._state_tensors(pl_module, optimizer, step, with_optimizer=snapshot_due) if check_state else []
-            exact = torch.stack([any_non_finite(step.grads), any_non_finite(state)]).float()
+            exact = torch.stack([any_non_finite(step.grads), any_non_finite(state).to(step.device)]).float()
             grads_are_bad, state_is_bad = (v > 0 for v in all_reduce_max(exact).tolist())
         if not (loss_is_bad or grads_are_bad or state_is_bad):
             self._clear_condition(AlertKind.NON_FINITE, "")
+            self._shadow.refresh(pl_module)  # checked finite: the buffers to go back to if the next batch poisons them
             if snapshot_due:  # the state was just checked finite: safe to keep as the known-good copy
                 self._snapshot = Snapshot.take(pl_module, step.params, optimizer, reuse=self._snapshot)
                 self._rollbacks_to_snapshot = self._clean_steps_since_snapshot = 0
@@ -272,20 +267,26 @@ class NaNGuard(GradwatchCallback):
         fault = describe_fault(pl_module, optimizer, step, loss_bad, grads_bad)
         step.drop()
         self._shadow.restore()  # the batch's forward pass updated the running statistics: undo it
+        # buffers poisoned before this step are non-finite in the copy too: only a snapshot repairs them
+        unrepaired = non_finite_names(float_buffers(pl_module)) if fault.buffers else []
         if not step.repeat:
             self.totals.fault_steps += 1
         action = self.action
         if action == "rollback":
             action = self._rollback(pl_module, step, optimizer)
-        elif fault.poisoned_state:
-            action = "halt"  # skipping cannot repair weights or optimizer state that are already non-finite
+        elif fault.poisoned_state or unrepaired:
+            action = "halt"  # skipping cannot repair weights, buffers or optimizer state already non-finite
         done = {
             "halt": "the update was dropped and training stops",
             "skip": "the update was dropped",
             "rollback": f"weights and optimizer state were rolled back to the snapshot (rollback {self.rollbacks})",
         }[action]
         if fault.buffers and action != "rollback":
-            done += "; the buffers were restored to their values before this step"
+            done += (
+                f"; the buffers {', '.join(unrepaired[:5])} were already non-finite before this step"
+                if unrepaired
+                else "; the buffers were restored to their values before this step"
+            )
         self._alert_non_finite(
             trainer, fault, f"Non-finite values at step {trainer.global_step}: {fault.text}; {done}."
         )
@@ -320,7 +321,8 @@ class NaNGuard(GradwatchCallback):
         if not (log_now or self._due(trainer, self.amp_check_every_n_steps)):
             return
         check_state = self._due(trainer, self.check_params_every_n_steps)
-        extra = [any_non_finite(self._state_tensors(pl_module, optimizer, step, False))] if check_state else []
+        state = self._state_tensors(pl_module, optimizer, step, weights=check_state, optimizer_state=False)
+        extra = [any_non_finite(state)]
         reading = self._amp.read(scaler, extra, step.device)
         self.totals.overflow_steps += reading.overflows
         if log_now:
@@ -329,7 +331,7 @@ class NaNGuard(GradwatchCallback):
                 "gradwatch/amp/consecutive_overflows": reading.consecutive,
             }
             self._log_counters(trainer, amp)
-        state_bad = bool(reading.extra and reading.extra[0] > 0)
+        state_bad = reading.extra[0] > 0
         collapsed = self._check_collapse(trainer, reading)
         if reading.loss_faults or state_bad:
             self._shadow.restore()  # a non-finite forward pass may have poisoned the running statistics
@@ -385,10 +387,17 @@ class NaNGuard(GradwatchCallback):
 
     @staticmethod
     def _state_tensors(
-        pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, step: StepGradients, with_optimizer: bool
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        step: StepGradients,
+        weights: bool,
+        optimizer_state: bool,
     ) -> list[Tensor]:
-        tensors = [local_tensor(p.detach()) for p in step.params] + [b for _, b in float_buffers(pl_module)]
-        if with_optimizer:
+        """The float buffers, and the weights and optimizer state when asked: what a screen checks."""
+        tensors = [b for _, b in float_buffers(pl_module)]
+        if weights:
+            tensors += [local_tensor(p.detach()) for p in step.params]
+        if optimizer_state:
             tensors += [t for _, t in optimizer_state_tensors(optimizer, step.params, step.index.names)]
         return tensors
 

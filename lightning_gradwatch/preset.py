@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback, find_state
+from lightning_gradwatch._types import PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.adaptive_clipping import CLIP_MODES, AdaptiveClipping, ClipMode
 from lightning_gradwatch.alerts import Alert
@@ -23,7 +24,7 @@ def default_callbacks(
     clipping: ClipMode | None = "zscore",
     activations: bool = True,
     report: bool = True,
-    log_every_n_steps: int | None = None,
+    log_every_n_steps: PositiveInt | None = None,
 ) -> list[GradwatchCallback]:
     """Every gradwatch callback with coordinated defaults, in hook order: the guard sees each step first, the
     norms are logged before any clipping, clipping comes last, and the report closes the run.
@@ -97,7 +98,7 @@ class GradWatch(Callback):
         clipping: ClipMode | None = "zscore",
         activations: bool = True,
         report: bool = True,
-        log_every_n_steps: int | None = None,
+        log_every_n_steps: PositiveInt | None = None,
     ) -> None:
         self.gradwatch_callbacks = default_callbacks(nan_action, clipping, activations, report, log_every_n_steps)
         for callback in self.gradwatch_callbacks:
