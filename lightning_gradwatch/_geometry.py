@@ -17,6 +17,7 @@ the parent does between blocks (an activation written as a function, a residual 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gradwatch._activations import ActivationSubscriber, Layer, probe_for
 from lightning_gradwatch._core import clean_name
 from lightning_gradwatch.functional.geometry import gradient_coherence, relative_perturbation, segment_spectrum
 
@@ -272,3 +274,54 @@ def probe_geometry(
             sigmas.append(sigma.to(device))
         del clean
     return ProbeResult(torch.stack(coherence), torch.stack(gains), torch.stack(sigmas), square)
+
+
+#: Activation values kept per layer for its histogram (a strided sample of the probe batch's).
+HISTOGRAM_VALUES = 4096
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "gelu": nn.functional.gelu,
+    "silu": nn.functional.silu,
+}
+
+
+class ActivationSample(ActivationSubscriber):
+    """A sample of each layer's activation outputs in one forward pass, from the model's shared activation probe
+    (the hooks and mode of DeadNeuronCallback/SaturationCallback: no second set)."""
+
+    kinds = frozenset(_ACTIVATIONS)
+
+    def __init__(self) -> None:
+        self._layers: list[Layer] = []
+        self._values: dict[int, list[Tensor]] = {}
+
+    @contextmanager
+    def subscribed(self, model: nn.Module) -> Iterator[None]:
+        """Watch ``model``'s activations inside (one forward pass)."""
+        probe = probe_for(model)
+        self._layout(probe.layers, torch.device("cpu"))
+        probe.subscribe(self)
+        try:
+            yield
+        except BaseException:
+            probe.unsubscribe(self, commit=False)
+            raise
+        probe.unsubscribe(self)
+
+    def take(self) -> list[tuple[str, Tensor]]:
+        """``(layer, sampled outputs)`` per layer, in model order; the sample is emptied."""
+        values, self._values = self._values, {}
+        return [(self._layers[i].name, torch.cat(chunks)) for i, chunks in sorted(values.items())]
+
+    def _layout(self, layers: list[Layer], device: torch.device) -> None:
+        self._layers, self._values = layers, {}
+
+    def _measure(self, layer: int, kind: str, pre_activation: Tensor) -> Tensor:
+        flat = pre_activation.detach().reshape(-1)
+        stride = max(1, math.ceil(flat.numel() / HISTOGRAM_VALUES))
+        return _ACTIVATIONS[kind](flat[::stride].to(torch.float32))  # the activation's output, sampled
+
+    def _accumulate(self, layer: int, kind: str, stat: Tensor) -> None:
+        self._values.setdefault(layer, []).append(stat)

@@ -15,7 +15,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_gradwatch._activations import ActivationSubscriber, Layer, compiled_modules, probe_for
+from lightning_gradwatch._activations import compiled_modules, probe_for
 from lightning_gradwatch._core import (
     GradwatchCallback,
     all_reduce_sum,
@@ -26,22 +26,13 @@ from lightning_gradwatch._core import (
     logger_step,
     tensorboard_writers,
 )
-from lightning_gradwatch._geometry import Blocks, find_blocks, probe_geometry
+from lightning_gradwatch._geometry import ActivationSample, Blocks, find_blocks, probe_geometry
 from lightning_gradwatch._validation import check_bool, check_number, check_patterns
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.geometry import gain_product
 
-#: Activation values kept per layer for its histogram (a strided sample of the probe batch's).
-HISTOGRAM_VALUES = 4096
 #: With BatchNorm, the first probe waits this many steps for the running statistics eval mode uses to settle.
 BATCHNORM_WARMUP = 50
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": torch.relu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "gelu": nn.functional.gelu,
-    "silu": nn.functional.silu,
-}
 ForwardFn = Callable[[pl.LightningModule, Any], Any]
 
 
@@ -57,7 +48,7 @@ def default_forward(module: pl.LightningModule, batch: Any) -> Any:
     return module(batch)
 
 
-class GradientGeometry(GradwatchCallback, ActivationSubscriber):
+class GradientGeometry(GradwatchCallback):
     r"""Measure gradient coherence (shattering), block-Jacobian gains and activation histograms every
     ``every_n_steps`` on a small fixed probe batch; alert on shattered, vanishing or exploding geometry.
 
@@ -113,14 +104,12 @@ class GradientGeometry(GradwatchCallback, ActivationSubscriber):
         trainer = Trainer(callbacks=[GradientGeometry(every_n_steps=500)])
     """
 
-    kinds = frozenset(_ACTIVATIONS)
-
     def __init__(
         self,
         every_n_steps: int = 500,
-        probe_size: int = 32,
+        probe_size: int = 16,
         radius: float = 0.3,
-        power_iterations: int = 5,
+        power_iterations: int = 3,
         blocks: list[str] | None = None,
         forward_fn: ForwardFn | None = None,
         shattered_threshold: float | None = 0.4,
@@ -149,8 +138,8 @@ class GradientGeometry(GradwatchCallback, ActivationSubscriber):
         self._probe_batch: Any = None
         self._active = False
         self._warned: set[str] = set()
-        self._layers: list[Layer] = []
-        self._activations: dict[int, list[tuple[str, Tensor]]] = {}
+        self._pending = False
+        self._sample = ActivationSample()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     @override
@@ -164,7 +153,7 @@ class GradientGeometry(GradwatchCallback, ActivationSubscriber):
             reason = "its parameters are sharded (FSDP/ModelParallel): the probe runs the unwrapped model"
         elif self._blocks is None:
             reason = "no blocks were found: pass `blocks=[...]` (module names in forward order)"
-        self._active = reason is None
+        self._active, self._pending = reason is None, False
         if reason is not None:
             self._warn_once(reason, f"GradientGeometry is inactive in this run: {reason}.")
         batchnorm = any(
@@ -187,12 +176,12 @@ class GradientGeometry(GradwatchCallback, ActivationSubscriber):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # decided on the host from the step counter: the same on every rank, and nothing to do on other steps
-        stepped = trainer.global_step > self._step_at_start  # the last micro-batch of an optimizer step
-        if not (self._active and stepped and self._due(logger_step(trainer))):
+        if trainer.global_step > self._step_at_start and self._due(logger_step(trainer)):  # an optimizer step ended
+            self._pending = True
+        # another callback still watching a forward pass (a step without backward): ours would join its tallies
+        if not (self._active and self._pending) or probe_for(pl_module).subscribers:
             return
-        probe = probe_for(pl_module)
-        if probe.subscribers:  # another callback is still watching a forward pass: ours would pollute its tallies
-            return
+        self._pending = False
         if self._probe_batch is None:
             n = self.probe_size
             self._probe_batch = apply_to_collection(batch, Tensor, lambda t: t[:n].detach().clone() if t.dim() else t)
@@ -209,7 +198,6 @@ class GradientGeometry(GradwatchCallback, ActivationSubscriber):
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         generator = torch.Generator(device=device).manual_seed(self.seed)  # the same directions at every probe
         watch = self.histograms and trainer.is_global_zero and bool(tensorboard_writers(trainer))
-        self._activations = {}
         result = probe_geometry(
             pl_module,
             self._blocks,
@@ -217,13 +205,13 @@ class GradientGeometry(GradwatchCallback, ActivationSubscriber):
             radius=self.radius,
             power_iterations=self.power_iterations,
             generator=generator,
-            clean_forward_context=_Subscribed(self, pl_module) if watch else None,
+            clean_forward_context=self._sample.subscribed(pl_module) if watch else None,
         )
         n = len(self._blocks.names)
         measured = torch.cat([result.coherence, result.gain.pow(2), result.sigma_max])
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         measured = all_reduce_sum(measured) / world  # every rank's probe batch, averaged: the same alerts everywhere
-        samples = self._histogram_chunks() if watch else []
+        samples = self._sample.take() if watch else []
         fetched = host_values(measured, *(v for _, v in samples))  # the probe's one host transfer
         values = fetched[0]
         coherence, gains, sigmas = values[:n], [math.sqrt(g) for g in values[n : 2 * n]], values[2 * n :]
@@ -322,26 +310,6 @@ class GradientGeometry(GradwatchCallback, ActivationSubscriber):
                 lambda k=kind, t=threshold, n=name, f=finding: Alert(step, k, n, product, t, with_remedy(k, f)),
             )
 
-    # -- activation histograms (ActivationSubscriber) --------------------------------------------------------------
-    @override
-    def _layout(self, layers: list[Layer], device: torch.device) -> None:
-        self._layers = layers
-
-    @override
-    def _measure(self, layer: int, kind: str, pre_activation: Tensor) -> Tensor:
-        flat = pre_activation.detach().reshape(-1)
-        stride = max(1, math.ceil(flat.numel() / HISTOGRAM_VALUES))
-        return _ACTIVATIONS[kind](flat[::stride].to(torch.float32))  # the activation's output, sampled
-
-    @override
-    def _accumulate(self, layer: int, kind: str, stat: Tensor) -> None:
-        self._activations.setdefault(layer, []).append((kind, stat))
-
-    def _histogram_chunks(self) -> list[tuple[str, Tensor]]:
-        return [
-            (self._layers[i].name, torch.cat([s for _, s in stats])) for i, stats in sorted(self._activations.items())
-        ]
-
     # -- TensorBoard -----------------------------------------------------------------------------------------
     @override
     def _tensorboard_layout(
@@ -369,19 +337,3 @@ class GradientGeometry(GradwatchCallback, ActivationSubscriber):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=UserWarning)
-
-
-class _Subscribed:
-    """Context: ``callback`` subscribed to the model's activation probe (the probe's clean forward pass)."""
-
-    def __init__(self, callback: GradientGeometry, model: nn.Module) -> None:
-        self.callback, self.model = callback, model
-
-    def __enter__(self) -> None:
-        probe = probe_for(self.model)
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        self.callback._layout(probe.layers, device)
-        probe.subscribe(self.callback)
-
-    def __exit__(self, *exc: object) -> None:
-        probe_for(self.model).unsubscribe(self.callback, commit=exc[0] is None)
