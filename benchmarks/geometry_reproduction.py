@@ -102,6 +102,8 @@ def fit(model: pl.LightningModule, callbacks: list[Any], steps: int) -> None:
             enable_model_summary=False,
             enable_checkpointing=False,
             logger=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
             callbacks=callbacks,
         )
         trainer.fit(model)

@@ -113,7 +113,7 @@ class GradientGeometry(GradwatchCallback):
         blocks: list[str] | None = None,
         forward_fn: ForwardFn | None = None,
         shattered_threshold: float | None = 0.4,
-        vanishing_gain: float | None = 1e-2,
+        vanishing_gain: float | None = 1e-3,
         exploding_gain: float | None = 1e2,
         histograms: bool = True,
         seed: int = 20170228,

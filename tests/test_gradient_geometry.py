@@ -19,6 +19,7 @@ from tests.distributed import run_ddp_script
 from tests.geometry_models import BertLike, ResidualBlock, plain_mlp, residual_mlp, token_data
 from tests.models import Classifier, TinyLSTM, TinyTransformer, classification_data, image_data, resnet, trainer_kwargs
 from tests.tensorboard_events import histograms, layouts, scalars
+from tests.test_benchmarks import run_script, table_rows
 from tests.test_host_syncs import counted_fit
 
 
@@ -50,12 +51,12 @@ def test_deep_plain_relu_is_shattered_and_a_residual_mlp_of_the_same_depth_is_no
 def test_too_small_an_init_is_named_vanishing_before_the_gradient_norms_are(tmp_path: Path) -> None:
     torch.manual_seed(0)
     geometry, norms = GradientGeometry(every_n_steps=10), GradientNormLogger()
-    model = Classifier(plain_mlp(24, act=nn.Tanh, init="gaussian", gain=0.8), lr=0.05)
+    model = Classifier(plain_mlp(24, act=nn.Tanh, init="gaussian", gain=0.7), lr=0.05)
     fit(tmp_path, model, [geometry, norms], max_steps=30)
     (alert,) = geometry.alerts
-    assert (alert.step, alert.kind) == (0, "vanishing_jacobian") and alert.value < 1e-2
+    assert (alert.step, alert.kind) == (0, "vanishing_jacobian") and alert.value < 1e-3
     assert alert.name.startswith("net.") and "breaks isometry" in alert.message and "Usual remedies" in alert.message
-    # the gradient norms alone: the first layer's gradients are ~100x smaller than the median, not yet 1000x
+    # the gradient norms alone: the early layers' gradients are smaller than the median, not yet 1000x smaller
     assert [a for a in norms.alerts if a.kind == "vanishing_gradient"] == []
 
 
@@ -263,3 +264,13 @@ def test_ddp_every_rank_probes_and_reaches_the_same_averaged_result(tmp_path: Pa
     local = [r["local_coherence"] for r in ranks]
     assert local[0] != pytest.approx(local[1], abs=1e-3)  # each rank probed its own data...
     assert ranks[0]["reported"][-1][0] == pytest.approx(sum(local) / 2, abs=1e-5)  # ...and they were averaged
+
+
+# ------------------------------------------------------------------------------------------ benchmark scripts
+def test_benchmark_scripts_still_run(tmp_path: Path) -> None:
+    out = run_script("geometry_overhead.py", "--models", "mlp", "--iters", "4", "--batch-size", "8", tmp_path=tmp_path)
+    (row,) = table_rows(out).values()
+    assert row[0].startswith("4 (stages") and row[-1].startswith("+")
+    out = run_script("geometry_reproduction.py", "--parts", "2", tmp_path=tmp_path)
+    rows = table_rows(out)
+    assert float(rows["orthogonal, gain 1"][1]) < 1.1  # sigma_max / gain: isometric
