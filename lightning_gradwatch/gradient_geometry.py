@@ -141,6 +141,11 @@ class GradientGeometry(GradwatchCallback):
         self._pending = False
         self._sample = ActivationSample()
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, blocks=self.blocks)
+
     # -- lifecycle -------------------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -246,6 +251,12 @@ class GradientGeometry(GradwatchCallback):
         product = float(gain_product(torch.tensor([g for _, g, _ in spectrum]))) if spectrum else math.nan
         if not math.isnan(product):
             metrics["gradwatch/geometry/jacobian_gain_product"] = product
+        if all(math.isnan(c) for c in coherence):
+            self._warn_once(
+                "unreached",
+                "GradientGeometry: no gradient reached the blocks' inputs: check that `forward_fn` returns the "
+                f"model's output and that the blocks ({', '.join(names[:3])}, ...) run in its forward pass.",
+            )
         if spectrum and all(math.isnan(s) for _, _, s in spectrum) and self.power_iterations:
             self._warn_once(
                 "sigma",
@@ -318,10 +329,8 @@ class GradientGeometry(GradwatchCallback):
         if self._blocks is None:
             return {}
         charts: dict[str, list[Any]] = {
-            "summary: coherence, gain product": [
-                "Multiline",
-                [r"^gradwatch/geometry/(gradient_coherence|jacobian_gain_product)$"],
-            ],
+            "coherence at the first block's input": ["Multiline", [r"^gradwatch/geometry/gradient_coherence$"]],
+            "product of the block gains (log axis)": ["Multiline", [r"^gradwatch/geometry/jacobian_gain_product$"]],
             "probe time (s)": ["Multiline", [r"^gradwatch/geometry/probe_seconds$"]],
         }
         for metric, label in (

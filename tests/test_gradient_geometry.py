@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_gradwatch import GradientGeometry, GradientNormLogger
+from lightning_gradwatch import DeadNeuronCallback, GradientGeometry, GradientNormLogger, SaturationCallback
 from lightning_gradwatch._geometry import find_blocks
 from tests.distributed import run_ddp_script
 from tests.geometry_models import BertLike, ResidualBlock, plain_mlp, residual_mlp, token_data
@@ -167,6 +167,29 @@ def test_gradient_accumulation_probes_once_per_optimizer_step(tmp_path: Path) ->
     fit(tmp_path, Classifier(plain_mlp(3)), [geometry], max_steps=4, accumulate_grad_batches=3)
     logged = scalars(tmp_path / "tb" / "version_0")["gradwatch/geometry/probe_seconds"]
     assert [step for step, _ in logged] == [0, 2]
+
+
+def test_activation_callbacks_share_the_probe_and_see_the_same_tallies_with_it(tmp_path: Path) -> None:
+    logged = {}
+    for name, extra in (("alone", []), ("with_geometry", [GradientGeometry(every_n_steps=1)])):
+        torch.manual_seed(0)
+        callbacks = [
+            DeadNeuronCallback(sample_every_n_steps=1, window=2),
+            SaturationCallback(sample_every_n_steps=1, window=2),
+        ]
+        fit(tmp_path / name, Classifier(plain_mlp(3, act=nn.Tanh)), [*callbacks, *extra], max_steps=6)
+        tags = scalars(tmp_path / name / "tb" / "version_0")
+        logged[name] = {t: v for t, v in tags.items() if "/saturation/" in t or "/dead_fraction/" in t}
+    assert logged["alone"] and logged["alone"] == logged["with_geometry"]  # the probe passes are not counted
+
+
+def test_a_forward_fn_that_bypasses_the_blocks_warns(tmp_path: Path) -> None:
+    geometry = GradientGeometry(
+        every_n_steps=1, forward_fn=lambda module, batch: module.net[-1](batch[0].new_zeros(4, 64))
+    )
+    with pytest.warns(UserWarning, match="no gradient reached the blocks' inputs"):
+        fit(tmp_path, Classifier(plain_mlp(3)), [geometry], max_steps=1)
+    assert geometry.alerts == []
 
 
 # ------------------------------------------------------------------------------------------ what is logged
