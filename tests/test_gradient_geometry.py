@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gradwatch import DeadNeuronCallback, GradientGeometry, GradientNormLogger, SaturationCallback
-from lightning_gradwatch._geometry import find_blocks
+from lightning_gradwatch._geometry import find_blocks, probe_geometry
 from tests.distributed import run_ddp_script
 from tests.geometry_models import BertLike, ResidualBlock, plain_mlp, residual_mlp, token_data
 from tests.models import Classifier, TinyLSTM, TinyTransformer, classification_data, image_data, resnet, trainer_kwargs
@@ -114,6 +114,38 @@ def test_healthy_models_stay_silent_while_training(tmp_path: Path, name: str) ->
     # with BatchNorm the first probe waits for the running statistics eval mode uses (min(10, 50) steps)
     assert probed == ([10, 20, 30, 40] if name == "resnet-bn" else [0, 10, 20, 30, 40])
     assert any(tag.startswith("gradwatch/jacobian_gain/") for tag in logged)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_hugging_face_transformers_are_probed_and_healthy(name: str) -> None:
+    transformers = pytest.importorskip("transformers")  # not a dependency: skipped where it is not installed
+    torch.manual_seed(0)
+    if name == "bert":
+        config = transformers.BertConfig(
+            vocab_size=200, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128
+        )
+        model, layer = transformers.BertForSequenceClassification(config), "BertLayer"
+    else:
+        config = transformers.GPT2Config(vocab_size=200, n_embd=64, n_layer=6, n_head=4, n_positions=64)
+        model, layer = transformers.GPT2LMHeadModel(config), "GPT2Block"
+    ids = torch.randint(0, 200, (16, 24))
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0
+    blocks = find_blocks(model)
+    assert blocks is not None and blocks.rule == f"repeated {layer} blocks" and len(blocks.names) == 6
+    # the token ids are not perturbed: the first block's input (the embedding output) is
+    result = probe_geometry(
+        model,
+        blocks,
+        lambda: model(input_ids=ids, attention_mask=mask),  # a ModelOutput: its .logits are probed
+        radius=0.3,
+        power_iterations=3,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert all(result.square) and result.coherence.min() > 0.9  # healthy at init: no shattering...
+    assert 1e-3 < result.gain.prod() < 1e2 and 0.9 < result.gain.min() and result.gain.max() < 1.1  # ...near isometry
+    assert not result.sigma_max.isnan().any()  # HF attention, on the math kernel, has a double backward
+    assert model.training
 
 
 # ------------------------------------------------------------------------------------------ the run untouched
