@@ -3,6 +3,7 @@
 from lightning_gradwatch.adaptive_clipping import AdaptiveClipping
 from lightning_gradwatch.alerts import ALERT_KIND_INFO, ALERT_KINDS, Alert, AlertKind, AlertKindInfo, Severity
 from lightning_gradwatch.dead_neurons import DeadNeuronCallback
+from lightning_gradwatch.gradient_geometry import GradientGeometry
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
 from lightning_gradwatch.nan_guard import NaNGuard
@@ -20,6 +21,7 @@ __all__ = [
     "AlertKindInfo",
     "DeadNeuronCallback",
     "GradWatch",
+    "GradientGeometry",
     "GradientNormLogger",
     "HealthReport",
     "NaNGuard",

@@ -41,11 +41,12 @@ _LAST_DIM_NORMS = (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))  # RMSNor
 _UNIT_PASSING_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, *_LAST_DIM_NORMS)
 _RECTIFIERS = {"relu", "relu_", "relu6", "relu6_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_"}
 _SQUASHERS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
-KINDS = ("relu", "sigmoid", "tanh")
+_SMOOTH = {"gelu", "silu", "silu_"}  # watched only for a subscriber that asks for them (GradientGeometry)
+KINDS = ("relu", "sigmoid", "tanh", "gelu", "silu")
 
 
 def activation_kind(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """The kind of activation a torch function call is, or ``None`` for anything else (GELU, hard-tanh, ...)."""
+    """The kind of activation a torch function call is, or ``None`` for anything else (hard-tanh, ...)."""
     if name in ("relu", "relu_", "relu6", "relu6_"):
         return "relu"
     if name in ("leaky_relu", "leaky_relu_"):  # a dead unit exists only without a negative slope
@@ -58,6 +59,10 @@ def activation_kind(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         return "sigmoid"
     if name in ("tanh", "tanh_"):
         return "tanh"
+    if name == "gelu":
+        return "gelu"
+    if name in ("silu", "silu_"):
+        return "silu"
     return None
 
 
@@ -170,6 +175,7 @@ class ActivationProbe:
     def _update_watched(self) -> None:
         kinds = set().union(*(s.kinds for s in self.subscribers)) if self.subscribers else set()
         self.watched_names = (_RECTIFIERS if "relu" in kinds else set()) | (_SQUASHERS if kinds - {"relu"} else set())
+        self.watched_names |= _SMOOTH if kinds & {"gelu", "silu"} else set()
 
     def record(self, layer: int, kind: str, pre_activation: Tensor) -> None:
         for subscriber in self.subscribers:

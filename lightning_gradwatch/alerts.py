@@ -29,6 +29,9 @@ class AlertKind:
     NON_FINITE = "non_finite"
     LOSS_SCALE_COLLAPSE = "loss_scale_collapse"
     GRADIENT_SPIKE = "gradient_spike"
+    SHATTERED_GRADIENT = "shattered_gradient"
+    VANISHING_JACOBIAN = "vanishing_jacobian"
+    EXPLODING_JACOBIAN = "exploding_jacobian"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,22 @@ ALERT_KIND_INFO: dict[str, AlertKindInfo] = {
         "Gradient spikes",
         "keep AdaptiveClipping on; isolated spikes are usually bad batches (outliers, label noise), frequent ones "
         "a learning rate that is too high or missing warm-up",
+    ),
+    AlertKind.SHATTERED_GRADIENT: AlertKindInfo(
+        "Shattered gradients",
+        'residual connections, normalisation layers (BatchNorm/LayerNorm), orthogonal or "looks-linear" '
+        "initialisation, GELU instead of ReLU; in a chaotic network (too large an initialisation), a smaller "
+        "initialisation scale",
+    ),
+    AlertKind.VANISHING_JACOBIAN: AlertKindInfo(
+        "Vanishing block Jacobians",
+        "initialise at the activation's critical scale (orthogonal with nn.init.calculate_gain, He for ReLU), "
+        "residual connections, normalisation layers; look at the named block first",
+    ),
+    AlertKind.EXPLODING_JACOBIAN: AlertKindInfo(
+        "Exploding block Jacobians",
+        "a smaller initialisation scale (orthogonal, He/Xavier), normalisation layers, residual branches scaled "
+        "down (e.g. the last layer of each branch initialised at zero); look at the named block first",
     ),
 }
 

@@ -61,7 +61,8 @@ def test_saturation_bounds_and_counts() -> None:
         ("hardtanh", (None,), {}, None),  # the real hard-tanh: out of scope
         ("sigmoid", (), {}, "sigmoid"),
         ("tanh_", (), {}, "tanh"),
-        ("gelu", (), {}, None),
+        ("gelu", (), {}, "gelu"),  # watched for GradientGeometry's histograms only
+        ("silu_", (), {}, "silu"),
         ("hardsigmoid", (), {}, None),
     ],
 )

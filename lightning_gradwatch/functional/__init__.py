@@ -17,6 +17,13 @@ from lightning_gradwatch.functional.clipping import (
     zscore_threshold,
 )
 from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite, non_finite_mask
+from lightning_gradwatch.functional.geometry import (
+    gain_product,
+    gradient_coherence,
+    relative_perturbation,
+    row_cosine,
+    segment_spectrum,
+)
 from lightning_gradwatch.functional.norms import (
     combine_norms,
     global_norm,
@@ -50,4 +57,9 @@ __all__ = [
     "power_means",
     "tensor_norms",
     "validate_norm_type",
+    "gain_product",
+    "gradient_coherence",
+    "relative_perturbation",
+    "row_cosine",
+    "segment_spectrum",
 ]
