@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradwatch._activations import ActivationSubscriber, Layer, probe_for
-from lightning_gradwatch._core import clean_name
+from lightning_gradwatch._params import clean_name
 from lightning_gradwatch.functional.geometry import gradient_coherence, relative_perturbation, segment_spectrum
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))

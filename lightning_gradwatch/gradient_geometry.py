@@ -16,17 +16,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gradwatch._activations import compiled_modules, probe_for
-from lightning_gradwatch._core import (
-    GradwatchCallback,
-    all_reduce_sum,
-    exact_tags,
-    host_values,
-    is_sharded,
-    layer_charts,
-    logger_step,
-    tensorboard_writers,
-)
+from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._distributed import all_reduce_sum, is_sharded
 from lightning_gradwatch._geometry import ActivationSample, Blocks, find_blocks, probe_geometry
+from lightning_gradwatch._layout import exact_tags, layer_charts
+from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
+from lightning_gradwatch._types import GreaterThanOne, OpenUnitInterval, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_bool, check_number, check_patterns
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.geometry import gain_product
@@ -106,15 +101,15 @@ class GradientGeometry(GradwatchCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 500,
-        probe_size: int = 16,
-        radius: float = 0.3,
+        every_n_steps: PositiveInt = 500,
+        probe_size: PositiveInt = 16,
+        radius: UnitFraction = 0.3,
         power_iterations: int = 3,
         blocks: list[str] | None = None,
         forward_fn: ForwardFn | None = None,
-        shattered_threshold: float | None = 0.4,
-        vanishing_gain: float | None = 1e-3,
-        exploding_gain: float | None = 1e2,
+        shattered_threshold: OpenUnitInterval | None = 0.4,
+        vanishing_gain: OpenUnitInterval | None = 1e-3,
+        exploding_gain: GreaterThanOne | None = 1e2,
         histograms: bool = True,
         seed: int = 20170228,
     ) -> None:
@@ -180,6 +175,10 @@ class GradientGeometry(GradwatchCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._maybe_probe(trainer, pl_module, batch)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         # decided on the host from the step counter: the same on every rank, and nothing to do on other steps
         if trainer.global_step > self._step_at_start and self._due(logger_step(trainer)):  # an optimizer step ended
             self._pending = True
