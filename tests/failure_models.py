@@ -9,7 +9,7 @@ them, dead units per batch, activation norms), so a test can compare what gradwa
     assert zero_from(module.trace.grad_norm["net.conv2"]) is not None  # the truth: conv2 never learns again
 
 Layer names are gradwatch's (a parameter's name without its last part: ``net.conv2``). Every run is seeded and
-deterministic on CPU, and takes seconds. ``benchmarks/failure_scenarios.py`` runs them all under ``GradWatch()``.
+deterministic on CPU, and takes seconds. ``tests/report_failures.py`` runs them all under ``GradWatch()``.
 """
 
 from __future__ import annotations

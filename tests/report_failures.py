@@ -5,8 +5,8 @@ defaults (``log_every_n_steps=50``, a ModelCheckpoint), on CPU. For each it prin
 step in the alert and the step at which it was emitted), the health report's lines, the truth measured from the
 tensors on every step, and the latency from the onset of the failure to the first relevant alert::
 
-    OMP_NUM_THREADS=1 python benchmarks/failure_scenarios.py                 # every scenario (~1 min on CPU)
-    OMP_NUM_THREADS=1 python benchmarks/failure_scenarios.py --only rnn,tanh --ddp
+    OMP_NUM_THREADS=1 python -m tests.report_failures                 # every scenario (~1 min on CPU)
+    OMP_NUM_THREADS=1 python -m tests.report_failures --only rnn,tanh --ddp
 
 ``--ddp`` adds the 2-process DDP run of the dead layer (tests/scripts/ddp_dead_layer.py, ~25 s).
 """
@@ -19,7 +19,6 @@ import io
 import logging
 import math
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -30,10 +29,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lightning_gradwatch import AdaptiveClipping, GradWatch, HealthReport, NaNGuard  # noqa: E402
-from tests import failure_models as fm  # noqa: E402
+from lightning_gradwatch import AdaptiveClipping, GradWatch, HealthReport, NaNGuard
+from tests import failure_models as fm
 
 
 class AlertClock(pl.Callback):
@@ -261,9 +258,9 @@ def tanh_cnn(root: str, args: argparse.Namespace) -> None:
 def rnn(root: str, args: argparse.Namespace) -> None:
     r = run(fm.exploding_rnn(args.seed), 100, root)
     t, sat = r.module.trace, r.module.net.saturation
-    state = r.callback(AdaptiveClipping)._state[0]  # measurement only: its statistics at the end of the run
-    clipped = float(state["total_clipped"]) / max(float(state["total_steps"]), 1.0)
-    mean, std = float(state["mean"]), math.sqrt(float(state["var"]))
+    stats = r.callback(AdaptiveClipping)._stats[0]  # measurement only: its statistics at the end of the run
+    clipped = float(stats.total_clipped) / max(float(stats.total_steps), 1.0)
+    mean, std = float(stats.mean), math.sqrt(float(stats.var))
     record(
         "5. vanilla tanh RNN, recurrent gain 2, SGD",
         r,
