@@ -143,6 +143,10 @@ class GradwatchCallback(Callback):
                 writer.add_custom_scalars(layout)
             setattr(writer, _LAYOUT_WRITTEN_ATTR, True)
 
+    def _report_pictures(self, trainer: pl.Trainer, directory: str) -> list[tuple[str, str]]:
+        """Pictures this callback draws for the health report, saved into ``directory``: ``(title, file name)``."""
+        return []
+
     # -- the step dispatcher ---------------------------------------------------------------------------------
     def _before_optimizer_step(
         self,

@@ -45,6 +45,7 @@ class Fault:
     weights: list[str]  # non-finite weights (dropping the update cannot repair them)
     buffers: list[str]  # non-finite float buffers
     optimizer_state: list[str]  # non-finite optimizer state entries
+    gradients: list[str]  # parameters with non-finite gradients, in model order
 
     @property
     def poisoned_state(self) -> bool:
@@ -88,9 +89,8 @@ def describe_fault(
     if buffers:
         parts.append(f"the buffers {_some(buffers, 'buffer')}")
         first, count = first or layer_of(buffers[0]), count + len(buffers)
-    return Fault(
-        ", ".join(parts) or "the weights or buffers (on another rank)", first, count, weights, buffers, opt_state
-    )
+    text = ", ".join(parts) or "the weights or buffers (on another rank)"
+    return Fault(text, first, count, weights, buffers, opt_state, grads)
 
 
 def _some(names: list[str], noun: str = "parameter") -> str:

@@ -12,7 +12,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-__all__ = ["ALERT_KINDS", "ALERT_KIND_INFO", "SEVERITIES", "Alert", "AlertKind", "AlertKindInfo", "Severity"]
+__all__ = [
+    "ALERT_CAUSES",
+    "ALERT_KINDS",
+    "ALERT_KIND_INFO",
+    "SEVERITIES",
+    "Alert",
+    "AlertKind",
+    "AlertKindInfo",
+    "Severity",
+]
 
 #: How much an alert asks of the user: ``"warning"`` needs action, ``"info"`` is worth knowing.
 Severity = Literal["warning", "info"]
@@ -32,6 +41,7 @@ class AlertKind:
     SHATTERED_GRADIENT = "shattered_gradient"
     VANISHING_JACOBIAN = "vanishing_jacobian"
     EXPLODING_JACOBIAN = "exploding_jacobian"
+    STOPPED_LAYER = "stopped_layer"
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,40 @@ ALERT_KIND_INFO: dict[str, AlertKindInfo] = {
         "a smaller initialisation scale (orthogonal, He/Xavier), normalisation layers, residual branches scaled "
         "down (e.g. the last layer of each branch initialised at zero); look at the named block first",
     ),
+    AlertKind.STOPPED_LAYER: AlertKindInfo(
+        "Stopped layers",
+        "the network collapsed (usually after a blow-up: dead ReLUs downstream pass no gradient back): a lower learning "
+        "rate or a warm-up, gradient clipping, LeakyReLU/GELU; resume from a checkpoint from before the collapse",
+    ),
+}
+
+#: What a finding can be attributed to, when the callback could tell (``Alert.cause``): its own title and remedy,
+#: which the report prefers to the kind's (a NaN born in an exploding forward pass is not a data problem).
+ALERT_CAUSES: dict[str, AlertKindInfo] = {
+    "bad_input": AlertKindInfo(
+        "Non-finite input data", "find and fix the batch (data loading, preprocessing, a division by zero in a feature)"
+    ),
+    "exploding_activations": AlertKindInfo(
+        "Exploding activations",
+        "check the weight initialisation (He/Xavier scale), add normalisation layers, lower the learning rate",
+    ),
+    "forward_op": AlertKindInfo(
+        "A forward operation produced NaN/Inf",
+        "guard the operation named (log/sqrt/division of values near 0: clamp or add an epsilon)",
+    ),
+    "loss_function": AlertKindInfo(
+        "The loss function produced NaN/Inf",
+        "check the loss for log(0) or division by zero (use the numerically stable form, e.g. cross-entropy on logits)",
+    ),
+    "backward_op": AlertKindInfo(
+        "The backward pass produced NaN/Inf",
+        "an operation with an infinite derivative at the values it saw (sqrt/pow at 0, norm of a zero vector): add an "
+        "epsilon",
+    ),
+    "poisoned_weights": AlertKindInfo(
+        "Non-finite weights",
+        "resume from a clean checkpoint (action='rollback' keeps one in memory); lower the learning rate",
+    ),
 }
 
 ALERT_KINDS: frozenset[str] = frozenset(ALERT_KIND_INFO)
@@ -117,6 +161,9 @@ class Alert:
         message: what is wrong, where, and the usual remedy.
         severity: ``"warning"`` (needs action; the default) or ``"info"`` (worth knowing: a handled transient, a
             stable sparse layer). Info alerts are logged at INFO level and listed apart in the report.
+        onset: the step the condition began, when known and earlier than ``step`` (e.g. a gradient explosion
+            between two logging steps); the report orders problems by it, so the first reads as the cause.
+        cause: what the finding is attributed to, a key of :data:`ALERT_CAUSES` (``""`` when unknown).
     """
 
     step: int
@@ -126,6 +173,13 @@ class Alert:
     threshold: float
     message: str
     severity: Severity = "warning"
+    onset: int | None = None
+    cause: str = ""
+
+    @property
+    def began(self) -> int:
+        """The step the condition began: ``onset`` when known, else ``step``."""
+        return self.step if self.onset is None else self.onset
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
@@ -144,4 +198,6 @@ class Alert:
             threshold=float(data["threshold"]),
             message=str(data["message"]),
             severity=data.get("severity", "warning"),
+            onset=None if data.get("onset") is None else int(data["onset"]),
+            cause=str(data.get("cause", "")),
         )

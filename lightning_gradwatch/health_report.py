@@ -14,25 +14,31 @@ from typing_extensions import override
 from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
 from lightning_gradwatch._reporting import log_dir
 from lightning_gradwatch._validation import check_bool
-from lightning_gradwatch.alerts import ALERT_KIND_INFO, Alert, AlertKind
+from lightning_gradwatch.alerts import ALERT_CAUSES, ALERT_KIND_INFO, Alert, AlertKind
+
+#: Kinds whose value and threshold are not a measurement against a limit (a count of non-finite tensors vs 0).
+_NO_MEASUREMENT = frozenset({AlertKind.NON_FINITE})
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem of a run: every alert of one kind about one layer, folded together."""
+    """One finding of a run: every alert of one kind about one layer, folded together."""
 
     kind: str
     name: str
-    first_step: int
+    severity: str  # "warning": a problem; "info": worth knowing
+    first_step: int  # when it began (the earliest onset)
     last_step: int
     occurrences: int
     worst_value: float
     threshold: float
+    title: str
     remedy: str
     message: str  # the first alert's message
+    cause: str = ""
 
 
-def _severity(alert: Alert) -> float:
+def _distance(alert: Alert) -> float:
     """How far past its threshold an alert is, in orders of magnitude (either direction)."""
     if alert.value > 0 and alert.threshold > 0 and math.isfinite(alert.value) and math.isfinite(alert.threshold):
         return abs(math.log10(alert.value / alert.threshold))
@@ -40,49 +46,65 @@ def _severity(alert: Alert) -> float:
 
 
 def summarize(alerts: Iterable[Alert]) -> list[Finding]:
-    """Fold alerts into findings, one per (kind, name), ordered by when they started."""
-    grouped: dict[tuple[str, str], list[Alert]] = {}
+    """Fold alerts into findings, one per (kind, name, severity), ordered by when they began: the first problem of a
+    run is listed first, so it reads as the cause of what followed."""
+    grouped: dict[tuple[str, str, str], list[Alert]] = {}
     for alert in alerts:
-        grouped.setdefault((alert.kind, alert.name), []).append(alert)
+        grouped.setdefault((alert.kind, alert.name, alert.severity), []).append(alert)
     findings = []
-    for (kind, name), group in grouped.items():
-        group.sort(key=lambda a: a.step)
-        worst = max(group, key=_severity)
+    for (kind, name, severity), group in grouped.items():
+        group.sort(key=lambda a: (a.began, a.step))
+        worst = max(group, key=_distance)
+        cause = next((a.cause for a in group if a.cause in ALERT_CAUSES), "")
+        info = ALERT_CAUSES[cause] if cause else ALERT_KIND_INFO.get(kind)
         findings.append(
             Finding(
                 kind=kind,
                 name=name,
-                first_step=group[0].step,
-                last_step=group[-1].step,
+                severity=severity,
+                first_step=group[0].began,
+                last_step=max(a.step for a in group),
                 occurrences=len(group),
                 worst_value=worst.value,
                 threshold=worst.threshold,
-                remedy=ALERT_KIND_INFO[kind].remedy if kind in ALERT_KIND_INFO else "see the alert message",
+                title=info.title if info else kind,
+                remedy=info.remedy if info else "see the alert message",
                 message=group[0].message,
+                cause=cause,
             )
         )
     return sorted(findings, key=lambda f: (f.first_step, f.kind, f.name))
 
 
-def render_markdown(findings: list[Finding], steps: int, stopped_early: bool = False) -> str:
-    """A short human-readable diagnosis; a healthy run gets one line."""
-    ending = " (stopped early by a gradwatch guard)" if stopped_early else ""
-    if not findings:
-        return f"gradwatch: healthy run - no gradient problems found in {steps} steps{ending}.\n"
-    lines = [
-        f"# gradwatch health report: {len(findings)} problem(s) in {steps} steps{ending}",
-        "",
-        "| problem | where | from step | seen | worst (threshold) | usual remedy |",
-        "|---|---|---|---|---|---|",
-    ]
-    for f in findings:
-        title = ALERT_KIND_INFO[f.kind].title if f.kind in ALERT_KIND_INFO else f.kind
-        lines.append(
-            f"| {title} | `{f.name or '(model)'}` | {f.first_step} | {f.occurrences}x | "
-            f"{f.worst_value:.3g} ({f.threshold:.3g}) | {f.remedy} |"
-        )
-    lines += ["", "Details (first alert of each):", ""]
-    lines += [f"- step {f.first_step}, {f.kind}: {f.message}" for f in findings]
+def render_markdown(
+    findings: list[Finding], steps: int, stopped: str = "", pictures: list[tuple[str, str]] | None = None
+) -> str:
+    """A short human-readable diagnosis; a healthy run gets one line (and its notes, if any, below it)."""
+    problems = [f for f in findings if f.severity == "warning"]
+    notes = [f for f in findings if f.severity != "warning"]
+    ending = f" ({stopped})" if stopped else ""
+    if problems:
+        lines = [
+            f"# gradwatch health report: {len(problems)} problem(s) in {steps} steps{ending}",
+            "",
+            "| problem | where | began at step | seen | measured (threshold) | usual remedy |",
+            "|---|---|---|---|---|---|",
+        ]
+        for f in problems:
+            measured = "-" if f.kind in _NO_MEASUREMENT else f"{f.worst_value:.3g} ({f.threshold:.3g})"
+            lines.append(
+                f"| {f.title} | `{f.name or '(model)'}` | {f.first_step} | {f.occurrences}x | {measured} | {f.remedy} |"
+            )
+    else:
+        lines = [f"gradwatch: healthy run - no gradient problems found in {steps} steps{ending}."]
+    if notes:
+        lines += ["", "Worth knowing (no action needed):", ""]
+        lines += [f"- step {f.first_step}, `{f.name or '(model)'}`: {f.message}" for f in notes]
+    if problems:
+        lines += ["", "Details (first alert of each):", ""]
+        lines += [f"- step {f.first_step}, {f.kind}: {f.message}" for f in problems]
+    for title, path in pictures or []:
+        lines += ["", f"![{title}]({path})"]
     return "\n".join(lines) + "\n"
 
 
@@ -90,14 +112,20 @@ class HealthReport(GradwatchCallback):
     r"""At the end of fit (also after a halt or an exception), print a diagnosis of the run built from the alerts
     of every gradwatch callback attached to the Trainer, and save it next to the logs as Markdown and JSON.
 
-    Each problem found is listed once: what it is, where (layer), when it started, how often it was seen, how bad
-    it got against its threshold, and the usual remedy. A healthy run says so in one line. Printed once, on rank
-    zero; the files are ``gradwatch_report.md`` and ``gradwatch_report.json`` in the first logger's log directory
-    (or the Trainer's ``default_root_dir``), unless ``dirpath`` is given.
+    Each problem is listed once, in the order the problems began (the first reads as the cause of the rest): what it
+    is (with the cause a callback could tell, e.g. a NaN born in an exploding forward pass), where (layer), when it
+    began, how often it was seen, the measurement against its threshold, and the usual remedy. Findings of severity
+    ``"info"`` (a handled transient, a stable sparse layer) are listed apart, as worth knowing; a run with none of
+    severity ``"warning"`` is healthy and says so in one line. Printed once, on rank zero; the files are
+    ``gradwatch_report.md`` and ``gradwatch_report.json`` in the first logger's version folder (or the Trainer's
+    ``default_root_dir``), unless ``dirpath`` is given, with the pictures other callbacks draw (the gradient flow).
 
     Args:
         dirpath: where to save the report files; ``None`` puts them next to the logs.
         print_report: print the Markdown report at the end of fit.
+
+    Raises:
+        ValueError: ``dirpath`` is not a path, or ``print_report`` not a bool.
 
     Example::
 
@@ -129,16 +157,16 @@ class HealthReport(GradwatchCallback):
         self._report(trainer)
 
     def _report(self, trainer: pl.Trainer) -> None:
-        alerts = [a for cb in gradwatch_callbacks(trainer) for a in cb.alerts]
-        self.findings = summarize(alerts)
+        peers = gradwatch_callbacks(trainer)
+        self.findings = summarize(a for cb in peers for a in cb.alerts)
         if not trainer.is_global_zero:
             return
-        stopped_early = bool(trainer.should_stop) and any(
-            f.kind in (AlertKind.NON_FINITE, AlertKind.LOSS_SCALE_COLLAPSE) for f in self.findings
-        )
-        text = render_markdown(self.findings, trainer.global_step, stopped_early)
+        halts = [(cb.halt_step, type(cb).__name__) for cb in peers if getattr(cb, "halt_step", None) is not None]
+        stopped = f"stopped at step {halts[0][0]} by {halts[0][1]}" if halts and trainer.should_stop else ""
         directory = self.dirpath or log_dir(trainer)
         os.makedirs(directory, exist_ok=True)
+        pictures = [item for cb in peers for item in cb._report_pictures(trainer, directory)]
+        text = render_markdown(self.findings, trainer.global_step, stopped, pictures)
         md_path = os.path.join(directory, "gradwatch_report.md")
         json_path = os.path.join(directory, "gradwatch_report.json")
         with open(md_path, "w") as f:
@@ -146,10 +174,12 @@ class HealthReport(GradwatchCallback):
         with open(json_path, "w") as f:
             json.dump(
                 {
-                    "healthy": not self.findings,
+                    "healthy": not any(f.severity == "warning" for f in self.findings),
                     "steps": trainer.global_step,
-                    "stopped_early": stopped_early,
+                    "stopped_early": bool(stopped),
+                    "stopped_at": halts[0][0] if stopped else None,
                     "findings": [asdict(f) for f in self.findings],
+                    "pictures": [path for _, path in pictures],
                 },
                 f,
                 indent=2,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -14,15 +13,17 @@ from typing_extensions import override
 from lightning_gradwatch._amp_monitor import AmpMonitor, AmpReading
 from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._distributed import all_reduce_max
-from lightning_gradwatch._nonfinite import Fault, describe_fault, non_finite_names, state_is_finite
+from lightning_gradwatch._halt_checkpoint import save_halt_checkpoint
+from lightning_gradwatch._nonfinite import Fault, describe_fault, non_finite_names
 from lightning_gradwatch._params import local_tensor
 from lightning_gradwatch._precision import grad_scaler
+from lightning_gradwatch._provenance import find_origin
 from lightning_gradwatch._reporting import logger_step, print_line
 from lightning_gradwatch._snapshot import BufferShadow, Snapshot, float_buffers, optimizer_state_tensors
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
-from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
+from lightning_gradwatch.alerts import ALERT_CAUSES, Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite
 
 NanAction = Literal["halt", "skip", "rollback"]
@@ -136,6 +137,8 @@ class NaNGuard(GradwatchCallback):
         self._clean_steps_since_snapshot = 0
         self._halt_pending: str | None = None
         self._halted = False
+        self._batches: list[tuple[Any, int]] = []
+        self._batches_step = -1
 
     @property
     def fault_steps(self) -> int:
@@ -178,6 +181,15 @@ class NaNGuard(GradwatchCallback):
         self._shadow.refresh(pl_module)
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # references to this optimizer step's batches (no copy): where a fault began is traced from them
+        if self._batches_step != trainer.global_step:
+            self._batches, self._batches_step = [], trainer.global_step
+        self._batches.append((batch, batch_idx))
+
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not trainer.training:
             return
@@ -215,7 +227,11 @@ class NaNGuard(GradwatchCallback):
             # the fault episode ends with this run: a run resumed from the checkpoint alerts again if it comes back
             self._clear_condition(AlertKind.NON_FINITE, "")
             self._clear_condition(AlertKind.LOSS_SCALE_COLLAPSE, "")
-            where = self._save_last_good(trainer, pl_module)
+            where = (
+                save_halt_checkpoint(trainer, pl_module, self.totals)
+                if self.save_checkpoint_on_halt
+                else " No checkpoint was saved (save_checkpoint_on_halt=False)."
+            )
             if trainer.is_global_zero:
                 print_line(f"NaNGuard stopped training at step {self.totals.halt_step}: {reason}.{where}")
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -265,8 +281,9 @@ class NaNGuard(GradwatchCallback):
         grads_bad: bool,
     ) -> None:
         fault = describe_fault(pl_module, optimizer, step, loss_bad, grads_bad)
+        origin = find_origin(trainer, pl_module, self._batches, fault.gradients) if not fault.poisoned_state else None
         step.drop()
-        self._shadow.restore()  # the batch's forward pass updated the running statistics: undo it
+        self._shadow.restore()  # the batch's forward pass (and the replay's) updated the running statistics: undo it
         # buffers poisoned before this step are non-finite in the copy too: only a snapshot repairs them
         unrepaired = non_finite_names(float_buffers(pl_module)) if fault.buffers else []
         if not step.repeat:
@@ -287,9 +304,10 @@ class NaNGuard(GradwatchCallback):
                 if unrepaired
                 else "; the buffers were restored to their values before this step"
             )
-        self._alert_non_finite(
-            trainer, fault, f"Non-finite values at step {trainer.global_step}: {fault.text}; {done}."
-        )
+        born = f" Where it began: {origin.detail}." if origin is not None else ""
+        finding = f"Non-finite values at step {trainer.global_step}: {fault.text}; {done}.{born}"
+        cause = "poisoned_weights" if fault.weights else (origin.cause if origin is not None else "")
+        self._alert_non_finite(trainer, fault, finding, cause=cause)
         if action == "halt":
             self._halt(trainer, f"non-finite values ({fault.text})")
         self._log_counters(trainer)
@@ -401,18 +419,21 @@ class NaNGuard(GradwatchCallback):
             tensors += [t for _, t in optimizer_state_tensors(optimizer, step.params, step.index.names)]
         return tensors
 
-    def _alert_non_finite(self, trainer: pl.Trainer, fault: Fault | None, finding: str, loss_faults: int = 0) -> None:
+    def _alert_non_finite(
+        self, trainer: pl.Trainer, fault: Fault | None, finding: str, loss_faults: int = 0, cause: str = ""
+    ) -> None:
         """A ``non_finite`` alert, once per fault episode (consecutive faulty steps or checks)."""
         step = trainer.global_step
         name = fault.first_layer if fault is not None else "loss"
         value = float(fault.count if fault is not None else loss_faults)
-        message = with_remedy(AlertKind.NON_FINITE, finding)
+        info = ALERT_CAUSES.get(cause)
+        message = f"{finding} Usual remedies: {info.remedy}." if info else with_remedy(AlertKind.NON_FINITE, finding)
         self._set_condition(
             trainer,
             AlertKind.NON_FINITE,
             "",
             True,
-            lambda: Alert(step=step, kind=AlertKind.NON_FINITE, name=name, value=value, threshold=0.0, message=message),
+            lambda: Alert(step, AlertKind.NON_FINITE, name, value, 0.0, message, cause=cause),
         )
 
     def _halt(self, trainer: pl.Trainer, reason: str) -> None:
@@ -420,25 +441,6 @@ class NaNGuard(GradwatchCallback):
         self._halted = True
         self._halt_pending = reason
         self.totals.halt_step = trainer.global_step
-
-    def _save_last_good(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        """Save the halt checkpoint if the state is finite; say where it is, or why there is none."""
-        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if not self.save_checkpoint_on_halt or dirpath is None:
-            return " No checkpoint was saved (no checkpoint directory is known, or save_checkpoint_on_halt=False)."
-        poisoned = any(not state_is_finite(pl_module, opt) for opt in trainer.optimizers)
-        if all_reduce_max(torch.tensor([float(poisoned)])).tolist()[0] > 0:  # every rank decides alike
-            return (
-                " No checkpoint was saved: the weights, buffers or optimizer state are already non-finite and no "
-                "clean copy of them exists (action='rollback' keeps one)."
-            )
-        path = os.path.join(dirpath, f"gradwatch-halt-step={self.totals.halt_step}.ckpt")
-        trainer.save_checkpoint(path)  # a collective under DDP: every rank halts at the same step
-        self.totals.halt_checkpoint = path
-        return (
-            f" The last good state (before step {self.totals.halt_step}'s update) is saved at '{path}'; after fixing "
-            f"the cause, resume with trainer.fit(model, ckpt_path={path!r})."
-        )
 
     def _log_counters(self, trainer: pl.Trainer, extra: dict[str, float] | None = None) -> None:
         metrics = {

@@ -37,7 +37,9 @@ def test_healthy_run_says_so_in_one_line(tmp_path: Any, capsys: pytest.CaptureFi
     md, js = report.report_paths
     assert md.startswith(str(tmp_path / "tb" / "version_0"))
     assert open(md).read().count("\n") == 1
-    assert json.load(open(js)) == {"healthy": True, "steps": 5, "stopped_early": False, "findings": []}
+    assert json.load(open(js)) == {
+        "healthy": True, "steps": 5, "stopped_early": False, "stopped_at": None, "findings": [], "pictures": [],
+    }  # fmt: skip
 
 
 def test_sick_run_lists_the_problem_with_layer_step_and_remedy(

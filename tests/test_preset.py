@@ -62,9 +62,11 @@ def test_order_is_correct_by_construction_and_the_guard_halts(
     clip = watch.gradwatch_callbacks[4]
     assert math.isfinite(clip._stats[0].mean.item())
     out = capsys.readouterr().out
-    assert "Non-finite values" in out and "stopped early" in out
+    # the NaN was in the batch: a data problem, with its remedy; the halt step is the alert's step
+    assert "Non-finite input data" in out and "stopped at step 6 by NaNGuard" in out
     report = json.loads(Path(tmp_path / "tb" / "version_0" / "gradwatch_report.json").read_text())
-    assert report["stopped_early"] and report["findings"][0]["kind"] == "non_finite"
+    assert report["stopped_early"] and report["stopped_at"] == 6 == watch.alerts[0].step
+    assert report["findings"][0]["kind"] == "non_finite" and report["findings"][0]["cause"] == "bad_input"
 
 
 def test_bundle_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
