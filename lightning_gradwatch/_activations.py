@@ -1,256 +1,48 @@
-"""Activation probing shared by DeadNeuronCallback and SaturationCallback.
+"""The cadence, verdicts and lifecycle shared by the activation callbacks (DeadNeuronCallback, SaturationCallback).
 
-Forward hooks on the layers that produce activations' inputs (Linear, Conv, and normalisation layers, which
-pass a producer's units through) tag their output tensors with a layer; a TorchFunctionMode sees every
-rectifier, sigmoid and tanh call - as a module (``nn.ReLU``) or a function (``F.relu``, ``torch.tanh``,
-``x.sigmoid()``) alike - and ties its input back to the layer that produced it. Both are installed only for the
-forward pass of sampled training steps and removed right after.
+Every ``sample_every_n_steps`` optimizer steps the forward pass is watched (the shared probe of
+:mod:`~lightning_gradwatch._activation_probe`), and each layer's statistic is folded into a sliding window of the
+last ``window`` sampled batches, kept on the device. A verdict needs a full window (at the end of a shorter run, at
+least three samples). It is reached without a sync of its own: the window's per-layer fractions ride on the step's
+shared host read when NaNGuard makes one (every step under 32-bit and bf16), else they are read on the next logging
+step. Metrics are logged on logging steps.
 
-Only hidden activations count: a call is kept when another Linear/Conv/normalisation layer runs after it in the
-same forward pass, so the sigmoid that turns a binary classifier's logits into probabilities (or an autoencoder's
-output) - which may legitimately sit near 0 or 1 - is never reported.
-
-One probe per model, shared by every activation callback sampling it, so the preset's two callbacks cost one
-mode and one set of hooks. The layers are enumerated once per model, in module order, with their unit counts:
-every rank builds the same layout whatever its data did, so the per-check collective always matches.
+Severity: a layer past the threshold is worth knowing (``info``: a stable sparse layer, such as a squeeze-excitation
+gate, trains fine); it is a warning when most of the layer is affected (``most``) or the fraction kept growing since
+it first crossed the threshold (by ``growth``).
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_gradwatch._activation_probe import (
+    ActivationProbe,
+    ActivationSubscriber,
+    Layer,
+    compiled_modules,
+    probe_for,
+)
 from lightning_gradwatch._base import GradwatchCallback
-from lightning_gradwatch._params import clean_name
-from lightning_gradwatch._reporting import logger_step
+from lightning_gradwatch._reporting import host_values, logger_step
+from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._validation import check_number
-from lightning_gradwatch.alerts import Alert
+from lightning_gradwatch.alerts import Alert, with_remedy
 
-_PRODUCERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
-_LAST_DIM_NORMS = (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))  # RMSNorm: torch >= 2.4
-_UNIT_PASSING_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, *_LAST_DIM_NORMS)
-_RECTIFIERS = {"relu", "relu_", "relu6", "relu6_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_"}
-_SQUASHERS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
-_SMOOTH = {"gelu", "silu", "silu_"}  # watched only for a subscriber that asks for them (GradientGeometry)
-KINDS = ("relu", "sigmoid", "tanh", "gelu", "silu")
-
-
-def activation_kind(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """The kind of activation a torch function call is, or ``None`` for anything else (hard-tanh, ...)."""
-    if name in ("relu", "relu_", "relu6", "relu6_"):
-        return "relu"
-    if name in ("leaky_relu", "leaky_relu_"):  # a dead unit exists only without a negative slope
-        slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
-        return "relu" if slope == 0 else None
-    if name in ("hardtanh", "hardtanh_"):  # nn.ReLU6 is hardtanh(x, 0, 6); the real hard-tanh is out of scope
-        low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-        return "relu" if low == 0 else None
-    if name in ("sigmoid", "sigmoid_"):
-        return "sigmoid"
-    if name in ("tanh", "tanh_"):
-        return "tanh"
-    if name == "gelu":
-        return "gelu"
-    if name in ("silu", "silu_"):
-        return "silu"
-    return None
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A layer whose units an activation can be attributed to."""
-
-    name: str
-    units: int
-    unit_dim: int  # -1 for Linear and LayerNorm, 1 for Conv, BatchNorm, GroupNorm
-
-
-def _units(module: nn.Module) -> tuple[int, int] | None:
-    """``(units, unit dim)`` of a producer or unit-passing normalisation layer, else ``None``."""
-    if isinstance(module, (nn.Linear, nn.Bilinear)):
-        return module.out_features, -1
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels, 1
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        return module.num_features, 1
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels, 1
-    if isinstance(module, _LAST_DIM_NORMS):
-        shape = module.normalized_shape
-        return (int(shape[-1]), -1) if shape else None
-    return None
-
-
-class ActivationSubscriber:
-    """What a callback provides to an :class:`ActivationProbe`."""
-
-    kinds: frozenset[str]
-
-    def _layout(self, layers: list[Layer], device: torch.device) -> None:
-        """Called before each sampled forward pass: have per-layer buffers for ``layers`` on ``device`` (keep
-        the current ones when the layers are the same, adopt a loaded checkpoint's when they match)."""
-        raise NotImplementedError
-
-    def _measure(self, layer: int, kind: str, pre_activation: Tensor) -> Any:
-        """The statistic of one activation call (computed at once: in-place activations change their input), or
-        ``None`` to ignore the call."""
-        raise NotImplementedError
-
-    def _accumulate(self, layer: int, kind: str, stat: Any) -> None:
-        """Fold a measured statistic into the window's tallies (only for hidden activations)."""
-        raise NotImplementedError
-
-
-class _ActivationMode(TorchFunctionMode):
-    def __init__(self, probe: ActivationProbe) -> None:
-        super().__init__()
-        self.probe = probe
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in self.probe.watched_names and args and isinstance(args[0], Tensor):
-            source = self.probe.sources.get(id(args[0]))
-            if source is not None:
-                kind = activation_kind(name, args, kwargs)
-                if kind is not None:
-                    self.probe.record(source[0], kind, args[0])  # before the call: in-place ops change args[0]
-        return func(*args, **kwargs)
-
-
-class ActivationProbe:
-    """Watches the activations of one model's forward passes for its subscribers while any is attached."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers: list[Layer] = []
-        self._modules: list[tuple[nn.Module, int]] = []  # (module, index into layers)
-        for raw_name, module in model.named_modules():
-            if isinstance(module, (*_PRODUCERS, *_UNIT_PASSING_NORMS)) and (units := _units(module)) is not None:
-                self._modules.append((module, len(self.layers)))
-                self.layers.append(Layer(clean_name(raw_name), units[0], units[1]))
-        self.subscribers: list[ActivationSubscriber] = []
-        self.watched_names: set[str] = set()
-        # id(tensor) -> (layer index, the tensor itself: held so the id cannot be reused while attached)
-        self.sources: dict[int, tuple[int, Tensor]] = {}
-        # measurements waiting for a later layer to show they were hidden: (subscriber, layer, kind, stat, calls)
-        self._pending: list[tuple[ActivationSubscriber, int, str, Any, int]] = []
-        self._layer_calls = 0
-        self._handles: list[RemovableHandle] = []
-        self._mode: _ActivationMode | None = None
-
-    # -- subscription ------------------------------------------------------------------------------------------
-    def subscribe(self, subscriber: ActivationSubscriber) -> None:
-        if subscriber in self.subscribers:
-            return
-        self.subscribers.append(subscriber)
-        self._update_watched()
-        if self._mode is None:
-            self._install()
-
-    def unsubscribe(self, subscriber: ActivationSubscriber, commit: bool = True) -> None:
-        """Stop watching for ``subscriber``; fold its hidden activations in (unless ``commit`` is False)."""
-        if subscriber not in self.subscribers:
-            return
-        mine = [p for p in self._pending if p[0] is subscriber]
-        self._pending = [p for p in self._pending if p[0] is not subscriber]
-        if commit:
-            for _, layer, kind, stat, calls in mine:
-                if self._layer_calls > calls:  # a layer ran after it: a hidden activation, not the model's output
-                    subscriber._accumulate(layer, kind, stat)
-        self.subscribers.remove(subscriber)
-        self._update_watched()
-        if not self.subscribers:
-            self._uninstall()
-
-    def _update_watched(self) -> None:
-        kinds = set().union(*(s.kinds for s in self.subscribers)) if self.subscribers else set()
-        self.watched_names = (_RECTIFIERS if "relu" in kinds else set()) | (_SQUASHERS if kinds - {"relu"} else set())
-        self.watched_names |= _SMOOTH if kinds & {"gelu", "silu"} else set()
-
-    def record(self, layer: int, kind: str, pre_activation: Tensor) -> None:
-        for subscriber in self.subscribers:
-            if kind in subscriber.kinds:
-                stat = subscriber._measure(layer, kind, pre_activation)
-                if stat is not None:
-                    self._pending.append((subscriber, layer, kind, stat, self._layer_calls))
-
-    # -- hooks and mode --------------------------------------------------------------------------------------------
-    def _install(self) -> None:
-        self._layer_calls = 0
-        for module, index in self._modules:
-            layer = self.layers[index]
-            is_norm = isinstance(module, _UNIT_PASSING_NORMS)
-            self._handles.append(module.register_forward_hook(self._hook(index, layer, is_norm)))
-        self._mode = _ActivationMode(self)
-        self._mode.__enter__()
-
-    def _uninstall(self) -> None:
-        if self._mode is not None:
-            mode, self._mode = self._mode, None
-            mode.__exit__(None, None, None)
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.sources.clear()
-        self._pending.clear()
-
-    def _hook(self, index: int, layer: Layer, is_norm: bool) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            self._layer_calls += 1
-            if not isinstance(output, Tensor):
-                return
-            source = index
-            if is_norm and inputs and isinstance(inputs[0], Tensor):
-                upstream = self.sources.get(id(inputs[0]))
-                # conv -> bn -> relu: the units are the conv's channels, report them under the conv's name
-                if upstream is not None and self.layers[upstream[0]].units == layer.units:
-                    source = upstream[0]
-            self.sources[id(output)] = (source, output)
-
-        return hook
-
-
-_PROBES: weakref.WeakKeyDictionary[nn.Module, ActivationProbe] = weakref.WeakKeyDictionary()
-
-
-def compiled_modules(model: nn.Module) -> list[str]:
-    """The parts of ``model`` that run under ``torch.compile``: a LightningModule handed to ``Trainer.fit``
-    compiled, submodules wrapped by ``torch.compile(...)`` or compiled in place with ``module.compile()``."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    found = ["forward"] if getattr(model, "_compiler_ctx", None) else []
-    for name, module in model.named_modules():
-        if isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None:
-            found.append(clean_name(name) if name else "(the model)")
-    return found
-
-
-def probe_for(model: nn.Module) -> ActivationProbe:
-    """The one probe of ``model``, shared by every activation callback."""
-    probe = _PROBES.get(model)
-    if probe is None:
-        probe = _PROBES[model] = ActivationProbe(model)
-    return probe
+#: The fewest sampled batches a verdict rests on, when a run ends before a full window.
+MIN_SAMPLES = 3
 
 
 class ActivationCallback(GradwatchCallback, ActivationSubscriber):
-    """The cadence and lifecycle shared by the activation callbacks: sample every ``sample_every_n_steps``
-    optimizer steps; once ``window`` sampled batches are folded together, check at the next logging step (the
-    callback's ``log_every_n_steps``, else the Trainer's), with one reduction across ranks and one host transfer,
-    log, alert and start a new window. Checking on a logging step keeps the host transfer off every other step;
-    with the Trainer's ``log_every_n_steps=0`` the check runs as soon as the window is full, and a full window the
-    last logging step missed is checked when training ends.
-    Subclasses implement the :class:`ActivationSubscriber` methods, :meth:`_check`, and their state."""
+    """Subclasses implement the :class:`ActivationSubscriber` methods (fold one sample into the window), and
+    :meth:`_fractions` (the window's per-layer fraction and whether the layer was seen, reduced over ranks, on the
+    device), :meth:`_describe` and their state."""
 
     hook_order = 20
     threshold: float  # the subclass's alert threshold on a layer's fraction
@@ -258,20 +50,27 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     metric: ClassVar[str]
     chart: ClassVar[str]
     alert_kind: ClassVar[str]
-    #: The keys of the subclass's checkpointed window tallies (``"layers"`` first: the names they belong to).
+    #: The keys of the subclass's checkpointed window state (``"layers"`` first: the names they belong to).
     tally_keys: ClassVar[tuple[str, ...]]
+    #: Warning when at least this fraction of a layer is affected, or it grew by ``growth`` since crossing the
+    #: threshold; ``info`` otherwise.
+    most: ClassVar[float] = 0.9
+    growth: ClassVar[float] = 0.2
 
     def __init__(self, sample_every_n_steps: int, window: int, log_every_n_steps: int | None) -> None:
         super().__init__()
         self.sample_every_n_steps = check_number("sample_every_n_steps", sample_every_n_steps, ge=1, integer=True)
         self.window = check_number("window", window, ge=1, integer=True)
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
-        self._batches_in_window = 0
+        self._samples = 0  # sampled batches so far (the window's clock)
+        self._judged_at = -1  # the sample count at the last verdict
+        self._onset_fraction: dict[str, float] = {}  # per layer past the threshold: its fraction when it crossed
         self._probe: ActivationProbe | None = None  # set while attached
         self._layers: list[Layer] = []
-        self._sampled = False
         self._compiled = False  # the model runs under torch.compile: nothing to watch
-        self._loaded: dict[str, Any] | None = None  # a checkpoint's tallies, until the next layout adopts them
+        self._loaded: dict[str, Any] | None = None  # a checkpoint's window, until the next layout adopts it
+        self._posted: tuple[int, Tensor] | None = None  # (step, verdict tensor) offered to this step's shared read
+        self._step_at_start = -1  # trainer.global_step when the current batch began
 
     @property
     def attached(self) -> bool:
@@ -290,6 +89,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
             probe, self._probe = self._probe, None
             probe.unsubscribe(self, commit=commit)
 
+    # -- hooks -----------------------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -309,42 +109,53 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._step_at_start = trainer.global_step
         # validation, the sanity check and prediction never reach this hook: only training batches are sampled
-        self._sampled = (
-            not self._compiled and not trainer.sanity_checking and logger_step(trainer) % self.sample_every_n_steps == 0
-        )
-        if self._sampled:
+        if not self._compiled and not trainer.sanity_checking and logger_step(trainer) % self.sample_every_n_steps == 0:
             self._attach(pl_module)
-            self._batches_in_window += 1
+            self._begin_sample()
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        self._detach()  # the forward pass is over: nothing to watch in backward or the optimizer step
+        if self.attached:  # the forward pass is over: fold the sample in
+            self._detach()
+            self._samples += 1
+        # a verdict rides on the step's shared read (the same decision on every rank: counters, not data)
+        if (
+            self._layers
+            and self._samples >= self.window
+            and (self._samples > self._judged_at or self._should_log(trainer, self.log_every_n_steps))
+        ):
+            self._posted = (trainer.global_step, self._verdict_tensor())
+            shared_read(trainer).post(self, self._posted[1], trainer.global_step)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._detach()
-        self._sampled = False
-        # the same decision on every rank: the logging cadence and the window count do not depend on the data
-        if self._batches_in_window >= self.window and (
+        self._detach()  # a step without backward (manual optimization that skips it)
+        # judged once per optimizer step, after its last micro-batch (the step counter moved during the batch);
+        # the shared read is keyed by the step being taken, one less than the counter now
+        stepped = trainer.global_step > self._step_at_start
+        log_now = stepped and (
             self._should_log(trainer, self.log_every_n_steps)
             or (self.log_every_n_steps is None and trainer.log_every_n_steps == 0)
-        ):
-            self._close_window(trainer)
+        )
+        delivered = shared_read(trainer).take(self, self._step_at_start) if stepped else None
+        if delivered is not None:
+            self._judge(trainer, delivered, log_now)
+        elif log_now and self._layers and self._samples >= self.window:
+            posted = self._posted[1] if self._posted and self._posted[0] == self._step_at_start else None
+            verdict = posted if posted is not None else self._verdict_tensor()
+            self._judge(trainer, host_values(verdict)[0], log=True)  # its own transfer
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._batches_in_window >= self.window:  # full, but no logging step came after it
-            self._close_window(trainer)
+        # new samples since the last verdict (a run shorter than a window: at least MIN_SAMPLES): judge them now
+        if self._layers and self._samples > self._judged_at and self._samples >= min(self.window, MIN_SAMPLES):
+            self._judge(trainer, host_values(self._verdict_tensor())[0], log=True)
         super().on_train_end(trainer, pl_module)
-
-    def _close_window(self, trainer: pl.Trainer) -> None:
-        if self._layers:
-            self._check(trainer)
-        self._batches_in_window = 0
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -359,37 +170,84 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach(commit=False)
 
-    def _check(self, trainer: pl.Trainer) -> None:
-        """Reduce the window's tallies, report them and reset them; ``self._batches_in_window`` is its size."""
+    # -- verdicts --------------------------------------------------------------------------------------------
+    def _verdict_tensor(self) -> Tensor:
+        """The window's per-layer fractions, then per-layer 'seen' flags, reduced over ranks (a collective: every
+        rank reaches it at the same steps)."""
+        fractions, seen = self._fractions(min(self.window, self._samples))
+        return torch.cat([fractions, seen.to(fractions.dtype)])
+
+    def _judge(self, trainer: pl.Trainer, values: list[float], log: bool) -> None:
+        n = len(self._layers)
+        fractions, seen = values[:n], values[n:]
+        self._judged_at = self._samples
+        step, metrics, window = trainer.global_step, {}, min(self.window, self._samples)
+        for layer, fraction, was_seen in zip(self._layers, fractions, seen, strict=True):
+            if not was_seen:
+                continue
+            metrics[f"gradwatch/{self.metric}/{layer.name}"] = fraction
+            self._verdict(trainer, step, layer, fraction, window)
+        if log:
+            self._log_metrics(trainer, metrics)
+
+    def _verdict(self, trainer: pl.Trainer, step: int, layer: Layer, fraction: float, window: int) -> None:
+        """Info when a layer crosses the threshold; a warning (instead, or later) when most of it is affected or the
+        fraction grew since it crossed. Each is alerted once per onset."""
+        name, kind, threshold = layer.name, self.alert_kind, self.threshold
+        info, warning = f"{name}|info", f"{name}|warning"
+        if fraction <= threshold:
+            self._onset_fraction.pop(name, None)
+            self._clear_condition(kind, info)
+            self._clear_condition(kind, warning)
+            return
+        onset = self._onset_fraction.setdefault(name, fraction)
+        severity = "warning" if fraction >= self.most or fraction >= onset + self.growth else "info"
+        if severity == "warning":
+            self._active_conditions.add((kind, info))  # the warning says it all: no info after it
+        else:
+            self._clear_condition(kind, warning)
+        self._set_condition(
+            trainer,
+            kind,
+            warning if severity == "warning" else info,
+            True,
+            lambda: Alert(
+                step, kind, name, fraction, threshold, self._message(layer, step, fraction, window, severity), severity
+            ),
+        )
+
+    def _message(self, layer: Layer, step: int, fraction: float, window: int, severity: str) -> str:
+        finding = self._describe(layer, step, fraction, window)
+        if severity == "warning":
+            return with_remedy(self.alert_kind, finding)
+        return f"{finding} It stays below {self.most:.0%} and is not growing: often a design choice (a sparse layer)."
+
+    def _describe(self, layer: Layer, step: int, fraction: float, window: int) -> str:
         raise NotImplementedError
 
-    def _report(self, trainer: pl.Trainer, findings: list[tuple[str, float, str]]) -> None:
-        """Log each layer's fraction as ``gradwatch/<metric>/<layer>`` and alert ``alert_kind`` for a layer whose
-        fraction exceeds ``self.threshold`` (once per onset). ``findings``: ``(layer, fraction, message)``."""
-        step, metrics = trainer.global_step, {}
-        threshold, metric, kind = self.threshold, self.metric, self.alert_kind
-        for name, fraction, message in findings:
-            metrics[f"gradwatch/{metric}/{name}"] = fraction
-            self._set_condition(
-                trainer,
-                kind,
-                name,
-                fraction > threshold,
-                lambda name=name, fraction=fraction, message=message: Alert(
-                    step=step, kind=kind, name=name, value=fraction, threshold=threshold, message=message
-                ),
-            )
-        self._log_metrics(trainer, metrics)
+    def _fractions(self, window: int) -> tuple[Tensor, Tensor]:
+        """Per layer, on the device and reduced over ranks: the fraction over the last ``window`` samples, and
+        whether the layer was seen in them."""
+        raise NotImplementedError
 
+    def _begin_sample(self) -> None:
+        """A sample is about to be taken (its index is ``self._samples``): make room for it in the window."""
+
+    # -- layout and state ------------------------------------------------------------------------------------
     @override
     def _tensorboard_layout(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, dict[str, list[Any]]]:
+        if not self._layers_seen():  # laid out after the first sampled pass: no chart that can never hold data
+            return {}
         return {"gradwatch: activations": {self.chart: ["Multiline", [rf"^gradwatch/{self.metric}/"]]}}
 
-    # -- state -----------------------------------------------------------------------------------------------
+    def _layers_seen(self) -> bool:
+        """Whether any layer fed an activation this callback watches so far."""
+        return True
+
     def _tallies(self) -> dict[str, Any] | None:
-        """The current window's tallies on the host, keyed by :attr:`tally_keys`; ``None`` before the layout."""
+        """The window's state on the host, keyed by :attr:`tally_keys`; ``None`` before the layout."""
         raise NotImplementedError
 
     def _forget_layout(self) -> None:
@@ -397,20 +255,22 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         raise NotImplementedError
 
     def _take_loaded(self, names: list[str]) -> dict[str, Any] | None:
-        """A loaded checkpoint's tallies if they belong to the layers ``names`` (once; then they are used up)."""
+        """A loaded checkpoint's window if it belongs to the layers ``names`` (once; then it is used up)."""
         loaded, self._loaded = self._loaded, None
         return loaded if loaded is not None and loaded.get("layers") == names else None
 
     @override
     def _extra_state(self) -> dict[str, Any]:
-        # saved again before the first sampled step after a resume: the loaded tallies are still the window's
+        # saved again before the first sampled step after a resume: the loaded window is still current
         tallies = self._tallies() or self._loaded or {}
-        return {"batches_in_window": self._batches_in_window, **tallies}
+        return {"samples": self._samples, "judged_at": self._judged_at, "onsets": dict(self._onset_fraction), **tallies}
 
     @override
     def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
-        self._batches_in_window = int(state.get("batches_in_window", 0))
-        self._forget_layout()  # laid out again, from the checkpoint's tallies, at the next sampled step
-        if "layers" in state:
+        self._samples = int(state.get("samples", 0))
+        self._judged_at = int(state.get("judged_at", -1))
+        self._onset_fraction = {str(k): float(v) for k, v in state.get("onsets", {}).items()}
+        self._forget_layout()  # laid out again, from the checkpoint's window, at the next sampled step
+        if "layers" in state and all(k in state for k in self.tally_keys):
             self._loaded = {k: state[k] for k in self.tally_keys}
         return []

@@ -26,7 +26,7 @@ class AmpReading:
     consecutive: int  # the current run of overflow-skipped steps
     overflows: int  # overflow-skipped steps (this rank)
     scale: float  # the current loss scale
-    extra: tuple[float, ...]  # the caller's flags (max over ranks), in the order given
+    extra: list[float]  # the caller's values (max over ranks), flat, in the order given
 
 
 class AmpMonitor:
@@ -63,14 +63,14 @@ class AmpMonitor:
         c["longest"] = torch.maximum(c["longest"], c["consecutive"])
         c["loss"] += loss_bad.to(device, torch.float32)
 
-    def read(self, scaler: torch.amp.GradScaler, extra: list[Tensor], device: torch.device) -> AmpReading:
-        """Reduce the counters (and the caller's ``extra`` flags) across ranks and bring them to the host in one
-        transfer; the window starts afresh."""
+    def read(self, scaler: torch.amp.GradScaler, extra: Tensor, device: torch.device) -> AmpReading:
+        """Reduce the counters (and the caller's flat ``extra`` values) across ranks and bring them to the host in
+        one transfer; the window starts afresh."""
         assert scaler._scale is not None
         c = self._counters
         if not c:
             self.observe(scaler, None, torch.zeros((), dtype=torch.bool, device=device), device)
-        flags = torch.stack([c["loss"], c["longest"], *(f.to(device, torch.float32) for f in extra)])
+        flags = torch.cat([torch.stack([c["loss"], c["longest"]]), extra.to(device, torch.float32).reshape(-1)])
         reduced = all_reduce_max(flags)  # at the reading cadence only
         values, (scale,), (overflows,), (consecutive,) = host_values(
             reduced, scaler._scale, c["overflows"], c["consecutive"]
@@ -84,5 +84,5 @@ class AmpMonitor:
             consecutive=int(consecutive),
             overflows=int(overflows),
             scale=scale,
-            extra=tuple(values[2:]),
+            extra=values[2:],
         )

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gradwatch._activations import ActivationSubscriber, Layer, probe_for
+from lightning_gradwatch._activation_probe import ActivationSubscriber, Layer, probe_for
 from lightning_gradwatch._params import clean_name
 from lightning_gradwatch.functional.geometry import gradient_coherence, relative_perturbation, segment_spectrum
 

@@ -120,6 +120,18 @@ class StepGradients:
                 norms.index_copy_(0, self._positions_on(local.device), local)
         return all_reduce_norms(norms, norm_type) if self.index.sharded else norms
 
+    def nonzero_counts(self) -> Tensor:
+        """The number of non-zero gradient elements of each parameter (0 without a gradient), float32, summed over
+        shards; one ``foreach`` pass (the 0-"norm"), for logging steps."""
+        local = tensor_norms(self.grads, 0.0)
+        if len(self.grads) == len(self.index.params):
+            counts = local
+        else:
+            counts = torch.zeros(len(self.index.params), dtype=torch.float32, device=local.device)
+            if self.grads:
+                counts.index_copy_(0, self._positions_on(local.device), local)
+        return all_reduce_norms(counts, 1.0) if self.index.sharded else counts
+
     def global_norm(self, norm_type: float = 2.0) -> Tensor:
         """The norm of all gradients together (0-dim, on the device), from :meth:`param_norms`."""
         return total_norm(self.param_norms(norm_type), norm_type)

@@ -15,7 +15,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_gradwatch._activations import compiled_modules, probe_for
+from lightning_gradwatch._activation_probe import compiled_modules, probe_for
 from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._distributed import all_reduce_sum, is_sharded
 from lightning_gradwatch._geometry import ActivationSample, Blocks, find_blocks, probe_geometry

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import statistics
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._gradient_rules import ExplodingRule, GradientReading, StoppedRule, VanishingRule, Verdict
 from lightning_gradwatch._layout import exact_tags, layer_charts
 from lightning_gradwatch._params import ParamGroups, group_of, optimizer_index
 from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
@@ -19,7 +20,43 @@ from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import GreaterThanOne, PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
-from lightning_gradwatch.functional.norms import power_means, total_norm, validate_norm_type
+from lightning_gradwatch.functional.norms import total_norm, validate_norm_type
+
+
+@dataclass
+class _StepTally:
+    """What the rules need from the steps between two logging steps, kept on the device (no sync per step)."""
+
+    peak: Tensor  # the largest finite global norm
+    peak_step: Tensor
+    last_nonzero: Tensor  # per layer: the last step its gradient was non-zero (-1: never); kept across intervals
+
+    @classmethod
+    def zeros(cls, layers: int, device: torch.device, last_nonzero: Tensor | None = None) -> _StepTally:
+        zero = torch.zeros((), device=device)
+        start = torch.full((layers,), -1.0, device=device) if last_nonzero is None else last_nonzero
+        return cls(zero, zero.clone(), start)
+
+    def fold(self, step: int, global_norm: Tensor, layer_norms: Tensor, overflow: Tensor) -> None:
+        valid = torch.isfinite(global_norm) & (overflow == 0)
+        higher = valid & (global_norm > self.peak)
+        self.peak = torch.where(higher, global_norm, self.peak)
+        self.peak_step = torch.where(higher, float(step), self.peak_step)
+        self.last_nonzero = torch.where(valid & (layer_norms > 0), float(step), self.last_nonzero)
+
+
+def _alert(verdict: Verdict | None, step: int) -> Alert:
+    assert verdict is not None
+    return Alert(
+        step=step,
+        kind=verdict.kind,
+        name=verdict.name,
+        value=verdict.value,
+        threshold=verdict.threshold,
+        message=with_remedy(verdict.kind, verdict.finding),
+        severity=verdict.severity,  # type: ignore[arg-type]
+        onset=verdict.onset,
+    )
 
 
 class GradientNormLogger(GradwatchCallback):
@@ -40,16 +77,20 @@ class GradientNormLogger(GradwatchCallback):
     - ``gradwatch/grad_to_weight/{layer}``: ``||grad|| / ||weight||`` of each layer.
     - ``gradwatch/grad_hist/{layer}``: gradient histograms (TensorBoard only), if enabled.
 
-    Alerts (see :class:`~lightning_gradwatch.Alert`):
+    Alerts (see :class:`~lightning_gradwatch.Alert`), decided on logging steps:
 
-    - ``vanishing_gradient``: in the first half of the network, a layer's gradient magnitude per element
-      (``norm / numel^(1/p)``, the RMS for ``p=2``) is below ``vanishing_threshold`` and below
-      ``vanishing_ratio`` times the median over all layers. Names the earliest such layer.
-    - ``exploding_gradient``: the global norm is above ``exploding_threshold``, or above ``exploding_factor``
-      times the median of its own recent history. Names the layer with the largest norm.
+    - ``exploding_gradient``: the largest global norm since the previous logging step (tracked on the device on
+      every step, with its step) is above ``exploding_threshold``, or ``exploding_factor`` times the median of the
+      norms logged before. A warning when the norm stays high or comes back, or one step is 100x past the limit;
+      a single transient is ``info``.
+    - ``vanishing_gradient``: in the first half of the network, a layer's gradient RMS over its non-zero elements
+      is below ``vanishing_threshold`` and below ``vanishing_ratio`` times that of the layers nearest the loss
+      (the last quarter). Names the earliest such layer.
+    - ``stopped_layer``: a layer whose gradient was non-zero before has been exactly zero on every step for
+      ``stop_after_steps`` steps (a collapsed network). A layer never used is ignored.
 
-    Checks run on logging steps. Steps the GradScaler skips for overflow are neither logged nor checked, and
-    non-finite norms never enter the history (they are :class:`~lightning_gradwatch.NaNGuard`'s business).
+    Steps the GradScaler skips for overflow are neither logged nor checked, and non-finite norms never enter the
+    statistics (they are :class:`~lightning_gradwatch.NaNGuard`'s business).
 
     Args:
         norm_type: the ``p`` of the p-norm: a number >= 1, or ``"inf"`` for the max-abs norm.
@@ -68,6 +109,11 @@ class GradientNormLogger(GradwatchCallback):
         exploding_factor: a global norm this many times the median of the last ``history_size`` logged
             norms is an explosion; ``None`` disables the relative rule.
         history_size: how many logged global norms the relative rule remembers (it starts once 5 are known).
+        stop_after_steps: steps of exactly zero gradient after which a layer that had one is stopped; ``None``
+            disables the check.
+
+    Raises:
+        ValueError: an argument outside its range, naming it.
 
     Example::
 
@@ -91,6 +137,7 @@ class GradientNormLogger(GradwatchCallback):
         exploding_threshold: PositiveFloat | None = 1e3,
         exploding_factor: GreaterThanOne | None = 10.0,
         history_size: PositiveInt = 20,
+        stop_after_steps: PositiveInt | None = 20,
     ) -> None:
         super().__init__()
         self.norm_type = validate_norm_type(norm_type)
@@ -104,7 +151,16 @@ class GradientNormLogger(GradwatchCallback):
         self.exploding_threshold = check_number("exploding_threshold", exploding_threshold, gt=0, optional=True)
         self.exploding_factor = check_number("exploding_factor", exploding_factor, gt=1, optional=True)
         self.history_size = check_number("history_size", history_size, ge=5, integer=True)
-        self._history: dict[str, list[float]] = {}
+        self.stop_after_steps = check_number("stop_after_steps", stop_after_steps, **positive_int)
+        self._vanishing = VanishingRule(self.vanishing_threshold, self.vanishing_ratio)
+        self._stopped = StoppedRule(self.stop_after_steps)
+        self._exploding: dict[str, ExplodingRule] = {}  # per optimizer suffix
+        self._tallies: dict[str, _StepTally] = {}  # per optimizer suffix, on the device, for the current interval
+
+    @property
+    def _history(self) -> dict[str, list[float]]:
+        """The global norms logged so far, per optimizer suffix (what the relative exploding rule compares to)."""
+        return {suffix: rule.history for suffix, rule in self._exploding.items()}
 
     @property
     @override
@@ -115,6 +171,11 @@ class GradientNormLogger(GradwatchCallback):
 
     # -- hooks -----------------------------------------------------------------------------------------------
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._tallies.clear()
+        super().on_fit_start(trainer, pl_module)
+
+    @override
     def _before_optimizer_step(
         self,
         trainer: pl.Trainer,
@@ -123,44 +184,85 @@ class GradientNormLogger(GradwatchCallback):
         step: StepGradients,
     ) -> None:
         if not step.grads or step.repeat:
-            return  # the guard dropped this update, or a closure optimizer re-evaluates a step already logged
-        log_now = self._should_log(trainer, self.log_every_n_steps)
-        hist_now = (
-            self.histogram_every_n_steps is not None and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0
-        )
-        if not (log_now or hist_now):
-            return
+            return  # the guard dropped this update, or a closure optimizer re-evaluates a step already seen
         groups = step.index.grouping(self.group_by)
-        if hist_now:
-            self._write_histograms(trainer, groups, step)
-        if log_now:
-            self._log_norms(trainer, groups, step)
-
-    # -- internals -------------------------------------------------------------------------------------------
-    def _log_norms(self, trainer: pl.Trainer, groups: ParamGroups, step: StepGradients) -> None:
+        suffix = self._optimizer_suffix(trainer, step.optimizer)
         layer_norms = groups.combine(step.param_norms(self.norm_type), self.norm_type)  # the shared pass
         global_norm = total_norm(layer_norms, self.norm_type)
-        to_fetch = [global_norm, layer_norms]
+        overflow = self._overflow_flag(step, global_norm)
+        tally = self._tallies.get(suffix)
+        if tally is None or tally.last_nonzero.numel() != len(groups.group_names):
+            tally = self._tallies[suffix] = _StepTally.zeros(len(groups.group_names), global_norm.device)
+        tally.fold(trainer.global_step, global_norm, layer_norms, overflow)  # every step, on the device
+        if self.histogram_every_n_steps is not None and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0:
+            self._write_histograms(trainer, groups, step)
+        if self._should_log(trainer, self.log_every_n_steps):
+            self._log_norms(trainer, groups, step, layer_norms, global_norm, overflow, suffix)
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _log_norms(
+        self,
+        trainer: pl.Trainer,
+        groups: ParamGroups,
+        step: StepGradients,
+        layer_norms: Tensor,
+        global_norm: Tensor,
+        overflow: Tensor,
+        suffix: str,
+    ) -> None:
+        tally = self._tallies[suffix]
+        active = groups.combine(step.nonzero_counts(), 1.0)
+        to_fetch = [global_norm, overflow, tally.peak, tally.peak_step, layer_norms, active, tally.last_nonzero]
         if self.log_grad_to_weight:
             weight_norms = groups.combine(step.weight_norms(self.norm_type), self.norm_type)
             to_fetch.append(layer_norms / weight_norms.clamp_min(1e-12))
-        to_fetch.append(self._overflow_flag(step, global_norm))
-
         fetched = host_values(*to_fetch)  # the one host sync of a logging step
-        if fetched[-1][0] > 0:
+        self._tallies[suffix] = _StepTally.zeros(len(groups.group_names), global_norm.device, tally.last_nonzero)
+        (total,), (skipped,), (peak,), (peak_step,), per_layer, nonzero, last_nonzero = fetched[:7]
+        if skipped > 0:
             return  # the GradScaler skips this step for overflow: normal under fp16, nothing to report
-        total, per_layer = fetched[0][0], fetched[1]
-        suffix = self._optimizer_suffix(trainer, step.optimizer)
         metrics = {f"gradwatch/global/grad_norm{suffix}": total}
-        present_groups = sorted({groups.group_of_param[i] for i in step.positions})
-        for g in present_groups:
+        present = sorted({groups.group_of_param[i] for i in step.positions})
+        for g in present:
             metrics[f"gradwatch/grad_norm/{groups.group_names[g]}"] = per_layer[g]
         if self.log_grad_to_weight:
-            ratios = fetched[2]
-            for g in present_groups:
-                metrics[f"gradwatch/grad_to_weight/{groups.group_names[g]}"] = ratios[g]
+            for g in present:
+                metrics[f"gradwatch/grad_to_weight/{groups.group_names[g]}"] = fetched[7][g]
         self._log_metrics(trainer, metrics)
-        self._check(trainer, groups, present_groups, total, per_layer, suffix)
+        if not math.isfinite(total):
+            return  # non-finite gradients: NaNGuard's business; never folded into the statistics
+        now = trainer.global_step
+        reading = GradientReading(
+            step=now,
+            names=[groups.group_names[g] for g in present],
+            norms=[per_layer[g] for g in present],
+            active_rms=[per_layer[g] / math.sqrt(nonzero[g]) if nonzero[g] > 0 else 0.0 for g in present],
+            silent_steps=[now - int(last_nonzero[g]) if last_nonzero[g] >= 0 else -1 for g in present],
+            global_norm=total,
+            peak=max(peak, total),
+            peak_step=int(peak_step) if peak > total else now,
+            norm_label="inf" if math.isinf(self.norm_type) else f"{self.norm_type:g}",
+        )
+        self._judge(trainer, reading, suffix)
+
+    def _judge(self, trainer: pl.Trainer, reading: GradientReading, suffix: str) -> None:
+        largest = reading.names[max(range(len(reading.norms)), key=reading.norms.__getitem__)]
+        exploding = self._exploding.setdefault(
+            suffix, ExplodingRule(self.exploding_threshold, self.exploding_factor, self.history_size)
+        )
+        verdicts = {
+            AlertKind.EXPLODING_GRADIENT: exploding.check(reading, largest),
+            AlertKind.VANISHING_GRADIENT: self._vanishing.check(reading),
+        }
+        for kind, verdict in verdicts.items():
+            self._set_condition(trainer, kind, suffix, verdict is not None, lambda v=verdict: _alert(v, reading.step))
+        stopped = {v.key: v for v in self._stopped.check(reading)}
+        for name in reading.names:
+            verdict = stopped.get(name)
+            firing = verdict is not None
+            self._set_condition(
+                trainer, AlertKind.STOPPED_LAYER, suffix + name, firing, lambda v=verdict: _alert(v, reading.step)
+            )
 
     @staticmethod
     def _overflow_flag(step: StepGradients, global_norm: Tensor) -> Tensor:
@@ -177,100 +279,6 @@ class GradientNormLogger(GradwatchCallback):
         if len(trainer.optimizers) <= 1:
             return ""
         return f"_optimizer{optimizer_index(trainer, optimizer)}"
-
-    def _check(
-        self,
-        trainer: pl.Trainer,
-        groups: ParamGroups,
-        present: list[int],
-        total: float,
-        per_layer: list[float],
-        suffix: str,
-    ) -> None:
-        step = trainer.global_step
-        p = "inf" if math.isinf(self.norm_type) else f"{self.norm_type:g}"
-        if not math.isfinite(total):
-            return  # non-finite gradients: NaNGuard's business; never folded into the history
-        history = self._history.setdefault(suffix, [])
-        median = statistics.median(history) if len(history) >= 5 else None
-        reason = None
-        if self.exploding_threshold is not None and total > self.exploding_threshold:
-            reason = f"is above the threshold {self.exploding_threshold:g}"
-            threshold = self.exploding_threshold
-        elif self.exploding_factor is not None and median is not None and total > self.exploding_factor * median:
-            reason = f"jumped to {total / median:.3g}x its recent median {median:.3g}"
-            threshold = self.exploding_factor * median
-        largest = max(present, key=lambda g: per_layer[g])
-        largest_name = groups.group_names[largest]
-        self._set_condition(
-            trainer,
-            AlertKind.EXPLODING_GRADIENT,
-            suffix,
-            reason is not None,
-            lambda: Alert(
-                step=step,
-                kind=AlertKind.EXPLODING_GRADIENT,
-                name=largest_name,
-                value=total,
-                threshold=threshold,
-                message=with_remedy(
-                    AlertKind.EXPLODING_GRADIENT,
-                    f"Exploding gradients at step {step}: the global {p}-norm {total:.4g} {reason}; the largest "
-                    f"layer norm is in '{largest_name}' ({per_layer[largest]:.4g}).",
-                ),
-            ),
-        )
-        history.append(total)
-        del history[: -self.history_size]
-        if self.vanishing_threshold is not None:
-            self._check_vanishing(trainer, groups, present, per_layer, suffix, step)
-
-    def _check_vanishing(
-        self,
-        trainer: pl.Trainer,
-        groups: ParamGroups,
-        present: list[int],
-        per_layer: list[float],
-        suffix: str,
-        step: int,
-    ) -> None:
-        nonzero = [g for g in present if per_layer[g] > 0 and math.isfinite(per_layer[g])]
-        if len(nonzero) < 2:
-            return
-        magnitude = power_means(
-            torch.tensor([per_layer[g] for g in nonzero], dtype=torch.float64),
-            groups.group_numels[nonzero],
-            self.norm_type,
-        ).tolist()
-        median = statistics.median(magnitude)
-        early = nonzero[: math.ceil(len(nonzero) / 2)]
-        assert self.vanishing_threshold is not None
-        offending = [
-            (g, m)
-            for g, m in zip(early, magnitude, strict=False)  # early is a prefix of the layers
-            if m < self.vanishing_threshold and m < self.vanishing_ratio * median
-        ]
-        first_name = groups.group_names[offending[0][0]] if offending else ""
-        first_value = offending[0][1] if offending else 0.0
-        self._set_condition(
-            trainer,
-            AlertKind.VANISHING_GRADIENT,
-            suffix,
-            bool(offending),
-            lambda: Alert(
-                step=step,
-                kind=AlertKind.VANISHING_GRADIENT,
-                name=first_name,
-                value=first_value,
-                threshold=float(self.vanishing_threshold),  # type: ignore[arg-type]
-                message=with_remedy(
-                    AlertKind.VANISHING_GRADIENT,
-                    f"Vanishing gradients at step {step}: layer '{first_name}' has a gradient magnitude of "
-                    f"{first_value:.3g} per element, {first_value / median:.2g}x the network's median "
-                    f"({median:.3g}); {len(offending)} of the first {len(early)} layers are affected.",
-                ),
-            ),
-        )
 
     def _write_histograms(self, trainer: pl.Trainer, groups: ParamGroups, step: StepGradients) -> None:
         writers = tensorboard_writers(trainer)
@@ -310,12 +318,15 @@ class GradientNormLogger(GradwatchCallback):
 
     @override
     def _extra_state(self) -> dict[str, Any]:
-        return {"norm_history": {k: list(v) for k, v in self._history.items()}}
+        return {"norm_history": self._history}
 
     @override
     def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
+        self._exploding.clear()
         if "norm_type" in changed:  # norms of another p are not comparable: the relative rule starts afresh
-            self._history = {}
             return ["the global-norm history of the relative exploding rule"] if state.get("norm_history") else []
-        self._history = {str(k): [float(x) for x in v] for k, v in state.get("norm_history", {}).items()}
+        for suffix, history in state.get("norm_history", {}).items():
+            rule = ExplodingRule(self.exploding_threshold, self.exploding_factor, self.history_size)
+            rule.history = [float(x) for x in history]
+            self._exploding[str(suffix)] = rule
         return []

@@ -19,6 +19,7 @@ from lightning_gradwatch._params import local_tensor
 from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._provenance import find_origin
 from lightning_gradwatch._reporting import logger_step, print_line
+from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._snapshot import BufferShadow, Snapshot, float_buffers, optimizer_state_tensors
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import PositiveFloat, PositiveInt
@@ -254,7 +255,7 @@ class NaNGuard(GradwatchCallback):
         state = self._state_tensors(pl_module, optimizer, step, weights=weights_due, optimizer_state=snapshot_due)
         # the shared 2-norm pass is the screen: finite proves the gradients finite; non-finite is confirmed below
         flags = [loss_bad, ~torch.isfinite(step.global_norm(2.0)), may_be_non_finite(state).to(step.device)]
-        values = all_reduce_max(torch.stack(flags).to(torch.float32)).tolist()  # one collective, one read
+        values = self._read(trainer, torch.stack(flags).to(torch.float32), step.device)  # one collective, one read
         loss_is_bad, grads_are_bad, state_is_bad = (v > 0 for v in values)
         if grads_are_bad or state_is_bad:  # rare: exact checks tell NaN/Inf from a 2-norm overflowed on huge values
             exact = torch.stack([any_non_finite(step.grads), any_non_finite(state).to(step.device)]).float()
@@ -340,8 +341,10 @@ class NaNGuard(GradwatchCallback):
             return
         check_state = self._due(trainer, self.check_params_every_n_steps)
         state = self._state_tensors(pl_module, optimizer, step, weights=check_state, optimizer_state=False)
-        extra = [any_non_finite(state)]
+        owners, posted = shared_read(trainer).collect(trainer.global_step)
+        extra = torch.cat([any_non_finite(state).reshape(1).float(), *(p.to(step.device) for p in posted)])
         reading = self._amp.read(scaler, extra, step.device)
+        self._deliver(trainer, owners, posted, reading.extra[1:])
         self.totals.overflow_steps += reading.overflows
         if log_now:
             amp = {
@@ -399,6 +402,21 @@ class NaNGuard(GradwatchCallback):
         return True
 
     # -- shared ----------------------------------------------------------------------------------------------
+    def _read(self, trainer: pl.Trainer, flags: Tensor, device: torch.device) -> list[float]:
+        """The step's one host read: ``flags`` and whatever other callbacks posted to ride along (max over ranks)."""
+        owners, posted = shared_read(trainer).collect(trainer.global_step)
+        values = all_reduce_max(torch.cat([flags, *(p.to(device) for p in posted)])).tolist()
+        self._deliver(trainer, owners, posted, values[flags.numel() :])
+        return values[: flags.numel()]
+
+    @staticmethod
+    def _deliver(trainer: pl.Trainer, owners: list[int], posted: list[Tensor], values: list[float]) -> None:
+        sizes, start, split = [p.numel() for p in posted], 0, []
+        for size in sizes:
+            split.append(values[start : start + size])
+            start += size
+        shared_read(trainer).deliver(trainer.global_step, owners, split)
+
     @staticmethod
     def _due(trainer: pl.Trainer, every: int | None) -> bool:
         return every is not None and (logger_step(trainer) + 1) % every == 0

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._activations import ActivationCallback, Layer
+from lightning_gradwatch._activation_probe import Layer
+from lightning_gradwatch._activations import ActivationCallback
 from lightning_gradwatch._distributed import all_reduce_sum
-from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._types import OpenHalfUnit, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_number
-from lightning_gradwatch.alerts import AlertKind, with_remedy
+from lightning_gradwatch.alerts import AlertKind
 from lightning_gradwatch.functional.activations import saturated_count, saturation_bound
 
 _BOUNDS = {"sigmoid": "0 or 1", "tanh": "-1 or 1"}
@@ -27,25 +26,26 @@ class SaturationCallback(ActivationCallback):
     1), where its gradient all but vanishes. Sigmoid and tanh are seen however they are written - ``nn.Sigmoid``,
     ``nn.Tanh``, ``torch.sigmoid``, ``torch.tanh``, ``F.sigmoid``, ``F.tanh``, ``x.sigmoid()`` - and attributed to
     the Linear/Conv layer that fed them (also through a normalisation layer). Only hidden activations count: a
-    sigmoid on the model's output (a binary classifier's probabilities, which may rightly sit near 0 or 1) is not
-    saturation and is never reported. Out of reach, and therefore never
-    reported: hard-sigmoid and hard-tanh (piecewise linear), and the gates inside fused recurrent layers
-    (``nn.LSTM``, ``nn.GRU``), which run as single C++ kernels.
+    sigmoid on the model's output (a binary classifier's probabilities, a VAE's reconstruction) may rightly sit near
+    0 or 1 and is never reported. Out of reach, and never reported: hard-sigmoid and hard-tanh (piecewise linear),
+    and the gates inside fused recurrent layers (``nn.LSTM``, ``nn.GRU``), which run as single C++ kernels.
 
-    The fraction is over a window of sampled training batches; under DDP the counts are summed across ranks once
-    per check. Cost as for :class:`~lightning_gradwatch.DeadNeuronCallback`: nothing on unsampled steps, forward
-    hooks and a TorchFunctionMode for the forward pass of sampled steps only, one transfer per check, on a
-    logging step; inactive (one warning) when the model runs under ``torch.compile``.
+    The fraction is over a sliding window of the last ``window`` sampled batches; under DDP the counts are summed
+    across ranks when a verdict is made. Latency, severity (``info`` when a layer crosses the threshold, ``warning``
+    when 90% of it saturates or the fraction grew by 0.2) and cost are as for
+    :class:`~lightning_gradwatch.DeadNeuronCallback`.
 
     Logs ``gradwatch/saturation/{layer}``; alerts ``saturation`` naming the layer.
 
     Args:
-        threshold: alert when a layer's saturated fraction exceeds this (0 < threshold <= 1).
+        threshold: a layer's saturated fraction above this is reported (0 < threshold <= 1).
         margin: how close to a bound counts as saturated (0 < margin < 0.5).
         sample_every_n_steps: sample the forward pass of every this many optimizer steps.
-        window: sampled batches per check (checked at the next logging step).
-        log_every_n_steps: check and log on every this many optimizer steps once the window is full; ``None``
-            follows the Trainer's ``log_every_n_steps``.
+        window: sampled batches a verdict covers (the last ones).
+        log_every_n_steps: log every this many optimizer steps; ``None`` follows the Trainer's ``log_every_n_steps``.
+
+    Raises:
+        ValueError: an argument outside its range, naming it.
 
     Example::
 
@@ -65,8 +65,8 @@ class SaturationCallback(ActivationCallback):
         self,
         threshold: UnitFraction = 0.2,
         margin: OpenHalfUnit = 0.01,
-        sample_every_n_steps: PositiveInt = 10,
-        window: PositiveInt = 10,
+        sample_every_n_steps: PositiveInt = 5,
+        window: PositiveInt = 6,
         log_every_n_steps: PositiveInt | None = None,
     ) -> None:
         super().__init__(sample_every_n_steps, window, log_every_n_steps)
@@ -74,9 +74,10 @@ class SaturationCallback(ActivationCallback):
         self.margin = check_number("margin", margin, gt=0, lt=0.5)
         self._bounds = {kind: saturation_bound(kind, self.margin) for kind in self.kinds}
         self._names: list[str] = []
-        # per layer, this window: saturated count (device), element count and kinds seen (host: known without sync)
+        # a ring of the last `window` samples: saturated counts per layer (device) and element counts (host: known
+        # without a sync); the kinds each layer fed (host)
         self._saturated: Tensor | None = None
-        self._totals: list[float] = []
+        self._totals: list[list[float]] = []
         self._kinds: list[set[str]] = []
 
     @property
@@ -91,13 +92,13 @@ class SaturationCallback(ActivationCallback):
             self._saturated = self._saturated.to(device)
             return
         self._names = names
-        self._saturated = torch.zeros(len(layers), dtype=torch.float32, device=device)
-        self._totals = [0.0] * len(layers)
+        self._saturated = torch.zeros(self.window, len(layers), dtype=torch.float32, device=device)
+        self._totals = [[0.0] * len(layers) for _ in range(self.window)]
         self._kinds = [set() for _ in layers]
         loaded = self._take_loaded(names)
-        if loaded is not None:  # resume the window the checkpoint was in
+        if loaded is not None and tuple(loaded["saturated"].shape) == tuple(self._saturated.shape):
             self._saturated.copy_(loaded["saturated"])
-            self._totals = [float(t) for t in loaded["totals"]]
+            self._totals = [[float(t) for t in row] for row in loaded["totals"]]
             self._kinds = [set(k) for k in loaded["kinds"]]
 
     @override
@@ -108,41 +109,40 @@ class SaturationCallback(ActivationCallback):
     def _accumulate(self, layer: int, kind: str, stat: tuple[Tensor, int]) -> None:
         assert self._saturated is not None
         count, numel = stat
-        self._saturated[layer] += count
-        self._totals[layer] += float(numel)
+        slot = self._samples % self.window
+        self._saturated[slot, layer] += count
+        self._totals[slot][layer] += float(numel)
         self._kinds[layer].add(kind)
 
     @override
-    def _check(self, trainer: pl.Trainer) -> None:
+    def _begin_sample(self) -> None:
+        if self._saturated is not None:  # the slot this sample fills forgets the oldest sample
+            slot = self._samples % self.window
+            self._saturated[slot].zero_()
+            self._totals[slot] = [0.0] * len(self._names)
+
+    @override
+    def _fractions(self, window: int) -> tuple[Tensor, Tensor]:
         assert self._saturated is not None
-        n = len(self._names)
         device = self._saturated.device
-        host = torch.tensor(
-            self._totals + [float("sigmoid" in k) for k in self._kinds] + [float("tanh" in k) for k in self._kinds],
-            dtype=torch.float32,
-        ).to(device, non_blocking=True)
-        reduced = all_reduce_sum(torch.cat([self._saturated, host]))  # one collective per check, same size everywhere
-        (values,) = host_values(reduced)  # one transfer
-        self._saturated.zero_()
-        self._totals = [0.0] * n
-        self._kinds = [set() for _ in range(n)]
-        step, findings = trainer.global_step, []
-        for i, name in enumerate(self._names):
-            total = values[n + i]
-            if total == 0:
-                continue  # no hidden sigmoid/tanh after this layer in the window, on any rank
-            kinds = [k for k, flag in (("sigmoid", values[2 * n + i]), ("tanh", values[3 * n + i])) if flag]
-            kind = " and ".join(kinds)
-            bounds = " or ".join(_BOUNDS[k] for k in kinds)
-            fraction = values[i] / total
-            message = with_remedy(
-                AlertKind.SATURATION,
-                f"Saturated {kind} after '{name}' at step {step}: {fraction:.0%} of its outputs lie within "
-                f"{self.margin:g} of {bounds} over the last {self._batches_in_window} sampled batches (threshold "
-                f"{self.threshold:.0%}), where their gradient all but vanishes.",
-            )
-            findings.append((name, fraction, message))
-        self._report(trainer, findings)
+        totals = torch.tensor([sum(column) for column in zip(*self._totals, strict=True)], dtype=torch.float32)
+        summed = all_reduce_sum(torch.cat([self._saturated.sum(0), totals.to(device, non_blocking=True)]))
+        n = len(self._names)
+        saturated, total = summed[:n], summed[n:]
+        return saturated / total.clamp_min(1.0), total > 0
+
+    @override
+    def _describe(self, layer: Layer, step: int, fraction: float, window: int) -> str:
+        kinds = sorted(self._kinds[self._names.index(layer.name)]) or ["sigmoid", "tanh"]
+        return (
+            f"Saturated {' and '.join(kinds)} after '{layer.name}' at step {step}: {fraction:.0%} of its outputs lie "
+            f"within {self.margin:g} of {' or '.join(_BOUNDS[k] for k in kinds)} over the last {window} sampled "
+            f"batches (threshold {self.threshold:.0%}), where their gradient all but vanishes."
+        )
+
+    @override
+    def _layers_seen(self) -> bool:
+        return any(self._kinds)
 
     @override
     def _tallies(self) -> dict[str, Any] | None:
@@ -151,7 +151,7 @@ class SaturationCallback(ActivationCallback):
         return {
             "layers": list(self._names),
             "saturated": self._saturated.cpu(),
-            "totals": list(self._totals),
+            "totals": [list(row) for row in self._totals],
             "kinds": [sorted(k) for k in self._kinds],
         }
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gradwatch import DeadNeuronCallback, SaturationCallback
-from lightning_gradwatch._activations import probe_for
+from lightning_gradwatch._activation_probe import probe_for
 from tests import tensorboard_events as tb
 from tests.activation_models import Net, fit, kill, no_probe_left
 from tests.distributed import run_ddp_script
@@ -94,25 +94,59 @@ def test_dead_units_found_whichever_way_relu_is_written(tmp_path: Any, style: st
     model = Classifier(net, lr=0.0)  # frozen weights: the dead fraction is exactly known
     fit(tmp_path, model, [callback], max_steps=6)
     events = tb.scalars(tmp_path / "tb" / "version_0")
-    assert [v for _, v in events["gradwatch/dead_fraction/net.fc1"]] == [0.5, 0.5]
+    # a verdict on every logging step once the window holds 3 samples (steps 2 to 5)
+    assert [v for _, v in events["gradwatch/dead_fraction/net.fc1"]] == [0.5] * 4
     assert "gradwatch/dead_fraction/net.head" not in events  # not followed by a rectifier
     [alert] = callback.alerts  # the persisting condition is reported once
     assert alert.kind == "dead_neurons" and alert.name == "net.fc1" and alert.value == 0.5 and alert.threshold == 0.3
-    assert "LeakyReLU" in alert.message and "learning rate" in alert.message and "He" in alert.message
+    assert alert.severity == "info" and "not growing" in alert.message  # half a layer, stable: worth knowing
     assert no_probe_left(model)
 
 
-def test_check_waits_for_a_logging_step_and_a_full_window_is_checked_when_training_ends(tmp_path: Any) -> None:
+def test_a_layer_most_of_which_is_dead_is_a_warning_with_its_remedy(tmp_path: Any) -> None:
+    net = Net("functional")
+    kill(net.fc1, 0.95)
+    callback = DeadNeuronCallback(sample_every_n_steps=1, window=3)
+    fit(tmp_path, Classifier(net, lr=0.0), [callback], max_steps=6)
+    [alert] = callback.alerts  # no info before the warning: the warning says it all
+    assert alert.severity == "warning" and alert.name == "net.fc1" and alert.value == pytest.approx(60 / 64)
+    assert "LeakyReLU" in alert.message and "learning rate" in alert.message and "He" in alert.message
+
+
+def test_a_growing_dead_fraction_turns_into_a_warning(tmp_path: Any) -> None:
+    def kill_more(module: Classifier, step: int) -> None:
+        if step == 10:
+            kill(module.net.fc1, 0.7)
+
+    net = Net("functional")
+    kill(net.fc1, 0.4)
+    callback = DeadNeuronCallback(sample_every_n_steps=1, window=3)
+    fit(tmp_path, Classifier(net, lr=0.0, hook=kill_more), [callback], max_steps=20)
+    assert [(a.severity, a.value) for a in callback.alerts] == [("info", 25 / 64), ("warning", 44 / 64)]
+
+
+def test_without_a_guard_verdicts_wait_for_a_logging_step_and_the_end_of_training(tmp_path: Any) -> None:
     net = Net("functional")
     kill(net.fc1, 0.5)
     callback = DeadNeuronCallback(sample_every_n_steps=1, window=3)
     fit(tmp_path, Classifier(net, lr=0.0), [callback], max_steps=13, log_every_n_steps=5)
-    # windows fill at steps 2, 7 and 12; the first two are checked at the next logging step (4 and 9, so five
-    # batches each), the third at the end of training, where Lightning's logging step is 13
+    # the window holds 3 samples from step 2 on; with no NaNGuard read to ride on, the verdicts come at the logging
+    # steps 4 and 9, and at the end of training for the samples since (Lightning's logging step is 13 there)
     events = tb.scalars(tmp_path / "tb" / "version_0")["gradwatch/dead_fraction/net.fc1"]
     assert events == [(4, 0.5), (9, 0.5), (13, 0.5)]
     [alert] = callback.alerts
-    assert alert.step == 5 and "over the last 5 sampled batches" in alert.message
+    assert alert.step == 5 and "over the last 3 sampled batches" in alert.message
+
+
+def test_with_the_guard_verdicts_ride_on_its_read_every_sampled_step(tmp_path: Any) -> None:
+    from lightning_gradwatch import NaNGuard
+
+    net = Net("functional")
+    kill(net.fc1, 0.95)
+    callback = DeadNeuronCallback(sample_every_n_steps=1, window=3)
+    fit(tmp_path, Classifier(net, lr=0.0), [NaNGuard(), callback], max_steps=13, log_every_n_steps=50)
+    [alert] = callback.alerts  # judged at step 2 (the third sample), long before the logging step 49
+    assert alert.step == 3 and alert.severity == "warning"
 
 
 def test_own_logging_cadence_overrides_the_trainers(tmp_path: Any) -> None:
@@ -196,7 +230,9 @@ def test_sampling_cadence_and_no_counting_in_validation(tmp_path: Any) -> None:
     trainer.fit(model)
     # sampled steps 0, 3, 6, 9: two ReLU calls each, none from the sanity check or the validation batches
     assert Counting.calls == 4 * 2
-    assert [s for s, _ in tb.scalars(tmp_path / "tb" / "version_0")["gradwatch/dead_fraction/net.fc1"]] == [3, 9]
+    # a window of 2 samples from step 3 on: logged on every logging step since
+    logged = [s for s, _ in tb.scalars(tmp_path / "tb" / "version_0")["gradwatch/dead_fraction/net.fc1"]]
+    assert logged == list(range(3, 12))
     assert no_probe_left(model)
     trainer.predict(model, DataLoader(model.data.tensors[0], batch_size=32))
     trainer.validate(model, model.val_dataloader())
@@ -208,9 +244,11 @@ def test_every_micro_batch_of_a_sampled_step_counts(tmp_path: Any) -> None:
     kill(net.fc1, 0.25)
     callback = DeadNeuronCallback(sample_every_n_steps=2, window=4)
     fit(tmp_path, Classifier(net, lr=0.0), [callback], max_steps=4, accumulate_grad_batches=2)
-    # optimizer steps 0 and 2 are sampled, two micro-batches each: one window of 4 batches, checked at step 2
+    # optimizer steps 0 and 2 are sampled, two micro-batches each: a window of 4 batches at step 2, judged once per
+    # optimizer step (after its last micro-batch)
     assert [(s, v) for s, v in tb.scalars(tmp_path / "tb" / "version_0")["gradwatch/dead_fraction/net.fc1"]] == [
-        (2, 0.25)
+        (2, 0.25),
+        (3, 0.25),
     ]
 
 
@@ -230,18 +268,19 @@ def test_dead_tallies_resume_from_a_checkpoint(tmp_path: Any) -> None:
     net = Net("functional")
     kill(net.fc1, 0.5)
     callback = DeadNeuronCallback(sample_every_n_steps=1, window=4)
-    trainer = fit(tmp_path, Classifier(net, lr=0.0), [callback], max_steps=6)  # 6 = one check + 2 into the next
+    trainer = fit(tmp_path, Classifier(net, lr=0.0), [callback], max_steps=3)  # 3 samples: one short of a window
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     state = torch.load(tmp_path / "a.ckpt", weights_only=False)["callbacks"][callback.state_key]
-    assert state["batches_in_window"] == 2 and state["layers"] == ["net.fc1", "net.fc2", "net.head"]
-    assert state["alive"][:64].sum().item() == 32 and state["seen"].tolist() == [True, True, False]
+    assert state["samples"] == 3 and state["layers"] == ["net.fc1", "net.fc2", "net.head"]
+    assert (state["last_alive"][:64] == -1).sum().item() == 32 and state["last_seen"].tolist() == [2.0, 2.0, -1.0]
 
     resumed = DeadNeuronCallback(sample_every_n_steps=1, window=4)
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed], max_steps=8))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed], max_steps=5))
     trainer.fit(Classifier(net, lr=0.0), ckpt_path=tmp_path / "a.ckpt")
-    # the window started before the checkpoint completes after it; the condition was active already: no repeat
-    assert [s for s, _ in tb.scalars(tmp_path / "b" / "tb" / "version_0")["gradwatch/dead_fraction/net.fc1"]] == [7]
-    assert [a.step for a in resumed.alerts] == [4]  # global_step after the first window's last step
+    # the window begun before the checkpoint fills after it: 4 samples at step 3
+    assert [s for s, _ in tb.scalars(tmp_path / "b" / "tb" / "version_0")["gradwatch/dead_fraction/net.fc1"]] == [3, 4]
+    # the first run judged its 3 samples when it ended (a run shorter than a window); the condition came back active
+    assert [a.step for a in resumed.alerts] == [3]
 
 
 def test_ddp_unit_alive_on_one_rank_only_is_alive(tmp_path: Any) -> None:
