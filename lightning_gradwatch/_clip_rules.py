@@ -15,7 +15,13 @@ import torch
 from torch import Tensor
 
 from lightning_gradwatch._validation import check_number, check_patterns
-from lightning_gradwatch.functional.clipping import agc_coefficients, ring_push, ring_quantile, zscore_threshold
+from lightning_gradwatch.functional.clipping import (
+    agc_coefficients,
+    ema_update,
+    ring_push,
+    ring_quantile,
+    zscore_threshold,
+)
 
 
 def _zeros(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None) -> Tensor:
@@ -137,27 +143,54 @@ class ClipInterval:
 
 class ZScoreRule:
     """Clip a norm above ``mean + z * std`` of the EMA statistics, an outlier the farther it is the closer to the
-    mean (ZClip's reciprocal scaling); a warm-up cap of ``warmup_cap`` times the mean until ``warmup_steps``."""
+    mean (ZClip's reciprocal scaling); a warm-up cap of ``warmup_cap`` times the mean until ``warmup_steps``, and
+    before any statistics exist (the first finite step) the absolute ceiling ``initial_max_norm``."""
 
     mode = "zscore"
 
-    def __init__(self, z_threshold: float, warmup_steps: int, warmup_cap: float | None) -> None:
+    def __init__(
+        self, z_threshold: float, warmup_steps: int, warmup_cap: float | None, initial_max_norm: float | None = None
+    ) -> None:
         self.z_threshold = check_number("z_threshold", z_threshold, gt=0)
         self.warmup_steps = check_number("warmup_steps", warmup_steps, ge=1, integer=True)
         self.warmup_cap = check_number("warmup_cap", warmup_cap, gt=1, optional=True)
+        self.initial_max_norm = check_number("initial_max_norm", initial_max_norm, gt=0, optional=True)
+
+    def _first(self, stats: NormStatistics, threshold: Tensor) -> Tensor:
+        if self.initial_max_norm is None:
+            return threshold
+        return torch.where(stats.count == 0, torch.full_like(threshold, self.initial_max_norm), threshold)
 
     def ceiling(self, stats: NormStatistics) -> Tensor:
-        """``mean + z * std`` (the warm-up cap before that): what the statistics are fed at most, and the reference
-        a spike is measured against, in every mode."""
-        return zscore_threshold(
-            stats.mean, stats.var, stats.count, self.z_threshold, self.warmup_steps, self.warmup_cap
+        """``mean + z * std`` (the warm-up cap before that, the initial ceiling before anything is known): what the
+        statistics are fed at most, and the reference a spike is measured against, in every mode."""
+        return self._first(
+            stats,
+            zscore_threshold(stats.mean, stats.var, stats.count, self.z_threshold, self.warmup_steps, self.warmup_cap),
         )
 
     def threshold(self, stats: NormStatistics, norm: Tensor) -> Tensor:
         """The norm this step's gradient is clipped to, if above it."""
-        return zscore_threshold(
-            stats.mean, stats.var, stats.count, self.z_threshold, self.warmup_steps, self.warmup_cap, norm=norm
+        return self._first(
+            stats,
+            zscore_threshold(
+                stats.mean, stats.var, stats.count, self.z_threshold, self.warmup_steps, self.warmup_cap, norm=norm
+            ),
         )
+
+    def fold(self, stats: NormStatistics, norm: Tensor, valid: Tensor, decay: float) -> None:
+        """Fold this step's norm into the statistics, capped at :meth:`ceiling` so one spike cannot inflate them. A
+        robust start: a warm-up norm ``warmup_cap`` times below the mean shows that the first norms were outliers (a
+        blow-up at the first step), and the statistics start again from it instead of keeping them as the baseline."""
+        capped = torch.minimum(norm, self.ceiling(stats))
+        mean, var, count = ema_update(stats.mean, stats.var, stats.count, capped, decay, valid)
+        if self.warmup_cap is not None:
+            warming = (stats.count > 0) & (stats.count < self.warmup_steps)
+            restart = valid & warming & (norm * self.warmup_cap < stats.mean)
+            mean = torch.where(restart, norm, mean)
+            var = torch.where(restart, torch.zeros_like(var), var)
+            count = torch.where(restart, torch.ones_like(count), count)
+        stats.mean, stats.var, stats.count = mean, var, count
 
 
 class PercentileRule(ZScoreRule):
@@ -167,9 +200,15 @@ class PercentileRule(ZScoreRule):
     mode = "percentile"
 
     def __init__(
-        self, z_threshold: float, warmup_steps: int, warmup_cap: float | None, quantile: float, history_size: int
+        self,
+        z_threshold: float,
+        warmup_steps: int,
+        warmup_cap: float | None,
+        initial_max_norm: float | None,
+        quantile: float,
+        history_size: int,
     ) -> None:
-        super().__init__(z_threshold, warmup_steps, warmup_cap)
+        super().__init__(z_threshold, warmup_steps, warmup_cap, initial_max_norm)
         self.quantile = check_number("quantile", quantile, gt=0, le=1)
         self.history_size = check_number("history_size", history_size, ge=1, integer=True)
 
@@ -194,11 +233,12 @@ class AGCRule(ZScoreRule):
         z_threshold: float,
         warmup_steps: int,
         warmup_cap: float | None,
+        initial_max_norm: float | None,
         clip_factor: float,
         eps: float,
         exclude: Any,
     ) -> None:
-        super().__init__(z_threshold, warmup_steps, warmup_cap)
+        super().__init__(z_threshold, warmup_steps, warmup_cap, initial_max_norm)
         self.clip_factor = check_number("clip_factor", clip_factor, gt=0)
         self.eps = check_number("agc_eps", eps, gt=0)
         self.exclude = check_patterns("agc_exclude", exclude, optional=True)

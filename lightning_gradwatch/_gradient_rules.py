@@ -81,7 +81,7 @@ class ExplodingRule:
         how = (
             "it stays high"
             if sustained
-            else "one step this far out wrecks the weights"
+            else "one step this far out wrecks the weights unless it is clipped"
             if catastrophic
             else f"a single step; back to {r.global_norm:.3g} by step {r.step}"
         )

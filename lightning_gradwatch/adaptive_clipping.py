@@ -28,7 +28,7 @@ from lightning_gradwatch._types import (
 )
 from lightning_gradwatch._validation import check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
-from lightning_gradwatch.functional.clipping import apply_clip_coefficient, clip_coefficient, ema_update
+from lightning_gradwatch.functional.clipping import apply_clip_coefficient, clip_coefficient
 from lightning_gradwatch.functional.norms import validate_norm_type
 
 ClipMode = Literal["zscore", "percentile", "agc"]
@@ -94,7 +94,11 @@ class AdaptiveClipping(GradwatchCallback):
             ``[]`` excludes nothing.
         warmup_steps: how many finite norms to gather before adaptive clipping starts.
         warmup_cap: during warm-up, clip norms above this many times the running mean; ``None``: no clipping
-            during warm-up.
+            during warm-up. A warm-up norm this many times below the mean restarts the statistics from it (the
+            first norms were a blow-up, not a baseline).
+        initial_max_norm: before any statistics exist (the first finite step), clip the global norm to this; a
+            gradient that large at the first step wrecks the weights before anything can be learned from it.
+            ``None``: no ceiling.
         norm_type: the ``p`` of the global p-norm: a number >= 1, or ``"inf"``.
         alert_ratio: a pre-clip norm at least this many times ``mean + z_threshold * std`` is a spike.
         log_every_n_steps: log and check for spikes every this many optimizer steps; ``None`` follows the
@@ -123,6 +127,7 @@ class AdaptiveClipping(GradwatchCallback):
         agc_exclude: Sequence[str] | None = None,
         warmup_steps: PositiveInt = 25,
         warmup_cap: GreaterThanOne | None = 10.0,
+        initial_max_norm: PositiveFloat | None = 1e3,
         norm_type: float | Literal["inf"] = 2.0,
         alert_ratio: AtLeastOne = 5.0,
         log_every_n_steps: PositiveInt | None = None,
@@ -130,7 +135,16 @@ class AdaptiveClipping(GradwatchCallback):
         super().__init__()
         self.mode: ClipMode = check_choice("mode", mode, CLIP_MODES)
         self.rule = _make_rule(
-            self.mode, z_threshold, warmup_steps, warmup_cap, quantile, history_size, clip_factor, agc_eps, agc_exclude
+            self.mode,
+            z_threshold,
+            warmup_steps,
+            warmup_cap,
+            initial_max_norm,
+            quantile,
+            history_size,
+            clip_factor,
+            agc_eps,
+            agc_exclude,
         )
         self.ema_decay = check_number("ema_decay", ema_decay, gt=0, lt=1)
         self.norm_type = validate_norm_type(norm_type)
@@ -206,9 +220,7 @@ class AdaptiveClipping(GradwatchCallback):
         if step.repeat:
             return  # another evaluation of the same step (LBFGS): clipped alike, counted once
 
-        stats.mean, stats.var, stats.count = ema_update(
-            stats.mean, stats.var, stats.count, torch.minimum(norm, ceiling), self.ema_decay, valid
-        )
+        self.rule.fold(stats, norm, valid, self.ema_decay)
         if isinstance(self.rule, PercentileRule):
             self.rule.push(stats, norm, valid)
         stats.total_clipped = stats.total_clipped + (valid & (coefficient < 1.0)).float()
@@ -346,6 +358,7 @@ def _make_rule(
     z_threshold: float,
     warmup_steps: int,
     warmup_cap: float | None,
+    initial_max_norm: float | None,
     quantile: float,
     history_size: int,
     clip_factor: float,
@@ -353,6 +366,7 @@ def _make_rule(
     agc_exclude: Any,
 ) -> ZScoreRule:
     """The rule of ``mode``; every argument is validated, whichever mode uses it."""
-    percentile = PercentileRule(z_threshold, warmup_steps, warmup_cap, quantile, history_size)
-    agc = AGCRule(z_threshold, warmup_steps, warmup_cap, clip_factor, agc_eps, agc_exclude)
-    return {"zscore": ZScoreRule(z_threshold, warmup_steps, warmup_cap), "percentile": percentile, "agc": agc}[mode]
+    start = (z_threshold, warmup_steps, warmup_cap, initial_max_norm)
+    percentile = PercentileRule(*start, quantile, history_size)
+    agc = AGCRule(*start, clip_factor, agc_eps, agc_exclude)
+    return {"zscore": ZScoreRule(*start), "percentile": percentile, "agc": agc}[mode]
