@@ -28,6 +28,16 @@ class AmpReading:
     scale: float  # the current loss scale
     extra: list[float]  # the caller's values (max over ranks), flat, in the order given
 
+    def collapse(self, min_scale: float, max_consecutive: int) -> tuple[str, float, float] | None:
+        """``(why, value, threshold)`` when fp16 training has collapsed: the scale below ``min_scale``, or
+        ``max_consecutive`` overflow-skipped steps in a row; ``None`` otherwise."""
+        if self.scale < min_scale:
+            return f"the loss scale fell to {self.scale:.3g}, below the floor {min_scale:g}", self.scale, min_scale
+        if self.max_consecutive >= max_consecutive:
+            why = f"{self.max_consecutive} consecutive steps overflowed and were skipped"
+            return why, float(self.max_consecutive), float(max_consecutive)
+        return None
+
 
 class AmpMonitor:
     """Device-side counters of overflow-skipped steps and non-finite losses under a GradScaler."""

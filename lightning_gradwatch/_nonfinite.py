@@ -6,14 +6,16 @@ Runs only on a fault (the slow path), where a host sync per check is acceptable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_gradwatch._distributed import all_reduce_max
 from lightning_gradwatch._params import OptimizerParams, layer_of, local_tensor
 from lightning_gradwatch._snapshot import float_buffers, optimizer_state_tensors
 from lightning_gradwatch._step import StepGradients
-from lightning_gradwatch.functional.finite import non_finite_mask
+from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite, non_finite_mask
 
 
 def non_finite_names(named: list[tuple[str, Tensor]]) -> list[str]:
@@ -96,3 +98,16 @@ def describe_fault(
 def _some(names: list[str], noun: str = "parameter") -> str:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return f"{len(names)} {noun}(s) ({shown})"
+
+
+def screen_step(step: StepGradients, loss_bad: Tensor, state: list[Tensor], read: Any) -> tuple[bool, bool, bool]:
+    """Whether the loss, the gradients and the ``state`` tensors (buffers, and weights or optimizer state when due)
+    hold NaN/Inf, on every rank. One reduced flag and one host read (``read``, the step's shared read, which others
+    ride on); the rare positive of the cheap 2-norm screen is confirmed exactly (a 2-norm overflows on huge but
+    finite values)."""
+    flags = [loss_bad, ~torch.isfinite(step.global_norm(2.0)), may_be_non_finite(state).to(step.device)]
+    loss_is_bad, grads_are_bad, state_is_bad = (v > 0 for v in read(torch.stack(flags).to(torch.float32)))
+    if grads_are_bad or state_is_bad:
+        exact = torch.stack([any_non_finite(step.grads), any_non_finite(state).to(step.device)]).float()
+        grads_are_bad, state_is_bad = (v > 0 for v in all_reduce_max(exact).tolist())
+    return loss_is_bad, grads_are_bad, state_is_bad

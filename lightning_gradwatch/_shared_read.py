@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gradwatch._distributed import all_reduce_max
+
 
 class SharedRead:
     """Posted values for the current optimizer step, and what the reader delivered for them."""
@@ -39,10 +41,21 @@ class SharedRead:
         self._at(step)
         return list(self._posted), list(self._posted.values())
 
-    def deliver(self, step: int, owners: list[int], values: list[list[float]]) -> None:
-        """For the reader: the host values of what :meth:`collect` gave, in the same order."""
+    def deliver(self, step: int, owners: list[int], posted: list[Tensor], values: list[float]) -> None:
+        """For the reader: the host values of what :meth:`collect` gave, flat, in the same order."""
         self._at(step)
-        self._delivered.update(zip(owners, values, strict=True))
+        start = 0
+        for owner, tensor in zip(owners, posted, strict=True):
+            self._delivered[owner] = values[start : start + tensor.numel()]
+            start += tensor.numel()
+
+    def read(self, step: int, flags: Tensor) -> list[float]:
+        """For the reader: ``flags`` and everything posted, max-reduced over ranks (one collective) and brought to
+        the host (one transfer); returns the flags' values and delivers the rest."""
+        owners, posted = self.collect(step)
+        values = all_reduce_max(torch.cat([flags, *(p.to(flags.device) for p in posted)])).tolist()
+        self.deliver(step, owners, posted, values[flags.numel() :])
+        return values[: flags.numel()]
 
     def take(self, owner: object, step: int) -> list[float] | None:
         """What was delivered for ``owner`` this step (once), or ``None`` if its values were not read."""

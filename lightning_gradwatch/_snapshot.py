@@ -149,3 +149,37 @@ def _copy_state(
 
 def _fits(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+class Rollbacks:
+    """When to take the rollback snapshot and whether a rollback may restore it: a snapshot every ``every`` clean
+    steps (the caller checks the state finite first), at most ``max_rollbacks`` restores of the same snapshot
+    without ``every`` clean steps in between."""
+
+    def __init__(self, every: int, max_rollbacks: int) -> None:
+        self.every, self.max_rollbacks = every, max_rollbacks
+        self.snapshot: Snapshot | None = None
+        self._restores = 0  # of the current snapshot
+        self._clean_since = 0  # clean steps since the snapshot or the last rollback
+
+    @property
+    def due(self) -> bool:
+        return self.snapshot is None or self._clean_since >= self.every
+
+    def clean_step(self, module: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        """A clean step, its state checked finite when :attr:`due`: keep that state as the snapshot then."""
+        if self.due:
+            self.snapshot = Snapshot.take(module, params, optimizer, reuse=self.snapshot)
+            self._restores = self._clean_since = 0
+        self._clean_since += 1
+
+    def restore(self, module: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> bool:
+        """Roll back to the snapshot; ``False`` (nothing restored) when there is none or it was restored too often.
+        The next snapshot needs ``every`` clean steps after this rollback: a fault that keeps coming back sooner
+        exhausts ``max_rollbacks``."""
+        if self.snapshot is None or self._restores >= self.max_rollbacks:
+            return False
+        self.snapshot.restore(module, params, optimizer)
+        self._restores += 1
+        self._clean_since = 0
+        return True

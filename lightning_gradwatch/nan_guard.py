@@ -12,20 +12,19 @@ from typing_extensions import override
 
 from lightning_gradwatch._amp_monitor import AmpMonitor, AmpReading
 from lightning_gradwatch._base import GradwatchCallback
-from lightning_gradwatch._distributed import all_reduce_max
 from lightning_gradwatch._halt_checkpoint import save_halt_checkpoint
-from lightning_gradwatch._nonfinite import Fault, describe_fault, non_finite_names
+from lightning_gradwatch._nonfinite import Fault, describe_fault, non_finite_names, screen_step
 from lightning_gradwatch._params import local_tensor
 from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._provenance import find_origin
 from lightning_gradwatch._reporting import logger_step, print_line
 from lightning_gradwatch._shared_read import shared_read
-from lightning_gradwatch._snapshot import BufferShadow, Snapshot, float_buffers, optimizer_state_tensors
+from lightning_gradwatch._snapshot import BufferShadow, Rollbacks, float_buffers, optimizer_state_tensors
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.alerts import ALERT_CAUSES, Alert, AlertKind, with_remedy
-from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite
+from lightning_gradwatch.functional.finite import any_non_finite
 
 NanAction = Literal["halt", "skip", "rollback"]
 NAN_ACTIONS: tuple[str, ...] = ("halt", "skip", "rollback")
@@ -133,9 +132,7 @@ class NaNGuard(GradwatchCallback):
         """What lives only for one fit: the loss flag, snapshots, the halt state."""
         self._loss_bad: Tensor | None = None
         self._amp.reset()
-        self._snapshot: Snapshot | None = None
-        self._rollbacks_to_snapshot = 0
-        self._clean_steps_since_snapshot = 0
+        self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
         self._halt_pending: str | None = None
         self._halted = False
         self._batches: list[tuple[Any, int]] = []
@@ -246,27 +243,20 @@ class NaNGuard(GradwatchCallback):
         step: StepGradients,
         loss_bad: Tensor,
     ) -> None:
-        snapshot_due = self.action == "rollback" and (
-            self._snapshot is None or self._clean_steps_since_snapshot >= self.snapshot_every_n_steps
-        )
+        snapshot_due = self.action == "rollback" and self._rollbacks.due
         weights_due = snapshot_due or self._due(trainer, self.check_params_every_n_steps)
         # buffers every step (they are small, and a NaN there is invisible until evaluation); weights at the
         # cadence; optimizer state before a snapshot
         state = self._state_tensors(pl_module, optimizer, step, weights=weights_due, optimizer_state=snapshot_due)
-        # the shared 2-norm pass is the screen: finite proves the gradients finite; non-finite is confirmed below
-        flags = [loss_bad, ~torch.isfinite(step.global_norm(2.0)), may_be_non_finite(state).to(step.device)]
-        values = self._read(trainer, torch.stack(flags).to(torch.float32), step.device)  # one collective, one read
-        loss_is_bad, grads_are_bad, state_is_bad = (v > 0 for v in values)
-        if grads_are_bad or state_is_bad:  # rare: exact checks tell NaN/Inf from a 2-norm overflowed on huge values
-            exact = torch.stack([any_non_finite(step.grads), any_non_finite(state).to(step.device)]).float()
-            grads_are_bad, state_is_bad = (v > 0 for v in all_reduce_max(exact).tolist())
+        read = shared_read(trainer)
+        loss_is_bad, grads_are_bad, state_is_bad = screen_step(
+            step, loss_bad, state, lambda flags: read.read(trainer.global_step, flags)
+        )
         if not (loss_is_bad or grads_are_bad or state_is_bad):
             self._clear_condition(AlertKind.NON_FINITE, "")
             self._shadow.refresh(pl_module)  # checked finite: the buffers to go back to if the next batch poisons them
-            if snapshot_due:  # the state was just checked finite: safe to keep as the known-good copy
-                self._snapshot = Snapshot.take(pl_module, step.params, optimizer, reuse=self._snapshot)
-                self._rollbacks_to_snapshot = self._clean_steps_since_snapshot = 0
-            self._clean_steps_since_snapshot += 1
+            if self.action == "rollback":  # a due snapshot's state was just checked finite: safe to keep
+                self._rollbacks.clean_step(pl_module, step.params, optimizer)
             if self._should_log(trainer, self.log_every_n_steps):
                 self._log_counters(trainer)
             return
@@ -314,13 +304,8 @@ class NaNGuard(GradwatchCallback):
         self._log_counters(trainer)
 
     def _rollback(self, pl_module: pl.LightningModule, step: StepGradients, optimizer: torch.optim.Optimizer) -> str:
-        if self._snapshot is None or self._rollbacks_to_snapshot >= self.max_rollbacks:
+        if not self._rollbacks.restore(pl_module, step.params, optimizer):
             return "halt"
-        self._snapshot.restore(pl_module, step.params, optimizer)
-        self._rollbacks_to_snapshot += 1
-        # the next snapshot needs snapshot_every_n_steps clean steps *after* this rollback: a fault that keeps
-        # coming back sooner than that exhausts max_rollbacks and halts
-        self._clean_steps_since_snapshot = 0
         self.totals.rollbacks += 1
         return "rollback"
 
@@ -341,10 +326,11 @@ class NaNGuard(GradwatchCallback):
             return
         check_state = self._due(trainer, self.check_params_every_n_steps)
         state = self._state_tensors(pl_module, optimizer, step, weights=check_state, optimizer_state=False)
-        owners, posted = shared_read(trainer).collect(trainer.global_step)
+        read = shared_read(trainer)
+        owners, posted = read.collect(trainer.global_step)
         extra = torch.cat([any_non_finite(state).reshape(1).float(), *(p.to(step.device) for p in posted)])
         reading = self._amp.read(scaler, extra, step.device)
-        self._deliver(trainer, owners, posted, reading.extra[1:])
+        read.deliver(trainer.global_step, owners, posted, reading.extra[1:])
         self.totals.overflow_steps += reading.overflows
         if log_now:
             amp = {
@@ -374,49 +360,22 @@ class NaNGuard(GradwatchCallback):
             self._clear_condition(AlertKind.LOSS_SCALE_COLLAPSE, "")
 
     def _check_collapse(self, trainer: pl.Trainer, reading: AmpReading) -> bool:
-        low_scale = reading.scale < self.min_loss_scale
-        if not (low_scale or reading.max_consecutive >= self.max_consecutive_overflows):
+        collapse = reading.collapse(self.min_loss_scale, self.max_consecutive_overflows)
+        if collapse is None:
             return False
+        reason, value, threshold = collapse
         step = trainer.global_step
-        reason = (
-            f"the loss scale fell to {reading.scale:.3g}, below the floor {self.min_loss_scale:g}"
-            if low_scale
-            else f"{reading.max_consecutive} consecutive steps overflowed and were skipped"
+        finding = (
+            f"Loss-scale collapse at step {step}: {reason}; fp16 training is broken (every update is being skipped) "
+            "and training stops."
         )
-        finding = f"Loss-scale collapse at step {step}: {reason}; fp16 training is broken (every update is being skipped) and training stops."
-        self._set_condition(
-            trainer,
-            AlertKind.LOSS_SCALE_COLLAPSE,
-            "",
-            True,
-            lambda: Alert(
-                step=step,
-                kind=AlertKind.LOSS_SCALE_COLLAPSE,
-                name="",
-                value=reading.scale if low_scale else reading.max_consecutive,
-                threshold=self.min_loss_scale if low_scale else self.max_consecutive_overflows,
-                message=with_remedy(AlertKind.LOSS_SCALE_COLLAPSE, finding),
-            ),
-        )
+        message = with_remedy(AlertKind.LOSS_SCALE_COLLAPSE, finding)
+        alert = Alert(step, AlertKind.LOSS_SCALE_COLLAPSE, "", value, threshold, message)
+        self._set_condition(trainer, AlertKind.LOSS_SCALE_COLLAPSE, "", True, lambda: alert)
         self._halt(trainer, f"loss-scale collapse ({reason})")
         return True
 
     # -- shared ----------------------------------------------------------------------------------------------
-    def _read(self, trainer: pl.Trainer, flags: Tensor, device: torch.device) -> list[float]:
-        """The step's one host read: ``flags`` and whatever other callbacks posted to ride along (max over ranks)."""
-        owners, posted = shared_read(trainer).collect(trainer.global_step)
-        values = all_reduce_max(torch.cat([flags, *(p.to(device) for p in posted)])).tolist()
-        self._deliver(trainer, owners, posted, values[flags.numel() :])
-        return values[: flags.numel()]
-
-    @staticmethod
-    def _deliver(trainer: pl.Trainer, owners: list[int], posted: list[Tensor], values: list[float]) -> None:
-        sizes, start, split = [p.numel() for p in posted], 0, []
-        for size in sizes:
-            split.append(values[start : start + size])
-            start += size
-        shared_read(trainer).deliver(trainer.global_step, owners, split)
-
     @staticmethod
     def _due(trainer: pl.Trainer, every: int | None) -> bool:
         return every is not None and (logger_step(trainer) + 1) % every == 0

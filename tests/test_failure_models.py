@@ -77,9 +77,9 @@ def test_deep_tanh_cnn_gradient_vanishes_geometrically(tmp_path: Path) -> None:
     assert all(a < b for a, b in zip(rms[:-1:3], rms[3::3], strict=False))  # rising towards the head
 
 
-def test_exploding_rnn_explodes_at_step_zero_then_saturates(tmp_path: Path) -> None:
+def test_exploding_rnn_explodes_at_step_zero_then_saturates_without_clipping(tmp_path: Path) -> None:
     module = fm.exploding_rnn(seed=0)
-    fm.fit(module, 5, [GradWatch()], tmp_path)
+    fm.fit(module, 5, [GradWatch(clipping=None)], tmp_path)
     assert module.trace.global_norm[0] > 1e6 and max(module.trace.global_norm[1:]) < 10
     assert module.net.saturation[0] < 0.1 and min(module.net.saturation[1:]) > 0.99
 
