@@ -6,6 +6,7 @@ from lightning_gradwatch.dead_neurons import DeadNeuronCallback
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
 from lightning_gradwatch.nan_guard import NaNGuard
+from lightning_gradwatch.noise_scale import GradientNoiseScale
 from lightning_gradwatch.preset import GradWatch, default_callbacks
 from lightning_gradwatch.saturation import SaturationCallback
 
@@ -20,6 +21,7 @@ __all__ = [
     "AlertKindInfo",
     "DeadNeuronCallback",
     "GradWatch",
+    "GradientNoiseScale",
     "GradientNormLogger",
     "HealthReport",
     "NaNGuard",
