@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
@@ -91,7 +92,7 @@ class GradientNoiseScale(GradwatchCallback):
     def __init__(
         self,
         source: Source = "auto",
-        ema_decay: float = 0.9,
+        ema_decay: float = 0.99,
         log_every_n_steps: int | None = None,
         batch_size: int | None = None,
     ) -> None:
@@ -122,6 +123,9 @@ class GradientNoiseScale(GradwatchCallback):
     def _resolve_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str | None, str]:
         if not pl_module.automatic_optimization:
             return None, "it supports automatic optimization only."
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+            return None, f"it supports single-device and DDP training only, not {type(strategy).__name__}."
         ddp_model = trainer.strategy.model if isinstance(trainer.strategy.model, DistributedDataParallel) else None
         if self.source in ("auto", "ddp") and ddp_model is not None and trainer.world_size > 1:
             self._hook = register_local_norm_hook(ddp_model)

@@ -3,7 +3,8 @@ rank); each rank reports, per run, its estimate and averaging state and any Grad
 
 Runs: the DDP communication hook without accumulation (per-rank batch 8 against the global 16), the hook with
 accumulation (DDP's ``no_sync`` micro-batches: per-rank 16 against 32), and the first micro-batch under DDP with
-accumulation (8 against 64).
+accumulation (8 against 64); and with a user's communication hook in DDP's one slot, the fallback to the
+first micro-batch (8 against 32).
 """
 
 import sys
@@ -11,6 +12,8 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from lightning_gradwatch import GradientNoiseScale
 from lightning_gradwatch.functional import noise_scale_readout
@@ -23,7 +26,18 @@ RUNS = {
     "hook": ("auto", 1, "ddp", 150),
     "hook_no_sync": ("ddp", 2, "ddp", 50),
     "first_micro_batch": ("accumulation", 4, "accumulation", 40),
+    "user_hook": ("auto", 2, "accumulation", 50),
 }
+
+
+class UserCommHook(Callback):
+    """A user's DDP communication hook, registered before GradientNoiseScale looks (as DDPStrategy(ddp_comm_hook=
+    ...) does on GPUs)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        trainer.strategy.model.register_comm_hook(None, allreduce_hook)
+
+
 MICRO = 8
 DECAY = 0.99
 
@@ -42,7 +56,7 @@ if __name__ == "__main__":
                 max_steps=steps,
                 accumulate_grad_batches=accumulate,
                 use_distributed_sampler=False,  # each rank keeps its own sampler with replacement
-                callbacks=[callback],
+                callbacks=[UserCommHook(), callback] if name == "user_hook" else [callback],
             )
         )
         with warnings.catch_warnings(record=True) as record:
