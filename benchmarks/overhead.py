@@ -15,6 +15,7 @@ lightning_gradwatch/testing.py (every host read of a device tensor, seen through
     python benchmarks/overhead.py --configs none,gradient_norm,clip_1.0
     python benchmarks/overhead.py --model cnn --configs none,dead_neurons,saturation,activations --batch-size 64
     python benchmarks/overhead.py --configs none,clip_1.0,adaptive_clipping,zclip   # in the zclip environment
+    python benchmarks/overhead.py --accumulate-grad-batches 4 --configs none,noise_scale,noise_scale_every_step
 
 Prints a Markdown table for benchmarks/RESULTS.md.
 """
@@ -198,9 +199,12 @@ CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = 
     "adaptive_percentile": lambda: ([gw.AdaptiveClipping(mode="percentile")], {}, False),
     "adaptive_agc": lambda: ([gw.AdaptiveClipping(mode="agc")], {}, False),
     "grad_watch_preset": lambda: ([gw.GradWatch(report=False)], {}, False),
+    # needs two batch sizes: run with --accumulate-grad-batches > 1 (else it idles, with a warning)
+    "noise_scale": lambda: ([gw.GradientNoiseScale()], {}, False),
+    "noise_scale_every_step": lambda: ([gw.GradientNoiseScale(log_every_n_steps=1)], {}, False),
     "zclip": lambda: (_zclip(), {}, False),
 }
-DEFAULT_CONFIGS = [name for name in CONFIGS if name != "zclip"]
+DEFAULT_CONFIGS = [name for name in CONFIGS if name != "zclip" and not name.startswith("noise_scale")]
 
 
 def make_fit(
@@ -215,6 +219,7 @@ def make_fit(
         precision=args.precision,
         max_steps=args.steps,
         log_every_n_steps=args.log_every_n_steps,
+        accumulate_grad_batches=args.accumulate_grad_batches,
         callbacks=[*callbacks, *extra],
         logger=pl.loggers.TensorBoardLogger(args.logdir, name=run_name),
         enable_progress_bar=False,
@@ -222,7 +227,7 @@ def make_fit(
         enable_checkpointing=False,
         **trainer_kwargs,
     )
-    return trainer, model, model.data(args.steps, args.batch_size)
+    return trainer, model, model.data(args.steps * args.accumulate_grad_batches, args.batch_size)
 
 
 def run_once(name: str, args: argparse.Namespace) -> float:
@@ -230,7 +235,9 @@ def run_once(name: str, args: argparse.Namespace) -> float:
     timer = StepTimer(cpu=args.clock == "cpu")
     trainer, model, data = make_fit(name, args, [timer], name)
     trainer.fit(model, data)
-    return step_cost(timer.times, args.warmup, args.log_every_n_steps)
+    accumulate = args.accumulate_grad_batches  # the timer sees micro-batches: add up each optimizer step's
+    times = [sum(timer.times[i : i + accumulate]) for i in range(0, len(timer.times), accumulate)]
+    return step_cost(times, args.warmup, args.log_every_n_steps)
 
 
 def syncs_added(names: list[str], args: argparse.Namespace) -> dict[str, float]:
@@ -276,6 +283,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--log-every-n-steps", type=int, default=50)
+    parser.add_argument("--accumulate-grad-batches", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument(
         "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated; add zclip in its own env"
     )
@@ -312,7 +320,7 @@ def main() -> None:
     params = sum(p.numel() for p in Bench(args.model, gpt_dims=args.gpt_dims).parameters())
     model = f"{args.model}({args.gpt_dims})" if args.model == "gpt" else args.model
     print(f"\nmodel={model} params={params / 1e6:.1f}M device={device} precision={args.precision} batch={args.batch_size} "
-          f"steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} clock={args.clock} torch={torch.__version__}\n")  # fmt: skip
+          f"accumulate={args.accumulate_grad_batches} steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} clock={args.clock} torch={torch.__version__}\n")  # fmt: skip
     print(
         "| configuration | step cost (ms) | ratio to none (median over rounds) | min-max ratio | syncs added per non-logging step |"
     )

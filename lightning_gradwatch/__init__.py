@@ -7,6 +7,7 @@ from lightning_gradwatch.gradient_geometry import GradientGeometry
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
 from lightning_gradwatch.nan_guard import NaNGuard
+from lightning_gradwatch.noise_scale import GradientNoiseScale
 from lightning_gradwatch.preset import GradWatch, default_callbacks
 from lightning_gradwatch.saturation import SaturationCallback
 
@@ -22,6 +23,7 @@ __all__ = [
     "DeadNeuronCallback",
     "GradWatch",
     "GradientGeometry",
+    "GradientNoiseScale",
     "GradientNormLogger",
     "HealthReport",
     "NaNGuard",

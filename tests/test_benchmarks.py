@@ -48,6 +48,30 @@ def test_overhead_reports_ratios_and_the_syncs_each_configuration_adds(tmp_path:
     }  # fmt: skip
 
 
+def test_overhead_under_gradient_accumulation_for_the_noise_scale(tmp_path: Path) -> None:
+    out = run_script(
+        "overhead.py",
+        *("--steps", "12", "--rounds", "1", "--warmup", "2", "--log-every-n-steps", "5", "--batch-size", "8"),
+        *(
+            "--accumulate-grad-batches",
+            "2",
+            "--configs",
+            "none,noise_scale,noise_scale_every_step",
+            "--logdir",
+            str(tmp_path),
+        ),
+        tmp_path=tmp_path,
+    )
+    assert "accumulate=2" in out
+    rows = table_rows(out)
+    # at the Trainer's cadence nothing is read on other steps; measuring every step transfers on every step
+    assert {n: r[3] for n, r in rows.items()} == {
+        "none": "+0.00",
+        "noise_scale": "+0.00",
+        "noise_scale_every_step": "+1.00",
+    }
+
+
 def test_overhead_gpt_path_in_bf16(tmp_path: Path) -> None:
     # the GPU measurement's model, shrunk to run on a CPU: the same code path, in bf16-mixed
     out = run_script(

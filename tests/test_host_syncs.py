@@ -21,6 +21,7 @@ from torch import nn
 from lightning_gradwatch import (
     AdaptiveClipping,
     DeadNeuronCallback,
+    GradientNoiseScale,
     GradientNormLogger,
     GradWatch,
     NaNGuard,
@@ -140,3 +141,13 @@ def test_budget_is_per_optimizer_step_under_gradient_accumulation(
     quiet, logging = added_reads(tmp_path, make(), "32-true", accumulate=4)
     assert set(quiet.values()) == {per_step}, name
     assert min(logging.values()) >= 1, name
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_noise_scale_reads_nothing_on_steps_that_do_not_log_and_once_on_steps_that_do(
+    tmp_path: Path, precision: str
+) -> None:
+    # it needs two batch sizes: gradient accumulation here (the first micro-batch against the whole step)
+    quiet, logging = added_reads(tmp_path, [GradientNoiseScale()], precision, accumulate=4)
+    assert set(quiet.values()) == {0}
+    assert logging == dict.fromkeys(logging, 1)

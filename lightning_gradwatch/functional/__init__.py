@@ -16,6 +16,13 @@ from lightning_gradwatch.functional.clipping import (
     ring_quantile,
     zscore_threshold,
 )
+from lightning_gradwatch.functional.dynamics import (
+    nonzero_counts,
+    snapshot_for_update,
+    update_norms,
+    update_ratios,
+    zero_fractions,
+)
 from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite, non_finite_mask
 from lightning_gradwatch.functional.geometry import (
     gain_product,
@@ -23,6 +30,12 @@ from lightning_gradwatch.functional.geometry import (
     relative_perturbation,
     row_cosine,
     segment_spectrum,
+)
+from lightning_gradwatch.functional.noise_scale import (
+    noise_scale_ema_update,
+    noise_scale_readout,
+    noise_scale_state,
+    noise_scale_terms,
 )
 from lightning_gradwatch.functional.norms import (
     combine_norms,
@@ -62,4 +75,13 @@ __all__ = [
     "relative_perturbation",
     "row_cosine",
     "segment_spectrum",
+    "noise_scale_ema_update",
+    "noise_scale_readout",
+    "noise_scale_state",
+    "noise_scale_terms",
+    "nonzero_counts",
+    "snapshot_for_update",
+    "update_norms",
+    "update_ratios",
+    "zero_fractions",
 ]
