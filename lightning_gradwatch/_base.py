@@ -111,6 +111,12 @@ class GradwatchCallback(Callback):
         return (logger_step(trainer) + 1) % every_n_steps == 0
 
     @staticmethod
+    def _logs_next_step(trainer: pl.Trainer, every_n_steps: int | None) -> bool:
+        """Whether the step after the one about to be taken is a logging step (``trainer.should_stop`` aside)."""
+        every = every_n_steps if every_n_steps is not None else trainer.log_every_n_steps
+        return every > 0 and (logger_step(trainer) + 2) % every == 0
+
+    @staticmethod
     def _log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
         """Queue host-side metrics for this step; every gradwatch metric of a step goes to the loggers in one call."""
         queue_metrics(trainer, metrics)

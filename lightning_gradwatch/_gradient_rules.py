@@ -10,6 +10,10 @@
   median, which in a deep plain network is itself small.
 - Stopped: a layer whose gradient was non-zero once and has been exactly zero on every step for ``stop_after``
   steps: the network collapsed behind it.
+- Update-to-weight ratio: far above the healthy band (around 1e-3) at consecutive logging steps, the learning rate
+  is too high; exactly zero while the layer has a gradient, the layer is frozen.
+- Underflow (fp16): a layer's fraction of exactly-zero gradient elements jumps while the loss scale has fallen far
+  below its best: small gradients flush to zero in half precision.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ class GradientReading:
     peak: float  # the largest finite global norm since the previous logging step
     peak_step: int
     norm_label: str  # the p of the norm, for messages
+    zero_fraction: list[float] | None = None  # exactly-zero gradient elements per layer
+    update_ratios: list[float] | None = None  # the previous step's ||delta w|| / ||w|| per layer, when measured
+    loss_scale: float | None = None  # the GradScaler's scale (16-mixed)
 
 
 @dataclass(frozen=True)
@@ -142,4 +149,80 @@ class StoppedRule:
                     AlertKind.STOPPED_LAYER, name, name, float(silent), float(self.stop_after), finding, onset=since
                 )
             )
+        return verdicts
+
+
+class UpdateRatioRule:
+    """Update-to-weight ratios out of their healthy band at ``consecutive`` logging steps in a row spanning at least
+    ``span`` optimizer steps (the first steps of a run move fast): the median over the layers above ``high`` (one
+    alert for the model, naming the layer moving most), or a layer's ratio exactly zero while it has a gradient (one
+    alert per frozen layer)."""
+
+    def __init__(self, high: float | None, consecutive: int = 3, span: int = 100) -> None:
+        self.high, self.consecutive, self.span = high, consecutive, span
+        self._high_since: tuple[int, int] | None = None  # (first step, logging steps) of the current streak
+        self._frozen_since: dict[str, tuple[int, int]] = {}
+
+    def _streak(self, since: tuple[int, int] | None, holds: bool, step: int) -> tuple[tuple[int, int] | None, bool]:
+        if not holds:
+            return None, False
+        first, count = since if since is not None else (step, 0)
+        return (first, count + 1), count + 1 >= self.consecutive and step - first >= self.span
+
+    def check(self, r: GradientReading) -> list[Verdict]:
+        if r.update_ratios is None:
+            return []
+        verdicts = []
+        layers = list(zip(r.names, r.update_ratios, r.active_rms, strict=True))
+        if self.high is not None:
+            median = statistics.median(u for _, u, _ in layers)
+            self._high_since, lasting = self._streak(self._high_since, median > self.high, r.step)
+            if lasting:
+                name, ratio, _ = max(layers, key=lambda item: item[1])
+                finding = (
+                    f"Updates too large at step {r.step}: the layers move by {median:.3g} of their weights per step "
+                    f"(median over layers; healthy is about 1e-3), above {self.high:g} since step "
+                    f"{self._high_since[0] if self._high_since else r.step}; '{name}' the most ({ratio:.3g}). The learning rate is too high: the run is "
+                    "about to diverge."
+                )
+                verdicts.append(Verdict(AlertKind.UPDATE_RATIO, "high", name, median, self.high, finding))
+        for name, ratio, rms in layers:
+            since, lasting = self._streak(self._frozen_since.get(name), ratio == 0 and rms > 0, r.step)
+            self._frozen_since.pop(name, None) if since is None else self._frozen_since.__setitem__(name, since)
+            if lasting:
+                finding = (
+                    f"Layer '{name}' does not move at step {r.step}: its weights have not changed over an update since "
+                    f"step {since[0] if since else r.step} although it has a gradient (a learning rate of 0 in its "
+                    "parameter group, or its updates are dropped). If it should learn, check the optimizer's "
+                    "parameter groups and the learning-rate schedule."
+                )
+                verdicts.append(Verdict(AlertKind.UPDATE_RATIO, f"frozen {name}", name, 0.0, 0.0, finding))
+        return verdicts
+
+
+class UnderflowRule:
+    """fp16: a layer's exactly-zero fraction jumps by ``jump`` since the previous logging step while the loss scale
+    is ``scale_drop`` times below the largest seen."""
+
+    def __init__(self, jump: float = 0.2, scale_drop: float = 256.0) -> None:
+        self.jump, self.scale_drop = jump, scale_drop
+        self._previous: dict[str, float] = {}
+        self._best_scale = 0.0
+
+    def check(self, r: GradientReading) -> list[Verdict]:
+        if r.zero_fraction is None or r.loss_scale is None:
+            return []
+        self._best_scale = max(self._best_scale, r.loss_scale)
+        low = r.loss_scale * self.scale_drop <= self._best_scale
+        verdicts = []
+        for name, zeros in zip(r.names, r.zero_fraction, strict=True):
+            before = self._previous.get(name)
+            self._previous[name] = zeros
+            if low and before is not None and zeros >= before + self.jump:
+                finding = (
+                    f"Gradient underflow in '{name}' at step {r.step}: {zeros:.0%} of its gradient elements are exactly "
+                    f"zero, up from {before:.0%}, while the fp16 loss scale fell to {r.loss_scale:g} (it was "
+                    f"{self._best_scale:g}): small gradients flush to zero in half precision."
+                )
+                verdicts.append(Verdict(AlertKind.GRADIENT_UNDERFLOW, name, name, zeros, before + self.jump, finding))
         return verdicts

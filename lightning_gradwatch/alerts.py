@@ -42,6 +42,8 @@ class AlertKind:
     VANISHING_JACOBIAN = "vanishing_jacobian"
     EXPLODING_JACOBIAN = "exploding_jacobian"
     STOPPED_LAYER = "stopped_layer"
+    UPDATE_RATIO = "update_ratio"
+    GRADIENT_UNDERFLOW = "gradient_underflow"
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,16 @@ ALERT_KIND_INFO: dict[str, AlertKindInfo] = {
         "Stopped layers",
         "the network collapsed (usually after a blow-up: dead ReLUs downstream pass no gradient back): a lower learning "
         "rate or a warm-up, gradient clipping, LeakyReLU/GELU; resume from a checkpoint from before the collapse",
+    ),
+    AlertKind.UPDATE_RATIO: AlertKindInfo(
+        "Update-to-weight ratio out of band",
+        "too large: lower the learning rate for those layers (or add warm-up); zero: check the optimizer's parameter "
+        "groups and the schedule",
+    ),
+    AlertKind.GRADIENT_UNDERFLOW: AlertKindInfo(
+        "Gradient underflow (fp16)",
+        "bf16 instead of fp16, or keep the loss scale up (find what overflows and forces it down: an unnormalised "
+        "activation, a large loss term)",
     ),
 }
 

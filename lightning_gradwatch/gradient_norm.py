@@ -12,12 +12,22 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback
-from lightning_gradwatch._gradient_rules import ExplodingRule, GradientReading, StoppedRule, VanishingRule, Verdict
+from lightning_gradwatch._gradient_rules import (
+    ExplodingRule,
+    GradientReading,
+    StoppedRule,
+    UnderflowRule,
+    UpdateRatioRule,
+    VanishingRule,
+    Verdict,
+)
 from lightning_gradwatch._layout import exact_tags, layer_charts
 from lightning_gradwatch._params import ParamGroups, group_of, optimizer_index
+from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import GreaterThanOne, PositiveFloat, PositiveInt
+from lightning_gradwatch._update_ratio import UpdateTracker
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.norms import total_norm, validate_norm_type
@@ -138,6 +148,8 @@ class GradientNormLogger(GradwatchCallback):
         exploding_factor: GreaterThanOne | None = 10.0,
         history_size: PositiveInt = 20,
         stop_after_steps: PositiveInt | None = 20,
+        log_update_to_weight: bool = True,
+        update_ratio_high: PositiveFloat | None = 2e-2,
     ) -> None:
         super().__init__()
         self.norm_type = validate_norm_type(norm_type)
@@ -152,9 +164,13 @@ class GradientNormLogger(GradwatchCallback):
         self.exploding_factor = check_number("exploding_factor", exploding_factor, gt=1, optional=True)
         self.history_size = check_number("history_size", history_size, ge=5, integer=True)
         self.stop_after_steps = check_number("stop_after_steps", stop_after_steps, **positive_int)
+        self.log_update_to_weight = check_bool("log_update_to_weight", log_update_to_weight)
+        self.update_ratio_high = check_number("update_ratio_high", update_ratio_high, gt=0, optional=True)
         self._vanishing = VanishingRule(self.vanishing_threshold, self.vanishing_ratio)
         self._stopped = StoppedRule(self.stop_after_steps)
         self._exploding: dict[str, ExplodingRule] = {}  # per optimizer suffix
+        self._dynamics: dict[str, tuple[UpdateRatioRule, UnderflowRule]] = {}
+        self._updates: dict[str, UpdateTracker] = {}
         self._tallies: dict[str, _StepTally] = {}  # per optimizer suffix, on the device, for the current interval
 
     @property
@@ -198,6 +214,8 @@ class GradientNormLogger(GradwatchCallback):
             self._write_histograms(trainer, groups, step)
         if self._should_log(trainer, self.log_every_n_steps):
             self._log_norms(trainer, groups, step, layer_norms, global_norm, overflow, suffix)
+        if self.log_update_to_weight and self._logs_next_step(trainer, self.log_every_n_steps):
+            self._updates.setdefault(suffix, UpdateTracker()).snapshot(step)  # compared at the logging step
 
     # -- internals -------------------------------------------------------------------------------------------
     def _log_norms(
@@ -212,22 +230,33 @@ class GradientNormLogger(GradwatchCallback):
     ) -> None:
         tally = self._tallies[suffix]
         active = groups.combine(step.nonzero_counts(), 1.0)
-        to_fetch = [global_norm, overflow, tally.peak, tally.peak_step, layer_norms, active, tally.last_nonzero]
+        scaler = grad_scaler(trainer)
+        scale = scaler._scale if scaler is not None and scaler._scale is not None else torch.zeros(())
+        to_fetch = [global_norm, overflow, tally.peak, tally.peak_step, scale, layer_norms, active, tally.last_nonzero]
+        optional: dict[str, Tensor] = {}
         if self.log_grad_to_weight:
             weight_norms = groups.combine(step.weight_norms(self.norm_type), self.norm_type)
-            to_fetch.append(layer_norms / weight_norms.clamp_min(1e-12))
-        fetched = host_values(*to_fetch)  # the one host sync of a logging step
+            optional["grad_to_weight"] = layer_norms / weight_norms.clamp_min(1e-12)
+        tracker = self._updates.get(suffix)
+        ratios = tracker.ratios(step, groups) if tracker is not None else None
+        if ratios is not None:
+            optional["update_to_weight"] = ratios
+        fetched = host_values(*to_fetch, *optional.values())  # the one host sync of a logging step
         self._tallies[suffix] = _StepTally.zeros(len(groups.group_names), global_norm.device, tally.last_nonzero)
-        (total,), (skipped,), (peak,), (peak_step,), per_layer, nonzero, last_nonzero = fetched[:7]
+        (total,), (skipped,), (peak,), (peak_step,), (loss_scale,), per_layer, nonzero, last_nonzero = fetched[:8]
+        extra = dict(zip(optional, fetched[8:], strict=True))
         if skipped > 0:
             return  # the GradScaler skips this step for overflow: normal under fp16, nothing to report
-        metrics = {f"gradwatch/global/grad_norm{suffix}": total}
         present = sorted({groups.group_of_param[i] for i in step.positions})
+        numels = groups.group_numels.tolist()  # host tensor: no sync
+        zeros = [1.0 - nonzero[g] / numels[g] if numels[g] else 0.0 for g in range(len(numels))]
+        metrics = {f"gradwatch/global/grad_norm{suffix}": total}
         for g in present:
-            metrics[f"gradwatch/grad_norm/{groups.group_names[g]}"] = per_layer[g]
-        if self.log_grad_to_weight:
-            for g in present:
-                metrics[f"gradwatch/grad_to_weight/{groups.group_names[g]}"] = fetched[7][g]
+            name = groups.group_names[g]
+            metrics[f"gradwatch/grad_norm/{name}"] = per_layer[g]
+            metrics[f"gradwatch/zero_fraction/{name}"] = zeros[g]
+            for key, values in extra.items():
+                metrics[f"gradwatch/{key}/{name}"] = values[g]
         self._log_metrics(trainer, metrics)
         if not math.isfinite(total):
             return  # non-finite gradients: NaNGuard's business; never folded into the statistics
@@ -242,6 +271,9 @@ class GradientNormLogger(GradwatchCallback):
             peak=max(peak, total),
             peak_step=int(peak_step) if peak > total else now,
             norm_label="inf" if math.isinf(self.norm_type) else f"{self.norm_type:g}",
+            zero_fraction=[zeros[g] for g in present],
+            update_ratios=[extra["update_to_weight"][g] for g in present] if "update_to_weight" in extra else None,
+            loss_scale=loss_scale if scaler is not None else None,
         )
         self._judge(trainer, reading, suffix)
 
@@ -256,12 +288,18 @@ class GradientNormLogger(GradwatchCallback):
         }
         for kind, verdict in verdicts.items():
             self._set_condition(trainer, kind, suffix, verdict is not None, lambda v=verdict: _alert(v, reading.step))
-        stopped = {v.key: v for v in self._stopped.check(reading)}
-        for name in reading.names:
-            verdict = stopped.get(name)
-            firing = verdict is not None
+        updates, underflow = self._dynamics.setdefault(
+            suffix, (UpdateRatioRule(self.update_ratio_high), UnderflowRule())
+        )
+        per_layer = {(AlertKind.STOPPED_LAYER, v.key): v for v in self._stopped.check(reading)}
+        per_layer.update({(v.kind, v.key): v for v in updates.check(reading) + underflow.check(reading)})
+        keys = [(AlertKind.STOPPED_LAYER, n) for n in reading.names] + [(AlertKind.UPDATE_RATIO, "high")]
+        keys += [(AlertKind.UPDATE_RATIO, f"frozen {n}") for n in reading.names]
+        keys += [(AlertKind.GRADIENT_UNDERFLOW, n) for n in reading.names]
+        for kind, key in keys:
+            verdict = per_layer.get((kind, key))
             self._set_condition(
-                trainer, AlertKind.STOPPED_LAYER, suffix + name, firing, lambda v=verdict: _alert(v, reading.step)
+                trainer, kind, suffix + key, verdict is not None, lambda v=verdict: _alert(v, reading.step)
             )
 
     @staticmethod
