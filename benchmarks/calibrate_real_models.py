@@ -48,11 +48,13 @@ def _with_recipe(build: Any, **changes: Any) -> Any:
     return faulty
 
 
-# Deliberate faults, for contrast: what dying units and a real explosion look like in the same measurements.
+# Healthy variants outside the test group, stress and fault runs for contrast: what dying units and a real
+# explosion look like in the same measurements.
 CONTROLS = [
-    models.Case("FAULT vae lr 0.03", _with_recipe(models.vae, lr=0.03), max_steps=300),
+    models.Case("EXTRA vae, 2 hidden layers (400, 200)", lambda: models.vae(hidden=(400, 200)), max_steps=300),
+    models.Case("STRESS vae (400, 200) lr 0.03", lambda: models.vae(hidden=(400, 200), lr=0.03), max_steps=300),
     models.Case("FAULT resnet18 lr 1.0", _with_recipe(models.resnet18, lr=1.0), ("torchvision",)),
-    models.Case("FAULT lstm lm, no gradient_clip_val", models.lstm_language_model),
+    models.Case("CONTROL lstm lm without gradient_clip_val", models.lstm_language_model),
 ]
 
 
@@ -100,6 +102,24 @@ def layer_summary(rows: list[tuple[str, float]]) -> str:
         f"{rms[0] / rms[-1]:.2g} / {low:.2g} ({name.removeprefix('net.')}), smallest first-half RMS "
         f"{smallest:.2g}, max/median {max(rms) / median:.2g}"
     )
+
+
+def sweep(case: models.Case, seed: int) -> dict[str, Any]:
+    """One more seed with GradWatch() and the raw probes: its alerts, largest jumps and worst dead window."""
+    pre, dead, gw = GradProbe(), DeadUnitProbe(), GradWatch(report=False)
+    result = models.fit(case, "/tmp/gradwatch_calibration", [pre, dead, gw], seed=seed)
+    k = max(1, len(result.losses) // 10)
+    summaries = {site: dead.site_summary(site) for site in dead.alive}
+    worst = max(summaries.items(), key=lambda kv: max(kv[1]["window_dead"]), default=None)
+    return {
+        "name": case.name,
+        "seed": seed,
+        "loss": [sum(result.losses[:k]) / k, sum(result.losses[-k:]) / k],
+        "alerts": [_with_loss(dataclasses.asdict(a), result.losses) for a in gw.alerts],
+        "every_step": [jump_stats(pre.norm_series(i)) for i in sorted(pre.norms)],
+        "logged": [jump_stats(pre.norm_series(i), every=10) for i in sorted(pre.norms)],
+        "worst_dead": (worst[0], worst[1]) if worst else None,
+    }
 
 
 def run(case: models.Case) -> dict[str, Any]:
@@ -215,11 +235,35 @@ def report(results: list[dict[str, Any]]) -> None:
         print()
 
 
+def report_sweep(rows: list[dict[str, Any]]) -> None:
+    print(
+        "| model | seed | loss first -> last | max jump, step, transient | logged-rule max | worst dead site: "
+        "windows, never alive, died | alerts (GradWatch()) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        jumps = ", ".join(
+            f"{e['ratio']:.1f}x @{e['step']} {'yes' if e['transient'] else 'no'}" for e in r["every_step"]
+        )
+        logged = ", ".join(f"{e['ratio']:.1f}x @{e['step']}" for e in r["logged"])
+        dead = "-"
+        if r["worst_dead"]:
+            site, d = r["worst_dead"]
+            windows = " ".join(f"{v:.0%}" for v in d["window_dead"])
+            dead = f"{site.removeprefix('net.')}: {windows}; {d['never_alive']:.0%}, {d['died']:.0%}"
+        print(
+            f"| {r['name']} | {r['seed']} | {r['loss'][0]:.3g} -> {r['loss'][1]:.3g} | {jumps} | {logged} | {dead} "
+            f"| {_alerts(r['alerts'])} |"
+        )
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all, and controls)")
     parser.add_argument("--no-controls", action="store_true", help="skip the deliberate-fault controls")
     parser.add_argument("--json", default=None, help="also write every raw series to this JSON file")
+    parser.add_argument("--seeds", default="", help="extra seeds for a sweep of the test-group models (e.g. 1,2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -235,9 +279,14 @@ def main() -> None:
         results.append(run(case))
         print(f"<!-- {case.name} done in {results[-1]['cpu_s']:.0f} s CPU -->", flush=True)
     report(results)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    swept = [sweep(case, seed) for case in available if case in models.CASES for seed in seeds]
+    if swept:
+        print(f"## Seed sweep (seeds {args.seeds}; seed 0 is above)\n")
+        report_sweep(swept)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f)
+            json.dump({"runs": results, "sweep": swept}, f)
 
 
 if __name__ == "__main__":

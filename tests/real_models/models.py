@@ -175,9 +175,10 @@ def lstm_language_model() -> RealTask:
     return RealTask(LSTMLanguageModel(), next_token, train, held_out, recipe, batch_size=32)
 
 
-def vae() -> RealTask:
-    train, held_out = data.binary_shapes(2048, seed=1), data.binary_shapes(256, seed=2)
-    return RealTask(VAE(), vae_loss, train, held_out, Recipe("adam", lr=1e-3), batch_size=64)
+def vae(hidden: tuple[int, ...] = (400,), lr: float = 1e-3) -> RealTask:
+    # PyTorch's examples/vae: 400 hidden ReLU units, latent 20, Adam 1e-3, batch 128
+    train, held_out = data.binary_shapes(4096, seed=1), data.binary_shapes(256, seed=2)
+    return RealTask(VAE(hidden=hidden), vae_loss, train, held_out, Recipe("adam", lr=lr), batch_size=128)
 
 
 def gan() -> GANTask:

@@ -132,16 +132,21 @@ class RealTask(pl.LightningModule):
 
 
 class VAE(nn.Module):
-    """An MLP VAE: ReLU encoder to a Gaussian latent, ReLU decoder ending in a sigmoid over the pixels."""
+    """An MLP VAE: ReLU encoder to a Gaussian latent, mirrored ReLU decoder ending in a sigmoid over the pixels.
+    The defaults are PyTorch's examples/vae (one hidden layer of 400, latent 20)."""
 
-    def __init__(self, pixels: int = 256, hidden: tuple[int, int] = (128, 64), latent: int = 8) -> None:
+    def __init__(self, pixels: int = 256, hidden: tuple[int, ...] = (400,), latent: int = 20) -> None:
         super().__init__()
-        h1, h2 = hidden
-        self.encoder = nn.Sequential(nn.Linear(pixels, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU())
-        self.mu, self.logvar = nn.Linear(h2, latent), nn.Linear(h2, latent)
-        self.decoder = nn.Sequential(
-            nn.Linear(latent, h2), nn.ReLU(), nn.Linear(h2, h1), nn.ReLU(), nn.Linear(h1, pixels), nn.Sigmoid()
-        )
+        encoder: list[nn.Module] = []
+        for d_in, d_out in zip((pixels, *hidden[:-1]), hidden, strict=True):
+            encoder += [nn.Linear(d_in, d_out), nn.ReLU()]
+        decoder: list[nn.Module] = []
+        widths = (latent, *reversed(hidden))
+        for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
+            decoder += [nn.Linear(d_in, d_out), nn.ReLU()]
+        self.encoder = nn.Sequential(*encoder)
+        self.mu, self.logvar = nn.Linear(hidden[-1], latent), nn.Linear(hidden[-1], latent)
+        self.decoder = nn.Sequential(*decoder, nn.Linear(hidden[0], pixels), nn.Sigmoid())
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.encoder(x)
