@@ -1,0 +1,33 @@
+"""benchmarks/calibrate_real_models.py still runs: one case that needs no extra library, as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_calibration_script_measures_a_run_from_its_raw_tensors(tmp_path: Path) -> None:
+    out = tmp_path / "calibration.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/calibrate_real_models.py", "--cases", "gru_classifier", "--no-controls"]
+        + ["--json", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| gru_classifier | 400 |" in done.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    optimizer = run["optimizers"]["0"]
+    assert len(optimizer["norms"]) == len(optimizer["norms_no_clip"]) == 400  # every step, both runs
+    assert all(norm > 0 for norm in optimizer["norms"])
+    assert optimizer["every_step"]["ratio"] > 1.0 and optimizer["logged"]["step"] is not None
+    assert sorted(optimizer["layers"]) == ["0", "200", "399", "40"]  # per-layer RMS at four steps
+    assert run["loss"][1] < run["loss"][0]

@@ -1,0 +1,55 @@
+"""GradWatch() at its defaults stays silent on real architectures trained with their usual recipes.
+
+Each test is a real ``Trainer.fit`` on CPU of a model from torchvision, timm or Hugging Face transformers (or a
+classic PyTorch net), small enough for seconds, long enough for every detector to act: the gradient norms are
+logged every 10 steps and the activation windows (10 sampled batches, one every 10 steps) close at least twice.
+A healthy run that trains must raise no alert of severity ``"warning"``. The models live in
+``tests/real_models/models.py``; ``benchmarks/calibrate_real_models.py`` measures the same runs in detail.
+
+Needs the ``real`` extra (``pip install -e ".[real]"``); without it these tests are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_gradwatch import GradWatch
+from tests.real_models.models import CASES, Case, FitResult, fit
+
+
+def _skip_without(case: Case) -> None:
+    for library in case.requires:
+        pytest.importorskip(library, reason=f"{library} is not installed (pip install -e '.[real]')")
+
+
+def _decile_means(losses: list[float]) -> tuple[float, float]:
+    k = max(1, len(losses) // 10)
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+def _assert_detectors_ran(case: Case, result: FitResult) -> None:
+    logged_norms = [s for k, s in result.logger.history.items() if k.startswith("gradwatch/global/grad_norm")]
+    assert logged_norms and min(len(s) for s in logged_norms) >= 10, "the gradient norms were not logged"
+    assert result.logger.matching("gradwatch/clip/"), "AdaptiveClipping logged nothing"
+    for metric in case.watched:
+        series = result.logger.matching(f"gradwatch/{metric}/")
+        checks = {step for values in series.values() for step, _ in values}
+        assert len(checks) >= 2, f"{metric}: {len(checks)} activation checks ran, expected at least 2"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_gradwatch_stays_silent_on_a_healthy_real_model(case: Case, tmp_path: Path) -> None:
+    _skip_without(case)
+    gradwatch = GradWatch()
+    result = fit(case, tmp_path, [gradwatch])
+
+    _assert_detectors_ran(case, result)
+    if case.name == "gan":  # adversarial losses do not fall; the samples must move onto the data's modes
+        assert result.quality_after < 0.7 * result.quality_before, (result.quality_before, result.quality_after)
+    else:
+        first, last = _decile_means(result.losses)
+        assert last < 0.8 * first, f"the loss did not fall: {first:.3f} -> {last:.3f}"
+    warnings = [alert for alert in gradwatch.alerts if alert.severity == "warning"]
+    assert warnings == [], "\n".join(alert.message for alert in warnings)
