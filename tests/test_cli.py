@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ def load_example() -> Any:
     spec = importlib.util.spec_from_file_location("train_mlp", EXAMPLES / "train_mlp.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # Registered as an import would be: jsonargparse resolves the example's postponed annotations through
+    # sys.modules (releases before 4.51 find no class arguments otherwise).
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
