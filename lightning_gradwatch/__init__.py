@@ -6,6 +6,7 @@ from lightning_gradwatch.dead_neurons import DeadNeuronCallback
 from lightning_gradwatch.gradient_geometry import GradientGeometry
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
+from lightning_gradwatch.loss_spike_guard import LossSpikeGuard
 from lightning_gradwatch.nan_guard import NaNGuard
 from lightning_gradwatch.noise_scale import GradientNoiseScale
 from lightning_gradwatch.preset import GradWatch, default_callbacks
@@ -26,6 +27,7 @@ __all__ = [
     "GradientNoiseScale",
     "GradientNormLogger",
     "HealthReport",
+    "LossSpikeGuard",
     "NaNGuard",
     "SaturationCallback",
     "Severity",

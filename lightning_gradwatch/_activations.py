@@ -8,8 +8,8 @@ shared host read when NaNGuard makes one (every step under 32-bit and bf16), els
 step. Metrics are logged on logging steps.
 
 Severity: a layer past the threshold is worth knowing (``info``: a stable sparse layer, such as a squeeze-excitation
-gate, trains fine); it is a warning when most of the layer is affected (``most``) or the fraction kept growing since
-it first crossed the threshold (by ``growth``).
+gate, trains fine); it is a warning when most of the layer is affected (``most``) or the fraction grew by ``growth``
+above the lowest it was (units that died during training).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
         self._samples = 0  # sampled batches so far (the window's clock)
         self._judged_at = -1  # the sample count at the last verdict
-        self._onset_fraction: dict[str, float] = {}  # per layer past the threshold: its fraction when it crossed
+        self._lowest: dict[str, float] = {}  # per layer: its lowest fraction at any verdict (its baseline)
         self._probe: ActivationProbe | None = None  # set while attached
         self._layers: list[Layer] = []
         self._compiled = False  # the model runs under torch.compile: nothing to watch
@@ -192,16 +192,16 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
 
     def _verdict(self, trainer: pl.Trainer, step: int, layer: Layer, fraction: float, window: int) -> None:
         """Info when a layer crosses the threshold; a warning (instead, or later) when most of it is affected or the
-        fraction grew since it crossed. Each is alerted once per onset."""
+        fraction grew by ``growth`` above its lowest (units that died during training, not a layer sparse from
+        initialisation). Each is alerted once per onset."""
         name, kind, threshold = layer.name, self.alert_kind, self.threshold
+        lowest = self._lowest[name] = min(self._lowest.get(name, fraction), fraction)
         info, warning = f"{name}|info", f"{name}|warning"
         if fraction <= threshold:
-            self._onset_fraction.pop(name, None)
             self._clear_condition(kind, info)
             self._clear_condition(kind, warning)
             return
-        onset = self._onset_fraction.setdefault(name, fraction)
-        severity = "warning" if fraction >= self.most or fraction >= onset + self.growth else "info"
+        severity = "warning" if fraction >= self.most or fraction >= lowest + self.growth else "info"
         if severity == "warning":
             self._active_conditions.add((kind, info))  # the warning says it all: no info after it
         else:
@@ -220,7 +220,10 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         finding = self._describe(layer, step, fraction, window)
         if severity == "warning":
             return with_remedy(self.alert_kind, finding)
-        return f"{finding} It stays below {self.most:.0%} and is not growing: often a design choice (a sparse layer)."
+        return (
+            f"{finding} It stays below {self.most:.0%} and has not grown by {self.growth:.0%}: often a design choice "
+            "(a sparse layer such as a squeeze-excitation gate) in runs that train fine."
+        )
 
     def _describe(self, layer: Layer, step: int, fraction: float, window: int) -> str:
         raise NotImplementedError
@@ -263,13 +266,13 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     def _extra_state(self) -> dict[str, Any]:
         # saved again before the first sampled step after a resume: the loaded window is still current
         tallies = self._tallies() or self._loaded or {}
-        return {"samples": self._samples, "judged_at": self._judged_at, "onsets": dict(self._onset_fraction), **tallies}
+        return {"samples": self._samples, "judged_at": self._judged_at, "lowest": dict(self._lowest), **tallies}
 
     @override
     def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
         self._samples = int(state.get("samples", 0))
         self._judged_at = int(state.get("judged_at", -1))
-        self._onset_fraction = {str(k): float(v) for k, v in state.get("onsets", {}).items()}
+        self._lowest = {str(k): float(v) for k, v in state.get("lowest", {}).items()}
         self._forget_layout()  # laid out again, from the checkpoint's window, at the next sampled step
         if "layers" in state and all(k in state for k in self.tally_keys):
             self._loaded = {k: state[k] for k in self.tally_keys}

@@ -54,6 +54,8 @@ class GradwatchCallback(Callback):
     hook_order: ClassVar[int] = 50
     #: Two instances in one Trainer would act twice (clip twice, guard twice, write one report over the other).
     single_instance: ClassVar[bool] = False
+    #: The callback makes the shared host read on every step under 32-bit and bf16 (NaNGuard): others may ride on it.
+    reads_every_step: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

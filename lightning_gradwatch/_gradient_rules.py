@@ -5,7 +5,7 @@
   the norms logged before. One step far out is worth knowing (``info``); a warning needs evidence of harm: the norm
   still high at the logging step, again in the next interval, or a single step so far out (``catastrophic_factor``
   times the threshold) that it wrecks the weights by itself.
-- Vanishing: a decay with depth. An early layer's gradient magnitude per active element (zeros of unused rows,
+- Vanishing: a decay with depth. The first layer's gradient magnitude per active element (zeros of unused rows,
   such as an embedding's, left out) against the layers nearest the loss (the last quarter), not the network's
   median, which in a deep plain network is itself small.
 - Stopped: a layer whose gradient was non-zero once and has been exactly zero on every step for ``stop_after``
@@ -58,21 +58,33 @@ class Verdict:
 
 
 class ExplodingRule:
-    """Absolute ceiling and jump against the recent median, on the interval's peak."""
+    """Absolute ceiling and jump against the recent median, on the interval's peak.
+
+    Severity: above the absolute ceiling, a warning when the norm stays there at the logging step or one step is
+    ``catastrophic_factor`` times past it. A jump against the median is a warning only when the norm keeps growing
+    (past the limit at two logging steps in a row, ``growth`` times higher the second time): a one-step transient
+    or a level shift as a run leaves a plateau, both common in healthy runs, are ``info``.
+    """
 
     def __init__(
-        self, threshold: float | None, factor: float | None, history_size: int, catastrophic_factor: float = 100.0
+        self,
+        threshold: float | None,
+        factor: float | None,
+        history_size: int,
+        catastrophic_factor: float = 100.0,
+        growth: float = 1.5,
     ) -> None:
         self.threshold, self.factor, self.history_size = threshold, factor, history_size
-        self.catastrophic_factor = catastrophic_factor
+        self.catastrophic_factor, self.growth = catastrophic_factor, growth
         self.history: list[float] = []
         self._fired_last = False
 
     def check(self, r: GradientReading, largest: str) -> Verdict | None:
         median = statistics.median(self.history) if len(self.history) >= 5 else None
-        limit, reason = None, ""
+        previous = self.history[-1] if self.history else math.nan
+        limit, reason, absolute = None, "", False
         if self.threshold is not None and r.peak > self.threshold:
-            limit, reason = self.threshold, f"is above the threshold {self.threshold:g}"
+            limit, reason, absolute = self.threshold, f"is above the threshold {self.threshold:g}", True
         elif self.factor is not None and median is not None and median > 0 and r.peak > self.factor * median:
             limit, reason = self.factor * median, f"jumped to {r.peak / median:.3g}x its recent median {median:.3g}"
         fired_before, self._fired_last = self._fired_last, limit is not None
@@ -81,30 +93,39 @@ class ExplodingRule:
             del self.history[: -self.history_size]
         if limit is None:
             return None
-        sustained = r.global_norm > limit or fired_before
         catastrophic = r.peak > self.catastrophic_factor * limit
-        severity = "warning" if sustained or catastrophic else "info"
+        if absolute:
+            harmful = r.global_norm > limit or catastrophic
+        else:
+            harmful = fired_before and r.global_norm > limit and r.global_norm >= self.growth * previous
         when = f"step {r.peak_step}" + ("" if r.peak_step == r.step else f" (found at step {r.step})")
-        how = (
-            "it stays high"
-            if sustained
-            else "one step this far out wrecks the weights unless it is clipped"
-            if catastrophic
-            else f"a single step; back to {r.global_norm:.3g} by step {r.step}"
-        )
+        if catastrophic:
+            how = "one step this far out wrecks the weights unless it is clipped"
+        elif harmful:
+            how = "it stays high" if absolute else "and keeps growing"
+        elif r.global_norm > limit:
+            how = f"a level shift: {r.global_norm:.3g} at step {r.step}, not growing so far"
+        else:
+            how = f"a single step; back to {r.global_norm:.3g} by step {r.step}"
         finding = (
             f"Exploding gradients at {when}: the global {r.norm_label}-norm {r.peak:.4g} {reason} ({how}); the "
             f"largest layer norm at step {r.step} is in '{largest}'."
         )
         onset = r.peak_step if r.peak_step < r.step else None
-        return Verdict(AlertKind.EXPLODING_GRADIENT, "", largest, r.peak, limit, finding, severity, onset)
+        severity = "warning" if harmful else "info"
+        return Verdict(AlertKind.EXPLODING_GRADIENT, severity, largest, r.peak, limit, finding, severity, onset)
 
     def state(self) -> list[float]:
         return list(self.history)
 
 
 class VanishingRule:
-    """An early layer whose active gradient magnitude is a tiny fraction of the layers' nearest the loss."""
+    """The first layer's active gradient magnitude a tiny fraction of that of the layers nearest the loss.
+
+    Only the first layer is judged: in a network with residual paths some inner layers legitimately get tiny
+    gradients (layer scale in ConvNeXt, a transformer's first query weights at initialisation), while the input end
+    of the main path does not; vanishing with depth shows there first.
+    """
 
     def __init__(self, threshold: float | None, ratio: float) -> None:
         self.threshold, self.ratio = threshold, ratio
@@ -114,15 +135,15 @@ class VanishingRule:
         if self.threshold is None or len(layers) < 2:
             return None
         nearest_loss = statistics.median(m for _, m in layers[-math.ceil(len(layers) / 4) :])
-        early = layers[: math.ceil(len(layers) / 2)]
-        offending = [(n, m) for n, m in early if m < self.threshold and m < self.ratio * nearest_loss]
-        if not offending:
+        name, value = layers[0]
+        if not (value < self.threshold and value < self.ratio * nearest_loss):
             return None
-        name, value = offending[0]
+        early = layers[: math.ceil(len(layers) / 2)]
+        below = sum(m < self.ratio * nearest_loss for _, m in early)
         finding = (
-            f"Vanishing gradients at step {r.step}: layer '{name}' has a gradient magnitude of {value:.3g} per active "
-            f"element, {value / nearest_loss:.2g}x that of the layers nearest the loss ({nearest_loss:.3g}); "
-            f"{len(offending)} of the first {len(early)} layers are affected."
+            f"Vanishing gradients at step {r.step}: the first layer '{name}' has a gradient magnitude of {value:.3g} "
+            f"per active element, {value / nearest_loss:.2g}x that of the layers nearest the loss ({nearest_loss:.3g}); "
+            f"{below} of the first {len(early)} layers are below {self.ratio:g}x."
         )
         return Verdict(AlertKind.VANISHING_GRADIENT, "", name, value, self.threshold, finding)
 
@@ -155,11 +176,11 @@ class StoppedRule:
 class UpdateRatioRule:
     """Update-to-weight ratios out of their healthy band at ``consecutive`` logging steps in a row spanning at least
     ``span`` optimizer steps (the first steps of a run move fast): the median over the layers above ``high`` (one
-    alert for the model, naming the layer moving most), or a layer's ratio exactly zero while it has a gradient (one
-    alert per frozen layer)."""
+    alert for the model, naming the layer moving most: ``info``, a ``warning`` above ``severe_factor`` times
+    ``high``), or a layer's ratio exactly zero while it has a gradient (one warning per frozen layer)."""
 
-    def __init__(self, high: float | None, consecutive: int = 3, span: int = 100) -> None:
-        self.high, self.consecutive, self.span = high, consecutive, span
+    def __init__(self, high: float | None, consecutive: int = 3, span: int = 100, severe_factor: float = 5.0) -> None:
+        self.high, self.consecutive, self.span, self.severe_factor = high, consecutive, span, severe_factor
         self._high_since: tuple[int, int] | None = None  # (first step, logging steps) of the current streak
         self._frozen_since: dict[str, tuple[int, int]] = {}
 
@@ -179,13 +200,21 @@ class UpdateRatioRule:
             self._high_since, lasting = self._streak(self._high_since, median > self.high, r.step)
             if lasting:
                 name, ratio, _ = max(layers, key=lambda item: item[1])
+                # some standard recipes run hot (plain SGD at lr 20 with clipping): worth knowing; far above, a warning
+                severe = median > self.severe_factor * self.high
                 finding = (
-                    f"Updates too large at step {r.step}: the layers move by {median:.3g} of their weights per step "
-                    f"(median over layers; healthy is about 1e-3), above {self.high:g} since step "
-                    f"{self._high_since[0] if self._high_since else r.step}; '{name}' the most ({ratio:.3g}). The learning rate is too high: the run is "
-                    "about to diverge."
+                    f"Updates {'far too' if severe else 'very'} large at step {r.step}: the layers move by "
+                    f"{median:.3g} of their weights per step (median over layers; healthy is about 1e-3), above "
+                    f"{self.high:g} since step {self._high_since[0] if self._high_since else r.step}; '{name}' the "
+                    f"most ({ratio:.3g}). "
+                    + (
+                        "The learning rate is too high: the run is about to diverge."
+                        if severe
+                        else "If the loss stalls or spikes, the learning rate is too high."
+                    )
                 )
-                verdicts.append(Verdict(AlertKind.UPDATE_RATIO, "high", name, median, self.high, finding))
+                key, severity = ("high severe", "warning") if severe else ("high", "info")
+                verdicts.append(Verdict(AlertKind.UPDATE_RATIO, key, name, median, self.high, finding, severity))
         for name, ratio, rms in layers:
             since, lasting = self._streak(self._frozen_since.get(name), ratio == 0 and rms > 0, r.step)
             self._frozen_since.pop(name, None) if since is None else self._frozen_since.__setitem__(name, since)

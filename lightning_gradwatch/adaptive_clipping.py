@@ -155,6 +155,7 @@ class AdaptiveClipping(GradwatchCallback):
         self._interval_start: dict[int, int] = {}  # the first step of each optimizer's current logging interval
         self._loaded: dict[int, dict[str, Any]] = {}  # a checkpoint's state, adopted at the optimizer's next step
         self._unit_clipped: dict[int, list[bool]] = {}  # agc: which parameters are clipped unit-wise
+        self._spiky_intervals: dict[int, int] = {}  # consecutive logging intervals with spikes, per optimizer
         self._warned_trainer_clipping = False
 
     @property
@@ -284,11 +285,15 @@ class AdaptiveClipping(GradwatchCallback):
             }
             self._log_metrics(trainer, {k: v for k, v in metrics.items() if math.isfinite(v)})
         count = int(values["spikes"])
+        self._spiky_intervals[index] = self._spiky_intervals.get(index, 0) + 1 if count else 0
         if count:
-            self._emit_alert(trainer, self._spike_alert(index, suffix, values, count, start, end))
+            # a handled transient is worth knowing; spikes on many steps, or interval after interval, are a problem
+            frequent = (count >= 3 and count >= 0.1 * steps) or self._spiky_intervals[index] >= 3
+            alert = self._spike_alert(index, suffix, values, count, start, end, "warning" if frequent else "info")
+            self._emit_alert(trainer, alert)
 
     def _spike_alert(
-        self, index: int, suffix: str, values: dict[str, float], count: int, start: int, end: int
+        self, index: int, suffix: str, values: dict[str, float], count: int, start: int, end: int, severity: str
     ) -> Alert:
         step = int(values["worst_step"])
         norm, limit, ratio, coef = (values[k] for k in ("worst_norm", "worst_threshold", "worst_ratio", "worst_coef"))
@@ -299,12 +304,14 @@ class AdaptiveClipping(GradwatchCallback):
             f"{norm:.4g}, {ratio:.3g}x the expected ceiling, clipped ({what} {coef:.3g})."
         )
         return Alert(
-            step=step,
+            step=end,  # found at the end of the interval; it began at the first spike
             kind=AlertKind.GRADIENT_SPIKE,
             name=f"optimizer{index}" if suffix else "",
             value=norm,
             threshold=limit,
-            message=with_remedy(AlertKind.GRADIENT_SPIKE, finding),
+            message=with_remedy(AlertKind.GRADIENT_SPIKE, finding) if severity == "warning" else finding,
+            severity=severity,  # type: ignore[arg-type]
+            onset=int(values["first_spike_step"]),
         )
 
     # -- TensorBoard / state ---------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class AlertKind:
     STOPPED_LAYER = "stopped_layer"
     UPDATE_RATIO = "update_ratio"
     GRADIENT_UNDERFLOW = "gradient_underflow"
+    LOSS_SPIKE = "loss_spike"
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,11 @@ ALERT_KIND_INFO: dict[str, AlertKindInfo] = {
         "Gradient underflow (fp16)",
         "bf16 instead of fp16, or keep the loss scale up (find what overflows and forces it down: an unnormalised "
         "activation, a large loss term)",
+    ),
+    AlertKind.LOSS_SPIKE: AlertKindInfo(
+        "Loss spikes",
+        "LossSpikeGuard(action='skip') or 'rollback' to keep them out of the weights; resume with skip_batches to "
+        "leave out the batches that caused them; a lower learning rate or more warm-up if they keep coming",
     ),
 }
 

@@ -93,9 +93,9 @@ class GradientNormLogger(GradwatchCallback):
       every step, with its step) is above ``exploding_threshold``, or ``exploding_factor`` times the median of the
       norms logged before. A warning when the norm stays high or comes back, or one step is 100x past the limit;
       a single transient is ``info``.
-    - ``vanishing_gradient``: in the first half of the network, a layer's gradient RMS over its non-zero elements
-      is below ``vanishing_threshold`` and below ``vanishing_ratio`` times that of the layers nearest the loss
-      (the last quarter). Names the earliest such layer.
+    - ``vanishing_gradient``: the first layer's gradient RMS over its non-zero elements is below
+      ``vanishing_threshold`` and below ``vanishing_ratio`` times that of the layers nearest the loss (the last
+      quarter of the layers).
     - ``stopped_layer``: a layer whose gradient was non-zero before has been exactly zero on every step for
       ``stop_after_steps`` steps (a collapsed network). A layer never used is ignored.
 
@@ -111,9 +111,9 @@ class GradientNormLogger(GradwatchCallback):
         log_grad_to_weight: also log each layer's gradient-to-weight norm ratio.
         histogram_every_n_steps: write per-layer gradient histograms to TensorBoard every this many steps
             (each costs a host copy of the gradients); ``None`` disables them.
-        vanishing_threshold: per-element gradient magnitude below which an early layer may be vanishing;
+        vanishing_threshold: gradient RMS (over non-zero elements) below which the first layer may be vanishing;
             ``None`` disables the vanishing alert.
-        vanishing_ratio: ...and the fraction of the network's median per-element magnitude below which it is.
+        vanishing_ratio: ...and the fraction of the RMS of the layers nearest the loss below which it is.
         exploding_threshold: global gradient norm above which gradients are exploding; ``None`` disables the
             absolute rule.
         exploding_factor: a global norm this many times the median of the last ``history_size`` logged
@@ -142,7 +142,7 @@ class GradientNormLogger(GradwatchCallback):
         log_every_n_steps: PositiveInt | None = None,
         log_grad_to_weight: bool = True,
         histogram_every_n_steps: PositiveInt | None = None,
-        vanishing_threshold: PositiveFloat | None = 1e-7,
+        vanishing_threshold: PositiveFloat | None = 1e-5,
         vanishing_ratio: PositiveFloat = 1e-3,
         exploding_threshold: PositiveFloat | None = 1e3,
         exploding_factor: GreaterThanOne | None = 10.0,
@@ -282,18 +282,33 @@ class GradientNormLogger(GradwatchCallback):
         exploding = self._exploding.setdefault(
             suffix, ExplodingRule(self.exploding_threshold, self.exploding_factor, self.history_size)
         )
-        verdicts = {
-            AlertKind.EXPLODING_GRADIENT: exploding.check(reading, largest),
-            AlertKind.VANISHING_GRADIENT: self._vanishing.check(reading),
-        }
-        for kind, verdict in verdicts.items():
-            self._set_condition(trainer, kind, suffix, verdict is not None, lambda v=verdict: _alert(v, reading.step))
+        exploding_verdict = exploding.check(reading, largest)
+        for severity in ("info", "warning"):
+            verdict = exploding_verdict if exploding_verdict and exploding_verdict.key == severity else None
+            if severity == "info" and exploding_verdict and exploding_verdict.key == "warning":
+                continue  # a warning supersedes the info of the same episode; the info condition stays as it was
+            self._set_condition(
+                trainer,
+                AlertKind.EXPLODING_GRADIENT,
+                f"{suffix}|{severity}",
+                verdict is not None,
+                lambda v=verdict: _alert(v, reading.step),
+            )
+        vanishing = self._vanishing.check(reading)
+        self._set_condition(
+            trainer,
+            AlertKind.VANISHING_GRADIENT,
+            suffix,
+            vanishing is not None,
+            lambda: _alert(vanishing, reading.step),
+        )
         updates, underflow = self._dynamics.setdefault(
             suffix, (UpdateRatioRule(self.update_ratio_high), UnderflowRule())
         )
         per_layer = {(AlertKind.STOPPED_LAYER, v.key): v for v in self._stopped.check(reading)}
         per_layer.update({(v.kind, v.key): v for v in updates.check(reading) + underflow.check(reading)})
-        keys = [(AlertKind.STOPPED_LAYER, n) for n in reading.names] + [(AlertKind.UPDATE_RATIO, "high")]
+        keys = [(AlertKind.STOPPED_LAYER, n) for n in reading.names]
+        keys += [(AlertKind.UPDATE_RATIO, "high"), (AlertKind.UPDATE_RATIO, "high severe")]
         keys += [(AlertKind.UPDATE_RATIO, f"frozen {n}") for n in reading.names]
         keys += [(AlertKind.GRADIENT_UNDERFLOW, n) for n in reading.names]
         for kind, key in keys:

@@ -95,6 +95,7 @@ class NaNGuard(GradwatchCallback):
 
     hook_order = 0
     single_instance = True
+    reads_every_step = True
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.dead_neurons import DeadNeuronCallback
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
+from lightning_gradwatch.loss_spike_guard import SPIKE_ACTIONS, LossSpikeGuard, SpikeAction
 from lightning_gradwatch.nan_guard import NAN_ACTIONS, NanAction, NaNGuard
 from lightning_gradwatch.saturation import SaturationCallback
 
@@ -25,6 +26,7 @@ def default_callbacks(
     activations: bool = True,
     report: bool = True,
     log_every_n_steps: PositiveInt | None = None,
+    spikes: SpikeAction | None = "log",
 ) -> list[GradwatchCallback]:
     """Every gradwatch callback with coordinated defaults, in hook order: the guard sees each step first, the
     norms are logged before any clipping, clipping comes last, and the report closes the run.
@@ -35,6 +37,7 @@ def default_callbacks(
         activations: include :class:`DeadNeuronCallback` and :class:`SaturationCallback`.
         report: include :class:`HealthReport`.
         log_every_n_steps: logging cadence of every callback; ``None`` follows the Trainer.
+        spikes: the :class:`LossSpikeGuard` action (``"log"``, ``"skip"``, ``"rollback"``), or ``None`` for none.
 
     Example::
 
@@ -44,11 +47,14 @@ def default_callbacks(
     check_choice("clipping", clipping, CLIP_MODES, optional=True)
     activations = check_bool("activations", activations)
     report = check_bool("report", report)
+    check_choice("spikes", spikes, SPIKE_ACTIONS, optional=True)
     log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
     callbacks: list[GradwatchCallback] = [
         NaNGuard(action=nan_action, log_every_n_steps=log_every_n_steps),
         GradientNormLogger(log_every_n_steps=log_every_n_steps),
     ]
+    if spikes is not None:
+        callbacks.append(LossSpikeGuard(action=spikes, log_every_n_steps=log_every_n_steps))
     if activations:
         callbacks += [
             DeadNeuronCallback(log_every_n_steps=log_every_n_steps),
@@ -75,6 +81,7 @@ class GradWatch(Callback):
         activations: include :class:`DeadNeuronCallback` and :class:`SaturationCallback`.
         report: include :class:`HealthReport`.
         log_every_n_steps: logging cadence of every callback; ``None`` follows the Trainer.
+        spikes: the :class:`LossSpikeGuard` action (``"log"``, ``"skip"``, ``"rollback"``), or ``None`` for none.
 
     Example::
 
@@ -99,8 +106,11 @@ class GradWatch(Callback):
         activations: bool = True,
         report: bool = True,
         log_every_n_steps: PositiveInt | None = None,
+        spikes: SpikeAction | None = "log",
     ) -> None:
-        self.gradwatch_callbacks = default_callbacks(nan_action, clipping, activations, report, log_every_n_steps)
+        self.gradwatch_callbacks = default_callbacks(
+            nan_action, clipping, activations, report, log_every_n_steps, spikes
+        )
         for callback in self.gradwatch_callbacks:
             callback._bundled = True  # their state is saved and restored here, under the bundle's key
 

@@ -86,7 +86,7 @@ def clipped_and_reported(pre: Norms, post: Norms, callback: Any, step: int = SPI
     assert pre.by_step[step] > 100 * normal  # the outlier batch really is a spike...
     assert post.by_step[step] < 3 * normal  # ...and leaves the hook at the size of an ordinary step
     spikes = [a for a in callback.alerts if a.kind == "gradient_spike"]
-    assert [a.step for a in spikes] == [step]
+    assert [a.began for a in spikes] == [step]  # the spike's step; found at the next logging step
     assert spikes[0].value == pytest.approx(pre.by_step[step], rel=1e-3)
     assert "1 gradient spike" in spikes[0].message
 
@@ -123,14 +123,14 @@ def test_spike_during_warmup_is_capped_and_does_not_disable_clipping_later(tmp_p
     std = callback._stats[0].var.sqrt().item()
     assert std < callback._stats[0].mean.item()  # the variance was not blown up by the first spike...
     clipped_and_reported(pre, post, _SpikesAfter(callback, 6), SPIKE_STEP)  # ...so this one is clipped
-    assert [a.step for a in callback.alerts] == [6, SPIKE_STEP]
+    assert [a.began for a in callback.alerts] == [6, SPIKE_STEP]
 
 
 class _SpikesAfter:
     """The alerts of ``callback`` after ``step`` (a view for :func:`clipped_and_reported`)."""
 
     def __init__(self, callback: AdaptiveClipping, step: int) -> None:
-        self.alerts = [a for a in callback.alerts if a.step > step]
+        self.alerts = [a for a in callback.alerts if a.began > step]
 
 
 def test_without_clipping_the_same_spike_wrecks_the_run(tmp_path: Any) -> None:
@@ -191,7 +191,7 @@ def test_fp16_overflow_steps_neither_poison_the_statistics_nor_get_clipped(tmp_p
     # clipping works afterwards: the spike is clipped, and reported
     normal = statistics.median(pre.by_step[s] for s in range(SPIKE_STEP - 8, SPIKE_STEP))
     assert pre.by_step[SPIKE_STEP] > 50 * normal and post.by_step[SPIKE_STEP] < 2 * normal
-    assert [a.step for a in callback.alerts] == [SPIKE_STEP]
+    assert [a.began for a in callback.alerts] == [SPIKE_STEP]
     events = tb.scalars(tmp_path / "tb" / "version_0")
     assert all(math.isfinite(v) for _, v in events["gradwatch/clip/ema_mean"])
     assert all(math.isfinite(v) for _, v in events["gradwatch/clip/threshold"])

@@ -99,7 +99,7 @@ def test_dead_units_found_whichever_way_relu_is_written(tmp_path: Any, style: st
     assert "gradwatch/dead_fraction/net.head" not in events  # not followed by a rectifier
     [alert] = callback.alerts  # the persisting condition is reported once
     assert alert.kind == "dead_neurons" and alert.name == "net.fc1" and alert.value == 0.5 and alert.threshold == 0.3
-    assert alert.severity == "info" and "not growing" in alert.message  # half a layer, stable: worth knowing
+    assert alert.severity == "info" and "has not grown" in alert.message  # half a layer, stable: worth knowing
     assert no_probe_left(model)
 
 

@@ -40,7 +40,7 @@ def test_resume_with_other_arguments_keeps_what_still_applies(tmp_path: Path) ->
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed], max_steps=14))
     with pytest.warns(UserWarning, match=r"AdaptiveClipping resumed with other arguments \(mode='zscore' -> "):
         trainer.fit(Poisoned(), ckpt_path=tmp_path / "a.ckpt")
-    guard, norms, *_, clip, _ = resumed.gradwatch_callbacks
+    guard, _, norms, *_, clip, _ = resumed.gradwatch_callbacks
     assert isinstance(guard, NaNGuard) and guard.fault_steps == 1 and guard.alerts == saved_alerts
     # the same norm: the history carried on (11 logged steps, the NaN step 3 dropped, then 2 more)
     assert isinstance(norms, GradientNormLogger) and len(norms._history[""]) == 13
@@ -81,13 +81,13 @@ def test_a_spike_just_before_a_checkpoint_is_reported_after_resume(tmp_path: Pat
     spike_run(tmp_path / "a", SPIKE_STEP + 8, None, SaveAt(SPIKE_STEP + 2, tmp_path / "a.ckpt"))
     resumed, _ = spike_run(tmp_path / "b", SPIKE_STEP + 15, tmp_path / "a.ckpt")
     spikes = [a for a in resumed.alerts if a.kind == "gradient_spike"]
-    assert [a.step for a in spikes] == [SPIKE_STEP]
+    assert [a.began for a in spikes] == [SPIKE_STEP]
     assert f"in steps {SPIKE_STEP // 10 * 10}-49" in spikes[0].message  # the interval the report covers
 
 
 def test_a_spike_after_the_last_logging_step_is_reported_once_at_the_end(tmp_path: Path) -> None:
     clip, _ = spike_run(tmp_path, SPIKE_STEP + 3)
-    assert [a.step for a in clip.alerts if a.kind == "gradient_spike"] == [SPIKE_STEP]
+    assert [a.began for a in clip.alerts if a.kind == "gradient_spike"] == [SPIKE_STEP]
 
 
 class LBFGSModel(Classifier):

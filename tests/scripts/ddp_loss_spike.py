@@ -1,0 +1,54 @@
+"""2-process DDP: the loss spikes on rank 1 only; LossSpikeGuard(action="skip") must skip the step on both ranks."""
+
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from lightning_gradwatch import LossSpikeGuard
+from tests.distributed import ddp_strategy, report
+from tests.models import trainer_kwargs
+from tests.test_loss_spike_guard import SPIKE, Spiking
+
+
+class OneRank(Spiking):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        spike = self.global_step == SPIKE and self.global_rank == 1
+        return loss * 50.0 if spike else loss
+
+
+class Moved(pl.Callback):
+    def __init__(self) -> None:
+        self.before: list[torch.Tensor] = []
+        self.moved: bool | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step in (SPIKE, SPIKE + 1):
+            now = [p.detach().clone() for p in pl_module.parameters()]
+            if trainer.global_step == SPIKE + 1:
+                self.moved = not all(torch.equal(a, b) for a, b in zip(self.before, now, strict=True))
+            self.before = now
+
+
+if __name__ == "__main__":
+    out_dir = sys.argv[1]
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    guard, moved = LossSpikeGuard(action="skip"), Moved()
+    model = OneRank(spike_steps=())
+    kwargs = trainer_kwargs(out_dir, strategy=ddp_strategy(), devices=2, max_steps=SPIKE + 3, callbacks=[guard, moved])
+    trainer = pl.Trainer(**{**kwargs, "log_every_n_steps": 10})
+    trainer.fit(model)
+    report(
+        out_dir,
+        trainer.global_rank,
+        {
+            "spikes": [s["step"] for s in guard.spikes],
+            "moved_at_spike": moved.moved,
+            "weights": [float(p.sum()) for p in model.parameters()],
+        },
+    )

@@ -1,0 +1,145 @@
+"""LossSpikeGuard in real fits: a spike is found, recorded, skipped or rolled back; no sync of its own beside
+NaNGuard; every DDP rank decides alike; the recorded batches are skipped on resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from lightning_gradwatch import LossSpikeGuard, NaNGuard
+from lightning_gradwatch.functional.spikes import robust_zscore
+from lightning_gradwatch.testing import HostReadCounter
+from tests.distributed import run_ddp_script
+from tests.models import Classifier, mlp, trainer_kwargs
+from tests.test_nan_guard import Snapshots, same
+
+SPIKE = 70
+
+
+class Spiking(Classifier):
+    """A classifier whose loss at ``spike_steps`` is multiplied by ``factor`` (a bad batch's loss)."""
+
+    def __init__(self, spike_steps: tuple[int, ...] = (SPIKE,), factor: float = 50.0, **kw: Any) -> None:
+        super().__init__(mlp(2), lr=1e-3, optimizer="adam", **kw)
+        self.spike_steps, self.factor = set(spike_steps), factor
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        return loss * self.factor if self.global_step in self.spike_steps else loss
+
+
+def fit(tmp_path: Path, model: pl.LightningModule, callbacks: list[Any], **kw: Any) -> pl.Trainer:
+    kwargs = {"max_steps": 90, "log_every_n_steps": 10, **kw}
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **kwargs))
+    trainer.fit(model)
+    return trainer
+
+
+def test_robust_zscore_ignores_unfilled_slots_and_outliers() -> None:
+    window = torch.tensor([1.0, 1.1, 0.9, 1.0, 100.0, 0.0, 0.0, 0.0])
+    z, median, sigma = robust_zscore(window, torch.tensor(5), torch.tensor(2.0))
+    assert median.item() == pytest.approx(1.0) and sigma.item() == pytest.approx(1.4826 * 0.1, rel=1e-4)
+    assert z.item() == pytest.approx(1.0 / (1.4826 * 0.1), rel=1e-4)  # the 100 did not widen the spread
+    assert robust_zscore(window, torch.tensor(0), torch.tensor(5.0))[0].item() == 0.0
+
+
+@pytest.mark.parametrize("with_guard", [False, True])
+def test_a_spike_is_found_recorded_and_logged(tmp_path: Path, with_guard: bool) -> None:
+    guard = LossSpikeGuard()
+    fit(tmp_path, Spiking(), [NaNGuard(), guard] if with_guard else [guard])
+    [spike] = guard.spikes
+    assert spike["step"] == SPIKE and spike["batch_idx"] == SPIKE % 16 and spike["z"] > 6
+    [alert] = guard.alerts
+    assert alert.kind == "loss_spike" and alert.severity == "info" and alert.began == SPIKE
+    # with NaNGuard the flag rides on its read: found at the spike's step; alone in "log" mode, at the logging step
+    assert alert.step == (SPIKE if with_guard else 79)
+    recorded = json.loads((tmp_path / "tb" / "version_0" / "gradwatch_spikes.json").read_text())
+    assert recorded["spikes"][0]["step"] == SPIKE
+
+
+def test_repeated_spikes_are_a_warning(tmp_path: Path) -> None:
+    guard = LossSpikeGuard(action="skip")
+    fit(tmp_path, Spiking(spike_steps=(60, 64, 68)), [guard])
+    assert [a.severity for a in guard.alerts] == ["info", "info", "warning"]
+
+
+def test_skip_drops_the_update_exactly(tmp_path: Path) -> None:
+    guard, snaps = LossSpikeGuard(action="skip"), Snapshots()
+    fit(tmp_path, Spiking(), [guard, snaps])
+    assert same(snaps.weights[SPIKE], snaps.weights[SPIKE + 1])  # the weights did not move
+    before, after = snaps.optimizer[SPIKE]["state"], snaps.optimizer[SPIKE + 1]["state"]
+    assert all(torch.equal(before[k]["exp_avg"], after[k]["exp_avg"]) for k in before)  # nor the Adam moments
+
+
+def test_rollback_restores_the_snapshot(tmp_path: Path) -> None:
+    guard, snaps = LossSpikeGuard(action="rollback", snapshot_every_n_steps=5), Snapshots()
+    fit(tmp_path, Spiking(), [NaNGuard(), guard, snaps])
+    assert same(snaps.weights[SPIKE + 1], snaps.weights[65])  # back to the snapshot of step 65
+    assert "rolled back" in guard.alerts[0].message
+
+
+def test_under_fp16_skip_happens_on_the_device(tmp_path: Path) -> None:
+    guard, snaps = LossSpikeGuard(action="skip"), Snapshots()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    fit(tmp_path, Spiking(), [guard, snaps], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert same(snaps.weights[SPIKE], snaps.weights[SPIKE + 1])  # the GradScaler skipped the step
+    assert [s["step"] for s in guard.spikes] == [SPIKE]  # recorded at the next logging step
+
+
+def counted(tmp_path: Path, callbacks: list[Any]) -> dict[int, int]:
+    counter = HostReadCounter()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[counter.callback(), *callbacks], max_steps=40))
+    with counter:
+        trainer.fit(Spiking(spike_steps=()))
+    return {s: n for s, n in counter.per_step().items() if s not in counter.logging_steps}
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "per_step"),
+    [
+        ("log, alone", lambda: [LossSpikeGuard(log_every_n_steps=10)], 0),
+        ("skip, alone", lambda: [LossSpikeGuard(action="skip", log_every_n_steps=10)], 1),
+        (
+            "skip, beside NaNGuard",
+            lambda: [NaNGuard(log_every_n_steps=10), LossSpikeGuard("skip", log_every_n_steps=10)],
+            1,
+        ),
+    ],
+)
+def test_host_reads(tmp_path: Path, name: str, make: Any, per_step: int) -> None:
+    baseline = counted(tmp_path / "none", [])
+    quiet = counted(tmp_path / "with", make())
+    assert {s: quiet[s] - baseline[s] for s in quiet} == dict.fromkeys(quiet, per_step), name
+
+
+def test_the_recorded_batches_are_skipped_on_resume(tmp_path: Path) -> None:
+    first = LossSpikeGuard()
+    fit(tmp_path / "a", Spiking(), [first], max_steps=75)
+    spikes = tmp_path / "a" / "tb" / "version_0" / "gradwatch_spikes.json"
+    resumed, snaps = LossSpikeGuard(skip_batches=spikes), Snapshots()
+    fit(tmp_path / "b", Spiking(spike_steps=()), [resumed, snaps], max_steps=75)
+    assert resumed.skipped_batches == 1 and same(snaps.weights[SPIKE], snaps.weights[SPIKE + 1])
+
+
+def test_ddp_a_spike_on_one_rank_is_skipped_on_both(tmp_path: Path) -> None:
+    rank0, rank1 = run_ddp_script("ddp_loss_spike.py", tmp_path)
+    assert rank0["weights"] == rank1["weights"] and rank0["spikes"] == rank1["spikes"] == [SPIKE]
+    assert rank0["moved_at_spike"] is False and rank1["moved_at_spike"] is False
+
+
+def test_bad_arguments() -> None:
+    for kwargs, argument in (
+        ({"action": "halt"}, "action"),
+        ({"window": 2}, "window"),
+        ({"skip_batches": 3}, "skip_batches"),
+    ):
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            LossSpikeGuard(**kwargs)
