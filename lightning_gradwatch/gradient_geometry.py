@@ -11,7 +11,6 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -188,7 +187,7 @@ class GradientGeometry(GradwatchCallback):
         self._pending = False
         if self._probe_batch is None:
             n = self.probe_size
-            self._probe_batch = apply_to_collection(batch, Tensor, lambda t: t[:n].detach().clone() if t.dim() else t)
+            self._probe_batch = _first_rows(batch, n)
         try:
             self._probe(trainer, pl_module)
         except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:  # a model we cannot probe
@@ -345,3 +344,15 @@ class GradientGeometry(GradwatchCallback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=UserWarning)
+
+
+def _first_rows(batch: Any, n: int) -> Any:
+    """A copy of the first ``n`` rows of every tensor in ``batch`` (tensors, lists, tuples and dicts of them)."""
+    if isinstance(batch, Tensor):
+        return batch[:n].detach().clone() if batch.dim() else batch
+    if isinstance(batch, dict):
+        return type(batch)({k: _first_rows(v, n) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        rows = [_first_rows(v, n) for v in batch]
+        return type(batch)(*rows) if hasattr(batch, "_fields") else type(batch)(rows)
+    return batch

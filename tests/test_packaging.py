@@ -114,14 +114,35 @@ def test_runtime_dependencies_are_the_third_party_imports() -> None:
     # what the package imports must be declared (typing_extensions was not), and what is declared must be used
     # (torchmetrics was not: docs/dependencies.md says why the activation tallies do not use it)
     imported: set[str] = set()
+    optional: set[str] = set()  # imported under `try: ... except ImportError`: used when present, not required
     for path in (ROOT / "lightning_gradwatch").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported.add(node.module.split(".")[0])
-    third_party = {canonicalize_name(m) for m in imported - set(sys.stdlib_module_names) - {"lightning_gradwatch"}}
+            elif isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers):
+                optional |= {m for child in node.body for m in _imports(child)}
+    third_party = {
+        canonicalize_name(m) for m in imported - optional - set(sys.stdlib_module_names) - {"lightning_gradwatch"}
+    }
     runtime = {canonicalize_name(Requirement(r).name) for r in pyproject()["project"]["dependencies"]}
     # tensorboard is not imported: the callbacks write through Lightning's TensorBoardLogger, whose
     # torch.utils.tensorboard SummaryWriter (scalars, histograms, the custom-scalars layout) needs it
     assert runtime - {"tensorboard"} == third_party
+
+
+def _imports(node: ast.AST) -> set[str]:
+    found: set[str] = set()
+    for child in ast.walk(node):
+        if isinstance(child, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in child.names}
+        elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+            found.add(child.module.split(".")[0])
+    return found
+
+
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    names = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError") for n in names)
