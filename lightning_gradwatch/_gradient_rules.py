@@ -22,7 +22,10 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from lightning_gradwatch.alerts import AlertKind
+import torch
+from torch import Tensor
+
+from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class Verdict:
     finding: str
     severity: str = "warning"
     onset: int | None = None
+
+    def alert(self, step: int) -> Alert:
+        message = with_remedy(self.kind, self.finding) if self.severity == "warning" else self.finding
+        return Alert(step, self.kind, self.name, self.value, self.threshold, message, self.severity, self.onset)  # type: ignore[arg-type]
 
 
 class ExplodingRule:
@@ -255,3 +262,56 @@ class UnderflowRule:
                 )
                 verdicts.append(Verdict(AlertKind.GRADIENT_UNDERFLOW, name, name, zeros, before + self.jump, finding))
         return verdicts
+
+
+@dataclass
+class IntervalTally:
+    """What the rules need from the steps between two logging steps, kept on the device (no sync per step)."""
+
+    peak: Tensor  # the largest finite global norm
+    peak_step: Tensor
+    last_nonzero: Tensor  # per layer: the last step its gradient was non-zero (-1: never); kept across intervals
+
+    @classmethod
+    def zeros(cls, layers: int, device: torch.device, last_nonzero: Tensor | None = None) -> IntervalTally:
+        zero = torch.zeros((), device=device)
+        start = torch.full((layers,), -1.0, device=device) if last_nonzero is None else last_nonzero
+        return cls(zero, zero.clone(), start)
+
+    def fold(self, step: int, global_norm: Tensor, layer_norms: Tensor, overflow: Tensor) -> None:
+        valid = torch.isfinite(global_norm) & (overflow == 0)
+        higher = valid & (global_norm > self.peak)
+        self.peak = torch.where(higher, global_norm, self.peak)
+        self.peak_step = torch.where(higher, float(step), self.peak_step)
+        self.last_nonzero = torch.where(valid & (layer_norms > 0), float(step), self.last_nonzero)
+
+
+@dataclass
+class Diagnosis:
+    """Every rule of one optimizer, and the conditions they fire: ``(kind, key, verdict or None)``, every condition
+    listed (a condition not firing is cleared)."""
+
+    exploding: ExplodingRule
+    vanishing: VanishingRule
+    stopped: StoppedRule
+    updates: UpdateRatioRule
+    underflow: UnderflowRule
+
+    def check(self, r: GradientReading) -> list[tuple[str, str, Verdict | None]]:
+        largest = r.names[max(range(len(r.norms)), key=r.norms.__getitem__)]
+        out: list[tuple[str, str, Verdict | None]] = []
+        exploding = self.exploding.check(r, largest)
+        if exploding is None or exploding.key == "info":
+            out.append((AlertKind.EXPLODING_GRADIENT, "|info", exploding))
+        # a warning supersedes the info of the same episode: the info condition stays as it was
+        out.append(
+            (AlertKind.EXPLODING_GRADIENT, "|warning", exploding if exploding and exploding.key == "warning" else None)
+        )
+        out.append((AlertKind.VANISHING_GRADIENT, "", self.vanishing.check(r)))
+        found = {(v.kind, v.key): v for v in self.stopped.check(r) + self.updates.check(r) + self.underflow.check(r)}
+        keys = [(AlertKind.STOPPED_LAYER, n) for n in r.names]
+        keys += [(AlertKind.UPDATE_RATIO, "high"), (AlertKind.UPDATE_RATIO, "high severe")]
+        keys += [(AlertKind.UPDATE_RATIO, f"frozen {n}") for n in r.names]
+        keys += [(AlertKind.GRADIENT_UNDERFLOW, n) for n in r.names]
+        out += [(kind, key, found.get((kind, key))) for kind, key in keys]
+        return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,14 +12,16 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._gradient_flow import GradientFlow, matplotlib_pyplot
 from lightning_gradwatch._gradient_rules import (
+    Diagnosis,
     ExplodingRule,
     GradientReading,
+    IntervalTally,
     StoppedRule,
     UnderflowRule,
     UpdateRatioRule,
     VanishingRule,
-    Verdict,
 )
 from lightning_gradwatch._layout import exact_tags, layer_charts
 from lightning_gradwatch._params import ParamGroups, group_of, optimizer_index
@@ -29,44 +31,7 @@ from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import GreaterThanOne, PositiveFloat, PositiveInt
 from lightning_gradwatch._update_ratio import UpdateTracker
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
-from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.norms import total_norm, validate_norm_type
-
-
-@dataclass
-class _StepTally:
-    """What the rules need from the steps between two logging steps, kept on the device (no sync per step)."""
-
-    peak: Tensor  # the largest finite global norm
-    peak_step: Tensor
-    last_nonzero: Tensor  # per layer: the last step its gradient was non-zero (-1: never); kept across intervals
-
-    @classmethod
-    def zeros(cls, layers: int, device: torch.device, last_nonzero: Tensor | None = None) -> _StepTally:
-        zero = torch.zeros((), device=device)
-        start = torch.full((layers,), -1.0, device=device) if last_nonzero is None else last_nonzero
-        return cls(zero, zero.clone(), start)
-
-    def fold(self, step: int, global_norm: Tensor, layer_norms: Tensor, overflow: Tensor) -> None:
-        valid = torch.isfinite(global_norm) & (overflow == 0)
-        higher = valid & (global_norm > self.peak)
-        self.peak = torch.where(higher, global_norm, self.peak)
-        self.peak_step = torch.where(higher, float(step), self.peak_step)
-        self.last_nonzero = torch.where(valid & (layer_norms > 0), float(step), self.last_nonzero)
-
-
-def _alert(verdict: Verdict | None, step: int) -> Alert:
-    assert verdict is not None
-    return Alert(
-        step=step,
-        kind=verdict.kind,
-        name=verdict.name,
-        value=verdict.value,
-        threshold=verdict.threshold,
-        message=with_remedy(verdict.kind, verdict.finding),
-        severity=verdict.severity,  # type: ignore[arg-type]
-        onset=verdict.onset,
-    )
 
 
 class GradientNormLogger(GradwatchCallback):
@@ -121,6 +86,13 @@ class GradientNormLogger(GradwatchCallback):
         history_size: how many logged global norms the relative rule remembers (it starts once 5 are known).
         stop_after_steps: steps of exactly zero gradient after which a layer that had one is stopped; ``None``
             disables the check.
+        log_update_to_weight: log each layer's update-to-weight ratio ``||delta w|| / ||w||`` (a copy of the weights
+            on the step before each logging step, in device memory until that step).
+        update_ratio_high: the median ratio over the layers above which updates are too large (``info``; a warning
+            above 5 times it), held for 100+ steps; ``None`` disables the alert (frozen layers are still reported).
+        gradient_flow_every_n_steps: draw the gradient-flow picture (gradient RMS against depth, a few steps
+            overlaid) into TensorBoard every this many steps (it is also saved with the health report); needs
+            matplotlib (the ``plots`` extra); ``None``: never into TensorBoard.
 
     Raises:
         ValueError: an argument outside its range, naming it.
@@ -150,6 +122,7 @@ class GradientNormLogger(GradwatchCallback):
         stop_after_steps: PositiveInt | None = 20,
         log_update_to_weight: bool = True,
         update_ratio_high: PositiveFloat | None = 2e-2,
+        gradient_flow_every_n_steps: PositiveInt | None = 500,
     ) -> None:
         super().__init__()
         self.norm_type = validate_norm_type(norm_type)
@@ -166,17 +139,22 @@ class GradientNormLogger(GradwatchCallback):
         self.stop_after_steps = check_number("stop_after_steps", stop_after_steps, **positive_int)
         self.log_update_to_weight = check_bool("log_update_to_weight", log_update_to_weight)
         self.update_ratio_high = check_number("update_ratio_high", update_ratio_high, gt=0, optional=True)
+        self.gradient_flow_every_n_steps = check_number(
+            "gradient_flow_every_n_steps", gradient_flow_every_n_steps, **positive_int
+        )
+        self._flows: dict[str, GradientFlow] = {}  # per optimizer suffix: profiles for the gradient-flow picture
         self._vanishing = VanishingRule(self.vanishing_threshold, self.vanishing_ratio)
         self._stopped = StoppedRule(self.stop_after_steps)
-        self._exploding: dict[str, ExplodingRule] = {}  # per optimizer suffix
-        self._dynamics: dict[str, tuple[UpdateRatioRule, UnderflowRule]] = {}
+        self._diagnoses: dict[str, Diagnosis] = {}  # per optimizer suffix
+        self._loaded_history: dict[str, list[float]] = {}  # a checkpoint's norm history, until its rule exists
         self._updates: dict[str, UpdateTracker] = {}
-        self._tallies: dict[str, _StepTally] = {}  # per optimizer suffix, on the device, for the current interval
+        self._tallies: dict[str, IntervalTally] = {}  # per optimizer suffix, on the device, for the current interval
 
     @property
     def _history(self) -> dict[str, list[float]]:
         """The global norms logged so far, per optimizer suffix (what the relative exploding rule compares to)."""
-        return {suffix: rule.history for suffix, rule in self._exploding.items()}
+        found = {suffix: diagnosis.exploding.history for suffix, diagnosis in self._diagnoses.items()}
+        return {**self._loaded_history, **found}
 
     @property
     @override
@@ -208,7 +186,7 @@ class GradientNormLogger(GradwatchCallback):
         overflow = self._overflow_flag(step, global_norm)
         tally = self._tallies.get(suffix)
         if tally is None or tally.last_nonzero.numel() != len(groups.group_names):
-            tally = self._tallies[suffix] = _StepTally.zeros(len(groups.group_names), global_norm.device)
+            tally = self._tallies[suffix] = IntervalTally.zeros(len(groups.group_names), global_norm.device)
         tally.fold(trainer.global_step, global_norm, layer_norms, overflow)  # every step, on the device
         if self.histogram_every_n_steps is not None and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0:
             self._write_histograms(trainer, groups, step)
@@ -242,7 +220,7 @@ class GradientNormLogger(GradwatchCallback):
         if ratios is not None:
             optional["update_to_weight"] = ratios
         fetched = host_values(*to_fetch, *optional.values())  # the one host sync of a logging step
-        self._tallies[suffix] = _StepTally.zeros(len(groups.group_names), global_norm.device, tally.last_nonzero)
+        self._tallies[suffix] = IntervalTally.zeros(len(groups.group_names), global_norm.device, tally.last_nonzero)
         (total,), (skipped,), (peak,), (peak_step,), (loss_scale,), per_layer, nonzero, last_nonzero = fetched[:8]
         extra = dict(zip(optional, fetched[8:], strict=True))
         if skipped > 0:
@@ -276,46 +254,47 @@ class GradientNormLogger(GradwatchCallback):
             loss_scale=loss_scale if scaler is not None else None,
         )
         self._judge(trainer, reading, suffix)
+        self._draw_flow(trainer, reading, suffix)
+
+    def _draw_flow(self, trainer: pl.Trainer, reading: GradientReading, suffix: str) -> None:
+        """Keep this step's depth profile; at the slow cadence, draw the picture into TensorBoard (rank zero)."""
+        flow = self._flows.setdefault(suffix, GradientFlow())
+        flow.add(reading.step, reading.names, reading.active_rms)
+        every = self.gradient_flow_every_n_steps
+        writers = tensorboard_writers(trainer)
+        if every is None or not writers or (logger_step(trainer) + 1) % every != 0:
+            return
+        figure = flow.figure()
+        if figure is not None:
+            for writer in writers:
+                writer.add_figure(f"gradwatch/gradient_flow{suffix}", figure, logger_step(trainer), close=False)
+            matplotlib_pyplot().close(figure)
+
+    @override
+    def _report_pictures(self, trainer: pl.Trainer, directory: str) -> list[tuple[str, str]]:
+        pictures = []
+        for suffix, flow in self._flows.items():
+            name = f"gradient_flow{suffix}.png"
+            if flow.save(os.path.join(directory, name)):
+                pictures.append((f"Gradient flow across depth{suffix.replace('_', ' ')}", name))
+        return pictures
 
     def _judge(self, trainer: pl.Trainer, reading: GradientReading, suffix: str) -> None:
-        largest = reading.names[max(range(len(reading.norms)), key=reading.norms.__getitem__)]
-        exploding = self._exploding.setdefault(
-            suffix, ExplodingRule(self.exploding_threshold, self.exploding_factor, self.history_size)
-        )
-        exploding_verdict = exploding.check(reading, largest)
-        for severity in ("info", "warning"):
-            verdict = exploding_verdict if exploding_verdict and exploding_verdict.key == severity else None
-            if severity == "info" and exploding_verdict and exploding_verdict.key == "warning":
-                continue  # a warning supersedes the info of the same episode; the info condition stays as it was
-            self._set_condition(
-                trainer,
-                AlertKind.EXPLODING_GRADIENT,
-                f"{suffix}|{severity}",
-                verdict is not None,
-                lambda v=verdict: _alert(v, reading.step),
+        diagnosis = self._diagnoses.get(suffix)
+        if diagnosis is None:
+            exploding = ExplodingRule(self.exploding_threshold, self.exploding_factor, self.history_size)
+            exploding.history = self._loaded_history.pop(suffix, [])
+            diagnosis = self._diagnoses[suffix] = Diagnosis(
+                exploding,
+                self._vanishing,
+                self._stopped,
+                UpdateRatioRule(self.update_ratio_high),
+                UnderflowRule(),
             )
-        vanishing = self._vanishing.check(reading)
-        self._set_condition(
-            trainer,
-            AlertKind.VANISHING_GRADIENT,
-            suffix,
-            vanishing is not None,
-            lambda: _alert(vanishing, reading.step),
-        )
-        updates, underflow = self._dynamics.setdefault(
-            suffix, (UpdateRatioRule(self.update_ratio_high), UnderflowRule())
-        )
-        per_layer = {(AlertKind.STOPPED_LAYER, v.key): v for v in self._stopped.check(reading)}
-        per_layer.update({(v.kind, v.key): v for v in updates.check(reading) + underflow.check(reading)})
-        keys = [(AlertKind.STOPPED_LAYER, n) for n in reading.names]
-        keys += [(AlertKind.UPDATE_RATIO, "high"), (AlertKind.UPDATE_RATIO, "high severe")]
-        keys += [(AlertKind.UPDATE_RATIO, f"frozen {n}") for n in reading.names]
-        keys += [(AlertKind.GRADIENT_UNDERFLOW, n) for n in reading.names]
-        for kind, key in keys:
-            verdict = per_layer.get((kind, key))
+        for kind, key, verdict in diagnosis.check(reading):
             self._set_condition(
-                trainer, kind, suffix + key, verdict is not None, lambda v=verdict: _alert(v, reading.step)
-            )
+                trainer, kind, suffix + key, verdict is not None, lambda v=verdict: v.alert(reading.step)
+            )  # type: ignore[union-attr]
 
     @staticmethod
     def _overflow_flag(step: StepGradients, global_norm: Tensor) -> Tensor:
@@ -375,11 +354,9 @@ class GradientNormLogger(GradwatchCallback):
 
     @override
     def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
-        self._exploding.clear()
+        self._diagnoses.clear()
+        self._loaded_history = {}
         if "norm_type" in changed:  # norms of another p are not comparable: the relative rule starts afresh
             return ["the global-norm history of the relative exploding rule"] if state.get("norm_history") else []
-        for suffix, history in state.get("norm_history", {}).items():
-            rule = ExplodingRule(self.exploding_threshold, self.exploding_factor, self.history_size)
-            rule.history = [float(x) for x in history]
-            self._exploding[str(suffix)] = rule
+        self._loaded_history = {str(k): [float(x) for x in v] for k, v in state.get("norm_history", {}).items()}
         return []

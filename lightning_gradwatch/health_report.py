@@ -185,5 +185,6 @@ class HealthReport(GradwatchCallback):
                 indent=2,
             )
         self.report_paths = [md_path, json_path]
-        if self.print_report:
-            print(text + (f"(saved to {md_path})\n" if self.findings else ""), end="")
+        if self.print_report:  # the pictures are in the saved file; a healthy run prints its one line
+            shown = text.split("\n\n![", 1)[0].rstrip("\n") + "\n"
+            print(shown + (f"(saved to {md_path})\n" if self.findings else ""), end="")

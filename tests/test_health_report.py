@@ -36,9 +36,12 @@ def test_healthy_run_says_so_in_one_line(tmp_path: Any, capsys: pytest.CaptureFi
     assert out.count("gradwatch: healthy run") == 1
     md, js = report.report_paths
     assert md.startswith(str(tmp_path / "tb" / "version_0"))
-    assert open(md).read().count("\n") == 1
+    assert open(md).read().startswith("gradwatch: healthy run") and out.count("\n") == 1
+    assert "![Gradient flow across depth](gradient_flow.png)" in open(md).read()  # the picture, beside the file
+    assert (tmp_path / "tb" / "version_0" / "gradient_flow.png").stat().st_size > 1000
     assert json.load(open(js)) == {
-        "healthy": True, "steps": 5, "stopped_early": False, "stopped_at": None, "findings": [], "pictures": [],
+        "healthy": True, "steps": 5, "stopped_early": False, "stopped_at": None, "findings": [],
+        "pictures": ["gradient_flow.png"],
     }  # fmt: skip
 
 

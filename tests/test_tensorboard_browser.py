@@ -53,7 +53,7 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tensorboard")
     for run, net_factory in ((HEALTHY, lambda: mlp(depth=3)), (SICK, lambda: mlp(depth=20, act=nn.Sigmoid))):
         torch.manual_seed(0)
-        callback = GradientNormLogger(log_every_n_steps=1, histogram_every_n_steps=5)
+        callback = GradientNormLogger(log_every_n_steps=1, histogram_every_n_steps=5, gradient_flow_every_n_steps=10)
         logger = pl.loggers.TensorBoardLogger(str(root), name="", version=run)
         trainer = pl.Trainer(**trainer_kwargs(root, max_steps=STEPS, callbacks=[callback], logger=logger))
         trainer.fit(Classifier(net_factory()))
@@ -203,3 +203,21 @@ return deepText(dashboard).split('\\n').filter(t => t.startsWith('gradwatch/grad
     )
     assert "gradwatch/grad_hist/net.0" in titles
     assert {t for t in titles if t.startswith("gradwatch/")} <= {f"gradwatch/grad_hist/net.{i}" for i in range(41)}
+
+
+def test_images_tab_shows_the_gradient_flow_picture(page: tuple[str, Chromium]) -> None:
+    browser = _open(page, "images")
+    found = browser.wait_for(
+        page_script(
+            """
+const dashboard = deepAll(document, 'tf-image-dashboard')[0];
+if (!dashboard) return null;
+const images = deepAll(dashboard, 'img').filter(i => i.complete && i.naturalWidth >= 400 && i.naturalHeight >= 200);
+if (images.length < 2) return null;
+return {count: images.length, text: deepText(dashboard)};
+"""
+        ),
+        timeout=RENDER_TIMEOUT,
+    )
+    # one picture per run (the per-layer gradient RMS against depth), drawn, at its real size
+    assert found["count"] >= 2 and "gradwatch/gradient_flow" in found["text"]
