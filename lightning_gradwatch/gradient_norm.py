@@ -333,15 +333,23 @@ class GradientNormLogger(GradwatchCallback):
     def _tensorboard_layout(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, dict[str, list[Any]]]:
-        layers = [group_of(n, self.group_by) for n, p in pl_module.named_parameters() if p.requires_grad]
-        charts: dict[str, list[Any]] = {"global gradient norm": ["Multiline", [r"^gradwatch/global/grad_norm"]]}
-        metrics = [("grad_norm", "gradient norm")]
+        layers = list(
+            dict.fromkeys(group_of(n, self.group_by) for n, p in pl_module.named_parameters() if p.requires_grad)
+        )
+        spans = layer_charts(layers)
+
+        def per_layer(tag: str, title: str) -> dict[str, list[Any]]:
+            return {
+                f"{title}: {span}": ["Multiline", [exact_tags(f"gradwatch/{tag}/", names)]] for span, names in spans
+            }
+
+        gradients: dict[str, list[Any]] = {"global gradient norm": ["Multiline", [r"^gradwatch/global/grad_norm"]]}
+        gradients.update(per_layer("grad_norm", "gradient norm"))
         if self.log_grad_to_weight:
-            metrics.append(("grad_to_weight", "grad/weight ratio"))
-        for tag, title in metrics:
-            for span, names in layer_charts(list(dict.fromkeys(layers))):
-                charts[f"{title}: {span}"] = ["Multiline", [exact_tags(f"gradwatch/{tag}/", names)]]
-        return {"gradwatch: gradients": charts}
+            gradients.update(per_layer("grad_to_weight", "grad/weight ratio"))
+        dynamics = per_layer("update_to_weight", "update/weight ratio") if self.log_update_to_weight else {}
+        dynamics.update(per_layer("zero_fraction", "exactly-zero gradient fraction"))
+        return {"gradwatch: gradients": gradients, "gradwatch: training dynamics": dynamics}
 
     # -- state -----------------------------------------------------------------------------------------------
     @override

@@ -103,7 +103,8 @@ return {rendered, categories, text: deepText(dashboard)};
 
 _LOG_SCALE_PER_LAYER_CHARTS = page_script(
     """
-const cards = deepAll(document, 'tf-custom-scalar-multi-line-chart-card').filter(c => c.title !== 'global gradient norm');
+const cards = deepAll(document, 'tf-custom-scalar-multi-line-chart-card').filter(
+  c => c.title.startsWith('gradient norm:') || c.title.startsWith('grad/weight ratio:'));
 const buttons = cards.flatMap(card => deepAll(card, 'paper-icon-button').filter(b => b.title === 'Toggle y-axis log scale'));
 buttons.forEach(b => b.click());
 return buttons.length;
