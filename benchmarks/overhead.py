@@ -194,6 +194,8 @@ CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = 
     "activations": lambda: ([gw.DeadNeuronCallback(), gw.SaturationCallback()], {}, False),  # one shared probe
     "nan_guard": lambda: ([gw.NaNGuard()], {}, False),
     "nan_guard_rollback": lambda: ([gw.NaNGuard(action="rollback")], {}, False),
+    "loss_spike_guard": lambda: ([gw.LossSpikeGuard()], {}, False),
+    "loss_spike_guard_skip": lambda: ([gw.LossSpikeGuard(action="skip")], {}, False),
     "clip_1.0": lambda: ([], {"gradient_clip_val": 1.0}, False),
     "adaptive_clipping": lambda: ([gw.AdaptiveClipping()], {}, False),
     "adaptive_percentile": lambda: ([gw.AdaptiveClipping(mode="percentile")], {}, False),

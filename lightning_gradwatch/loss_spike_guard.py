@@ -172,9 +172,8 @@ class LossSpikeGuard(GradwatchCallback):
         if delivered is None and self.action != "log" and not step.has_scaler:
             if trainer.world_size > 1:
                 self._pending[-1] = (*self._pending[-1][:3], torch.cat([all_reduce_max(verdict[:1]), verdict[1:]]))
-            delivered = host_values(torch.cat([v for *_, v in self._pending]))[
-                0
-            ]  # alone under 32/bf16: one read per step
+            unread = torch.cat([v for *_, v in self._pending])
+            delivered = host_values(unread)[0]  # alone under 32/bf16: one read per step
         if delivered is not None:
             if delivered[-4] > 0 and self.action != "log":
                 self._act(trainer, pl_module, optimizer, step)
@@ -193,10 +192,11 @@ class LossSpikeGuard(GradwatchCallback):
     # -- internals -------------------------------------------------------------------------------------------
     def _judge(self, loss: Tensor) -> Tensor:
         """``[spike, z, loss, median]`` of this step, on the device."""
-        if self._losses is None or self._losses.device != loss.device:
+        if self._losses is None or self._count is None:
             self._losses = torch.zeros(self.window, device=loss.device)
             self._count = torch.zeros((), dtype=torch.int64, device=loss.device)
-        assert self._count is not None
+        elif self._losses.device != loss.device:  # a checkpoint's window, loaded on the CPU
+            self._losses, self._count = self._losses.to(loss.device), self._count.to(loss.device)
         z, median, _ = robust_zscore(self._losses, self._count, loss)
         spike = (self._count >= self.warmup_steps) & (z > self.z_threshold) & torch.isfinite(loss)
         return torch.stack([spike.float(), z, loss, median])

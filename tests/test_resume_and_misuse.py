@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ def test_a_spike_just_before_a_checkpoint_is_reported_after_resume(tmp_path: Pat
     resumed, _ = spike_run(tmp_path / "b", SPIKE_STEP + 15, tmp_path / "a.ckpt")
     spikes = [a for a in resumed.alerts if a.kind == "gradient_spike"]
     assert [a.began for a in spikes] == [SPIKE_STEP]
-    assert f"in steps {SPIKE_STEP // 10 * 10}-49" in spikes[0].message  # the interval the report covers
+    # the interval the report covers, to the next logging step (lightning < 2.5 counts one more step after a resume)
+    assert re.search(rf"in steps {SPIKE_STEP // 10 * 10}-(49|50);", spikes[0].message), spikes[0].message
 
 
 def test_a_spike_after_the_last_logging_step_is_reported_once_at_the_end(tmp_path: Path) -> None:
@@ -119,7 +121,11 @@ def test_duplicate_callbacks_beside_the_preset_are_refused(tmp_path: Path) -> No
 
 
 def test_the_preset_class_instead_of_an_instance_is_a_clear_type_error(tmp_path: Path) -> None:
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[GradWatch], max_steps=2))  # type: ignore[list-item]
+    try:
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[GradWatch], max_steps=2))  # type: ignore[list-item]
+    except ValueError as err:  # lightning < 2.5 rejects the list itself, before any hook of ours can run
+        assert "Expected a parent" in str(err)
+        return
     with pytest.raises(TypeError, match=r"pass an instance: Trainer\(callbacks=\[GradWatch\(\)\]\)"):
         trainer.fit(Classifier(mlp(1)))
 
