@@ -144,7 +144,7 @@ def run(
     for cb in callbacks:
         if isinstance(cb, AdaptiveClipping):
             stats = cb._stats[0]
-            out["clipped_fraction"] = float(stats.total_clipped / stats.total_steps.clamp_min(1))
+            out["clipped_fraction"] = float(stats.total_clipped) / max(float(stats.total_steps), 1.0)
     return out
 
 

@@ -45,6 +45,14 @@ def host_values(*tensors: Tensor) -> list[list[float]]:
     return out
 
 
+def host_scalars(*values: Tensor | float) -> list[float]:
+    """Scalars as floats: the tensors among them brought to the host in one transfer, floats as they are (the
+    CPU's host path keeps its statistics as floats)."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    fetched = iter(host_values(*tensors)) if tensors else iter(())
+    return [next(fetched)[0] if isinstance(v, Tensor) else float(v) for v in values]
+
+
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     """The SummaryWriters of the Trainer's TensorBoard loggers (rank zero only; empty elsewhere)."""
     if not trainer.is_global_zero:

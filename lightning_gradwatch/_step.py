@@ -22,6 +22,12 @@ from lightning_gradwatch.functional.norms import tensor_norms, total_norm
 HOST_DECISIONS_ON_CPU = True
 
 
+def host_is_free(device: torch.device) -> bool:
+    """Whether a value on ``device`` can be read without a device sync (a CPU), so decisions may be taken on the
+    host."""
+    return HOST_DECISIONS_ON_CPU and device.type == "cpu"
+
+
 class StepGradients:
     """The gradients an optimizer is about to apply (after accumulation and the DDP all-reduce, before clipping).
 
@@ -86,7 +92,7 @@ class StepGradients:
     def host_is_free(self) -> bool:
         """True when the gradients live on the CPU: reading a value there costs no device sync, so a decision may
         be taken on the host (e.g. skip a multiplication by 1)."""
-        return HOST_DECISIONS_ON_CPU and self.device.type == "cpu"
+        return host_is_free(self.device)
 
     def param_norms(self, norm_type: float = 2.0) -> Tensor:
         """The ``norm_type``-norm of each parameter's gradient (unscaled; the full tensor's, reduced over shards),

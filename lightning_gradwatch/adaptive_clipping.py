@@ -9,14 +9,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._clip_rules import AGCRule, ClipInterval, NormStatistics, PercentileRule, ZScoreRule
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._params import local_tensor, optimizer_index
-from lightning_gradwatch._reporting import host_values
+from lightning_gradwatch._reporting import host_scalars
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import (
     AtLeastOne,
@@ -28,6 +27,7 @@ from lightning_gradwatch._types import (
 )
 from lightning_gradwatch._validation import check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
+from lightning_gradwatch.functional._scalars import Flag, Scalar, as_float, where
 from lightning_gradwatch.functional.clipping import apply_clip_coefficient, clip_coefficient
 from lightning_gradwatch.functional.norms import validate_norm_type
 
@@ -203,39 +203,45 @@ class AdaptiveClipping(GradwatchCallback):
         if not step.grads:
             return
         index = optimizer_index(trainer, optimizer)
-        stats, interval = self._state_for(index, step.device, trainer.global_step)
-        norm = step.global_norm(self.norm_type)  # shared with the guard and the norm logger: no extra pass
-        valid = torch.isfinite(norm)
+        on_host = step.host_is_free  # on a CPU the statistics are floats: the rule costs microseconds
+        stats, interval = self._state_for(index, step.device, on_host, trainer.global_step)
+        norm: Scalar = step.global_norm(self.norm_type)  # shared with the guard and the norm logger: no extra pass
+        valid: Flag = torch.isfinite(norm)
         if step.found_inf is not None:
             valid = valid & (step.found_inf.to(step.device) == 0)
+        if on_host:
+            norm, valid = float(norm), bool(valid)
 
         ceiling = self.rule.ceiling(stats)  # what the statistics are fed at most; the spike reference
         threshold = self.rule.threshold(stats, norm)
         unit_factor = self._clip_units(index, step, valid) if isinstance(self.rule, AGCRule) else None
-        coefficient = torch.where(valid, clip_coefficient(norm, threshold), torch.ones_like(norm))
-        # on a CPU the value is free to read: skip the multiplication by 1 that most steps would do
-        if not (step.host_is_free and float(coefficient) >= 1.0):
+        coefficient = where(valid, clip_coefficient(norm, threshold), 1.0)
+        if not (on_host and coefficient >= 1.0):  # on a CPU, skip the multiplication by 1 that most steps would do
             apply_clip_coefficient(step.grads, coefficient)
         if unit_factor is not None:
             coefficient = coefficient * unit_factor  # what the most clipped unit got, for the logs
         if step.repeat:
             return  # another evaluation of the same step (LBFGS): clipped alike, counted once
 
-        self.rule.fold(stats, norm, valid, self.ema_decay)
+        self.rule.fold(stats, norm, valid, self.ema_decay, ceiling)
         if isinstance(self.rule, PercentileRule):
             self.rule.push(stats, norm, valid)
-        stats.total_clipped = stats.total_clipped + (valid & (coefficient < 1.0)).float()
-        stats.total_steps = stats.total_steps + valid.float()
+        clipped = valid & (coefficient < 1.0)
+        stats.total_clipped = stats.total_clipped + as_float(clipped)
+        stats.total_steps = stats.total_steps + as_float(valid)
         interval.record(trainer.global_step, norm, valid, ceiling, threshold, coefficient, self.alert_ratio)
         if self._should_log(trainer, self.log_every_n_steps):
             self._report(trainer, index)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _state_for(self, index: int, device: torch.device, step: int) -> tuple[NormStatistics, ClipInterval]:
+    def _state_for(
+        self, index: int, device: torch.device, on_host: bool, step: int
+    ) -> tuple[NormStatistics, ClipInterval]:
         stats = self._stats.get(index)
         if stats is None:
-            stats = NormStatistics.zeros(device, self.rule.history_size if isinstance(self.rule, PercentileRule) else 1)
-            interval = ClipInterval.zeros(device)
+            history_size = self.rule.history_size if isinstance(self.rule, PercentileRule) else 1
+            stats = NormStatistics.zeros(device, history_size, on_host)
+            interval = ClipInterval.zeros(device, on_host)
             loaded = self._loaded.pop(index, None)
             if loaded is not None:
                 stats.load(loaded.get("statistics", {}))
@@ -243,31 +249,30 @@ class AdaptiveClipping(GradwatchCallback):
                 step = int(loaded.get("interval_start", step))
             self._stats[index], self._intervals[index] = stats, interval
             self._interval_start[index] = step
-        elif stats.mean.device != device:
-            self._stats[index] = stats = stats.to(device)
-            self._intervals[index] = self._intervals[index].to(device)
+        elif stats.history.device != device or stats.on_host != on_host:
+            self._stats[index] = stats = stats.placed(device, on_host)
+            self._intervals[index] = self._intervals[index].placed(device, on_host)
         return stats, self._intervals[index]
 
-    def _clip_units(self, index: int, step: StepGradients, valid: Tensor) -> Tensor:
+    def _clip_units(self, index: int, step: StepGradients, valid: Flag) -> Scalar:
         assert isinstance(self.rule, AGCRule)
         mask = self._unit_clipped.get(index)
         if mask is None:
             mask = self._unit_clipped[index] = self.rule.unit_clipped(step.params, step.index.names)
         chosen = [k for k, i in enumerate(step.positions) if mask[i]]
         weights = [local_tensor(step.params[step.positions[k]].detach()) for k in chosen]
-        return self.rule.clip_units(weights, [step.grads[k] for k in chosen], step.unscale, valid, step.host_is_free)
+        return self.rule.clip_units(weights, [step.grads[k] for k in chosen], step.unscale, valid)
 
     def _report(self, trainer: pl.Trainer, index: int, final: bool = False) -> None:
         """The one host transfer of a logging step: metrics, and at most one spike alert for the interval."""
         interval = self._intervals[index]
         stats = self._stats[index]
         keys = ClipInterval.REPORTED
-        fetched = host_values(*(getattr(interval, k) for k in keys), stats.mean, stats.var)
-        values = dict(zip(keys, (v[0] for v in fetched[: len(keys)]), strict=True))
-        mean, var = fetched[-2][0], fetched[-1][0]
+        *reported, mean, var = host_scalars(*(getattr(interval, k) for k in keys), stats.mean, stats.var)
+        values = dict(zip(keys, reported, strict=True))
         steps = int(values["steps"])
         start, end = self._interval_start.get(index, trainer.global_step), trainer.global_step
-        self._intervals[index] = ClipInterval.zeros(stats.mean.device)
+        self._intervals[index] = ClipInterval.zeros(stats.history.device, stats.on_host)
         self._interval_start[index] = end + 1
         if steps == 0:
             return

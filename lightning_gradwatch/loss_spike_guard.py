@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Literal
 
@@ -18,12 +19,12 @@ from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._reporting import host_values, log_dir
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._snapshot import Rollbacks
-from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.clipping import ring_push
-from lightning_gradwatch.functional.spikes import robust_zscore
+from lightning_gradwatch.functional.spikes import robust_zscore, robust_zscore_of_floats
 
 SpikeAction = Literal["log", "skip", "rollback"]
 SPIKE_ACTIONS: tuple[str, ...] = ("log", "skip", "rollback")
@@ -45,7 +46,9 @@ class LossSpikeGuard(GradwatchCallback):
     ranks (every rank decides alike). Under ``32-true``/``bf16-mixed`` it rides on NaNGuard's one read per step when
     NaNGuard is there (so with both, a step still costs one sync); alone, ``"skip"`` and ``"rollback"`` read it
     (one sync per step) and ``"log"`` reads spikes at logging steps. Under ``16-mixed`` ``"skip"`` makes the
-    GradScaler skip the step on the device (no sync), and ``"rollback"`` acts as ``"skip"``.
+    GradScaler skip the step on the device (no sync), and ``"rollback"`` acts as ``"skip"``. On a CPU, where a host
+    read costs nothing, a single process keeps the window as Python floats and decides every step on the host
+    (the same median, MAD and threshold), so every action, ``"log"`` included, sees a spike at its own step.
 
     Alerts ``loss_spike`` (info for an isolated spike the run recovers from; a warning when they repeat).
     Logs ``gradwatch/loss_spike/z`` (the step's z-score) and ``gradwatch/loss_spike/spikes`` (cumulative).
@@ -97,11 +100,12 @@ class LossSpikeGuard(GradwatchCallback):
         self.skip_batches = _load_batches(skip_batches)
         self.spikes: list[dict[str, Any]] = []  # every spike found: step, epoch, batch_idx, loss, median, z
         self.skipped_batches = 0
-        self._losses: Tensor | None = None  # the window (a ring buffer on the device) and how many it holds
-        self._count: Tensor | None = None
-        self._loss: Tensor | None = None  # this step's loss, summed over its micro-batches
-        self._verdict: Tensor | None = None  # [spike, z, loss, median] of this step, on the device
-        self._pending: list[tuple[int, int, int, Tensor]] = []  # (step, epoch, batch_idx, verdict) not read yet
+        # the window (a ring buffer) and how many it holds: on the device, or a list on the CPU's host path
+        self._losses: Tensor | list[float] | None = None
+        self._count: Tensor | int = 0
+        self._loss: Tensor | float | None = None  # this step's loss, summed over its micro-batches
+        self._verdict: Tensor | list[float] | None = None  # [spike, z, loss, median] of this step
+        self._pending: list[tuple[int, int, int, Tensor | list[float]]] = []  # (step, epoch, batch_idx, verdict)
         self._done = "logged"  # what this step's action did, for its record
         self._batch: tuple[int, int] = (0, 0)
         self._active = True
@@ -131,23 +135,29 @@ class LossSpikeGuard(GradwatchCallback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not (self._active and trainer.training):
             return
-        value = loss.detach().float().reshape(())
         scaler = grad_scaler(trainer)
-        if scaler is not None and scaler._scale is not None:
-            value = value / scaler._scale.to(value.device).reshape(())  # the scaled loss under fp16
-        self._loss = value if self._loss is None else self._loss + value  # micro-batches: each is loss / A
+        scale = scaler._scale if scaler is not None else None  # the loss is scaled under fp16
+        if host_is_free(loss.device) and trainer.world_size == 1:  # a CPU: decide on the host, in microseconds
+            value = float(loss.detach()) / (float(scale) if scale is not None else 1.0)
+            self._loss = value if self._loss is None else self._loss + value  # micro-batches: each is loss / A
+            self._verdict = self._judge_on_host(self._loss)
+            return
+        device_value = loss.detach().float().reshape(())
+        if scale is not None:
+            device_value = device_value / scale.to(device_value.device).reshape(())
+        self._loss = device_value if not isinstance(self._loss, Tensor) else self._loss + device_value
         self._verdict = self._judge(self._loss)
         if scaler is not None and trainer.world_size > 1:  # the device-side skip must be the same on every rank
             self._verdict = torch.cat([all_reduce_max(self._verdict[:1]), self._verdict[1:]])
         if any(cb.reads_every_step for cb in gradwatch_callbacks(trainer)):
             # ride on NaNGuard's read (max over ranks): this step's verdict and any not read yet
-            unread = [v for *_, v in self._pending] + [self._verdict]
+            unread = [v for *_, v in self._pending if isinstance(v, Tensor)] + [self._verdict]
             shared_read(trainer).post(self, torch.cat(unread), trainer.global_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending:  # spikes after the last read are recorded and reported, once
-            self._handle(trainer, host_values(torch.cat([v for *_, v in self._pending]))[0])
+            self._handle(trainer, self._pending_values())
         super().on_train_end(trainer, pl_module)
 
     @override
@@ -168,12 +178,14 @@ class LossSpikeGuard(GradwatchCallback):
             return
         self._fold(verdict)
         self._pending.append((trainer.global_step, epoch, batch_idx, verdict))
-        delivered = shared_read(trainer).take(self, trainer.global_step)
+        if isinstance(verdict, list):  # decided on the host
+            delivered: list[float] | None = self._pending_values()
+        else:
+            delivered = shared_read(trainer).take(self, trainer.global_step)
         if delivered is None and self.action != "log" and not step.has_scaler:
             if trainer.world_size > 1:
                 self._pending[-1] = (*self._pending[-1][:3], torch.cat([all_reduce_max(verdict[:1]), verdict[1:]]))
-            unread = torch.cat([v for *_, v in self._pending])
-            delivered = host_values(unread)[0]  # alone under 32/bf16: one read per step
+            delivered = self._pending_values()  # alone under 32/bf16: one read per step
         if delivered is not None:
             if delivered[-4] > 0 and self.action != "log":
                 self._act(trainer, pl_module, optimizer, step)
@@ -181,10 +193,11 @@ class LossSpikeGuard(GradwatchCallback):
                 self._rollbacks.clean_step(pl_module, step.params, optimizer)
             self._handle(trainer, delivered)
         elif step.has_scaler and self.action != "log":
+            assert isinstance(verdict, Tensor)
             _force_scaler_skip(trainer, optimizer, step, verdict[0] > 0)  # on the device: the GradScaler skips
         if self._should_log(trainer, self.log_every_n_steps):
             if delivered is None:  # the logging step's own transfer
-                delivered = host_values(torch.cat([v for *_, v in self._pending]))[0]
+                delivered = self._pending_values()
                 self._handle(trainer, delivered)
             metrics = {"gradwatch/loss_spike/z": delivered[-3], "gradwatch/loss_spike/spikes": float(len(self.spikes))}
             self._log_metrics(trainer, metrics)
@@ -192,19 +205,38 @@ class LossSpikeGuard(GradwatchCallback):
     # -- internals -------------------------------------------------------------------------------------------
     def _judge(self, loss: Tensor) -> Tensor:
         """``[spike, z, loss, median]`` of this step, on the device."""
-        if self._losses is None or self._count is None:
-            self._losses = torch.zeros(self.window, device=loss.device)
-            self._count = torch.zeros((), dtype=torch.int64, device=loss.device)
-        elif self._losses.device != loss.device:  # a checkpoint's window, loaded on the CPU
-            self._losses, self._count = self._losses.to(loss.device), self._count.to(loss.device)
+        if not isinstance(self._losses, Tensor) or self._losses.device != loss.device:
+            self._losses, self._count = _window_tensors(self._losses, self._count, self.window, loss.device)
+        assert isinstance(self._count, Tensor)
         z, median, _ = robust_zscore(self._losses, self._count, loss)
         spike = (self._count >= self.warmup_steps) & (z > self.z_threshold) & torch.isfinite(loss)
         return torch.stack([spike.float(), z, loss, median])
 
-    def _fold(self, verdict: Tensor) -> None:
-        assert self._losses is not None and self._count is not None
-        valid = (verdict[0] == 0) & torch.isfinite(verdict[2])  # spikes (and NaN, NaNGuard's) never widen the window
+    def _judge_on_host(self, loss: float) -> list[float]:
+        """:meth:`_judge` on the host, with the window as a list."""
+        if not isinstance(self._losses, list):
+            self._losses, self._count = _window_floats(self._losses, self._count, self.window)
+        count = int(self._count)
+        z, median, _ = robust_zscore_of_floats(self._losses[: min(count, self.window)], loss)
+        spike = count >= self.warmup_steps and z > self.z_threshold and math.isfinite(loss)
+        return [float(spike), z, loss, median]
+
+    def _fold(self, verdict: Tensor | list[float]) -> None:
+        if isinstance(verdict, list):
+            assert isinstance(self._losses, list)
+            if verdict[0] == 0 and math.isfinite(verdict[2]):  # spikes (and NaN, NaNGuard's) never widen the window
+                self._losses[int(self._count) % self.window] = verdict[2]
+                self._count = int(self._count) + 1
+            return
+        assert isinstance(self._losses, Tensor) and isinstance(self._count, Tensor)
+        valid = (verdict[0] == 0) & torch.isfinite(verdict[2])
         self._losses, self._count = ring_push(self._losses, self._count, verdict[2], valid)
+
+    def _pending_values(self) -> list[float]:
+        """The verdicts not read yet, on the host, flat (four per step): one transfer for those on the device."""
+        verdicts = [v for *_, v in self._pending]
+        fetched = iter(host_values(*(v for v in verdicts if isinstance(v, Tensor))))
+        return [x for v in verdicts for x in (v if isinstance(v, list) else next(fetched))]
 
     def _act(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, step: StepGradients
@@ -258,7 +290,10 @@ class LossSpikeGuard(GradwatchCallback):
     # -- state -----------------------------------------------------------------------------------------------
     @override
     def _extra_state(self) -> dict[str, Any]:
-        window = None if self._losses is None else {"losses": self._losses.cpu(), "count": self._count.cpu()}  # type: ignore[union-attr]
+        window = None
+        if self._losses is not None:
+            losses, count = _window_tensors(self._losses, self._count, self.window, torch.device("cpu"))
+            window = {"losses": losses.clone(), "count": count.clone()}
         return {"spikes": list(self.spikes), "skipped_batches": self.skipped_batches, "window": window}
 
     @override
@@ -269,6 +304,23 @@ class LossSpikeGuard(GradwatchCallback):
         if window is not None and window["losses"].numel() == self.window:
             self._losses, self._count = window["losses"], window["count"]
         return []
+
+
+def _window_tensors(
+    losses: Tensor | list[float] | None, count: Tensor | int, size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    if losses is None:
+        return torch.zeros(size, device=device), torch.zeros((), dtype=torch.int64, device=device)
+    return (
+        torch.as_tensor(losses, dtype=torch.float32).to(device),
+        torch.as_tensor(count, dtype=torch.int64).to(device),
+    )
+
+
+def _window_floats(losses: Tensor | list[float] | None, count: Tensor | int, size: int) -> tuple[list[float], int]:
+    if losses is None:
+        return [0.0] * size, 0
+    return (losses.tolist() if isinstance(losses, Tensor) else list(losses)), int(count)
 
 
 def _force_scaler_skip(

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradwatch import AdaptiveClipping, GradientNormLogger
+from lightning_gradwatch import _step as step_module
 from lightning_gradwatch._precision import grad_scaler, grads_are_scaled
 from tests import tensorboard_events as tb
 from tests.distributed import run_ddp_script
@@ -92,6 +93,41 @@ def clipped_and_reported(pre: Norms, post: Norms, callback: Any, step: int = SPI
 
 
 @pytest.mark.parametrize("mode", ["zscore", "percentile", "agc"])
+def test_the_cpu_host_path_clips_exactly_as_the_device_path(
+    tmp_path: Any, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU the statistics are floats and the decisions are taken on the host; switched off, the same run takes
+    the tensor path a GPU takes. Same spikes, same warm-up cap, same clipping, same statistics, same alerts."""
+    runs = {}
+    for host in (True, False):
+        monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+        torch.manual_seed(0)
+        pre, post = Norms(), Norms()
+        callback = AdaptiveClipping(mode=mode, warmup_steps=10, log_every_n_steps=5)  # type: ignore[arg-type]
+        fit(tmp_path / str(host), Spiky(spike_step=5, hook=_second_spike), [pre, callback, post], max_steps=50)
+        assert callback._stats[0].on_host is host
+        runs[host] = (pre, post, callback)
+    (pre_h, post_h, host_cb), (pre_d, post_d, device_cb) = runs[True], runs[False]
+    assert post_h.by_step[5] < pre_h.by_step[5] / 10 and post_h.by_step[SPIKE_STEP] < pre_h.by_step[SPIKE_STEP] / 10
+    for step in pre_h.by_step:
+        assert pre_h.by_step[step] == pytest.approx(pre_d.by_step[step], rel=1e-4)
+        assert post_h.by_step[step] == pytest.approx(post_d.by_step[step], rel=1e-4)
+    host_state, device_state = host_cb._stats[0].to_state(), device_cb._stats[0].to_state()
+    for key, value in host_state.items():
+        assert torch.allclose(value, device_state[key], rtol=1e-4), key
+    assert [(a.kind, a.step, a.began, a.severity) for a in host_cb.alerts] == [
+        (a.kind, a.step, a.began, a.severity) for a in device_cb.alerts
+    ]
+    assert len(host_cb.alerts) == 2
+
+
+def _second_spike(module: Classifier, step: int) -> None:
+    if step == SPIKE_STEP:
+        for p in module.parameters():
+            p.grad.mul_(1000.0)
+
+
+@pytest.mark.parametrize("mode", ["zscore", "percentile", "agc"])
 def test_injected_spike_is_clipped_logged_and_alerted(tmp_path: Any, mode: str) -> None:
     pre, post = Norms(), Norms()
     callback = AdaptiveClipping(mode=mode)  # type: ignore[arg-type]
@@ -120,8 +156,8 @@ def test_spike_during_warmup_is_capped_and_does_not_disable_clipping_later(tmp_p
     fit(tmp_path, Spiky(spike_step=6, hook=second_spike), [pre, callback, post], max_steps=50)
     early = statistics.fmean(pre.by_step[s] for s in range(6))
     assert pre.by_step[6] > 100 * early and post.by_step[6] == pytest.approx(10 * early, rel=1e-3)  # warm-up cap
-    std = callback._stats[0].var.sqrt().item()
-    assert std < callback._stats[0].mean.item()  # the variance was not blown up by the first spike...
+    std = math.sqrt(float(callback._stats[0].var))
+    assert std < float(callback._stats[0].mean)  # the variance was not blown up by the first spike...
     clipped_and_reported(pre, post, _SpikesAfter(callback, 6), SPIKE_STEP)  # ...so this one is clipped
     assert [a.began for a in callback.alerts] == [6, SPIKE_STEP]
 
@@ -154,14 +190,14 @@ def test_healthy_run_is_barely_touched(tmp_path: Any, gradwatch_log: Any) -> Non
     callback = AdaptiveClipping()
     fit(tmp_path, Spiky(spike_step=None, optimizer="adam", lr=3e-3), [pre, callback, post], max_steps=80)
     state = callback._stats[0]
-    assert state.total_steps.item() == 80
-    assert state.total_clipped.item() <= 4  # at most 5% of the steps
+    assert float(state.total_steps) == 80
+    assert float(state.total_clipped) <= 4  # at most 5% of the steps
     touched = [s for s in pre.by_step if post.by_step[s] < pre.by_step[s] * (1 - 1e-6)]
-    assert len(touched) == state.total_clipped.item()
+    assert len(touched) == float(state.total_clipped)
     for s in touched:  # and never by much
         assert post.by_step[s] > 0.5 * pre.by_step[s]
     assert callback.alerts == [] and "gradient_spike" not in gradwatch_log.text
-    assert state.mean.item() == pytest.approx(statistics.fmean(list(pre.by_step.values())[-33:]), rel=0.3)
+    assert float(state.mean) == pytest.approx(statistics.fmean(list(pre.by_step.values())[-33:]), rel=0.3)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam_fused"])
@@ -186,8 +222,8 @@ def test_fp16_overflow_steps_neither_poison_the_statistics_nor_get_clipped(tmp_p
     for s in overflow:  # left as they were (inf), not turned into NaN or zero: the scaler skips them
         assert post.by_step[s] == pre.by_step[s] or math.isnan(post.by_step[s]) == math.isnan(pre.by_step[s])
     state = callback._stats[0]
-    assert state.count.item() == 50 - skipped
-    assert all(math.isfinite(getattr(state, k).item()) for k in ("mean", "var"))
+    assert float(state.count) == 50 - skipped
+    assert all(math.isfinite(float(getattr(state, k))) for k in ("mean", "var"))
     # clipping works afterwards: the spike is clipped, and reported
     normal = statistics.median(pre.by_step[s] for s in range(SPIKE_STEP - 8, SPIKE_STEP))
     assert pre.by_step[SPIKE_STEP] > 50 * normal and post.by_step[SPIKE_STEP] < 2 * normal
@@ -208,8 +244,8 @@ def test_non_finite_norm_under_32_is_left_to_nanguard(tmp_path: Any) -> None:
     fit(tmp_path, model, [pre, callback, post], max_steps=40)
     assert pre.by_step[30] == math.inf and post.by_step[30] == math.inf  # untouched: not clipped to 0 or NaN
     state = callback._stats[0]
-    assert state.count.item() == 39  # not folded into the statistics
-    assert math.isfinite(state.mean.item()) and math.isfinite(state.var.item())
+    assert float(state.count) == 39  # not folded into the statistics
+    assert math.isfinite(float(state.mean)) and math.isfinite(float(state.var))
     assert callback.alerts == []
 
 
@@ -238,7 +274,8 @@ def test_checkpoint_resume_restores_the_statistics(tmp_path: Any, mode: str) -> 
     saved = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
     live = callback._stats[0]
     for key in ("mean", "var", "count", "history", "history_count"):
-        assert torch.equal(saved["clip_state"]["0"]["statistics"][key], getattr(live, key).cpu())
+        value = torch.as_tensor(getattr(live, key), dtype=saved["clip_state"]["0"]["statistics"][key].dtype)
+        assert torch.equal(saved["clip_state"]["0"]["statistics"][key], value.cpu())
     assert saved["clip_state"]["0"]["statistics"]["count"].item() == SPIKE_STEP + 5
     assert [a["kind"] for a in saved["alerts"]] == ["gradient_spike"]
 
@@ -248,14 +285,14 @@ def test_checkpoint_resume_restores_the_statistics(tmp_path: Any, mode: str) -> 
     class Peek(Callback):
         def on_train_batch_start(self, *args: Any) -> None:
             if not seen:
-                stats, _ = resumed._state_for(0, torch.device("cpu"), 0)
+                stats, _ = resumed._state_for(0, torch.device("cpu"), True, 0)
                 seen.update({k: v.item() for k, v in stats.to_state().items() if v.numel() == 1})
 
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resume", callbacks=[resumed, Peek()], max_steps=SPIKE_STEP + 10))
     trainer.fit(Spiky(), ckpt_path=path)
     # resumed statistics: no second warm-up, and the state continues from where it was
-    assert seen["count"] == SPIKE_STEP + 5 and seen["mean"] == pytest.approx(live.mean.item())
-    assert resumed._stats[0].count.item() == SPIKE_STEP + 10
+    assert seen["count"] == SPIKE_STEP + 5 and seen["mean"] == pytest.approx(float(live.mean))
+    assert float(resumed._stats[0].count) == SPIKE_STEP + 10
     assert [a.kind for a in resumed.alerts] == ["gradient_spike"]  # the alert history came back too
 
 

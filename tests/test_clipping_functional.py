@@ -113,3 +113,35 @@ def test_apply_clip_coefficient_mixed_dtypes() -> None:
     apply_clip_coefficient(grads, coef)
     assert global_norm(grads).item() == pytest.approx(1.5, rel=1e-2)
     assert [g.dtype for g in grads] == [torch.float32, torch.float64, torch.bfloat16]
+
+
+SPECIAL = [0.0, 1e-30, 0.5, 1.0, 3.0, 1e30, math.inf, math.nan]
+
+
+def _same(host: float, device: torch.Tensor) -> bool:
+    expected = device.item()
+    return (math.isnan(host) and math.isnan(expected)) or host == pytest.approx(expected, rel=1e-5, abs=1e-30)
+
+
+@pytest.mark.parametrize("norm", SPECIAL)
+@pytest.mark.parametrize("threshold", SPECIAL)
+def test_clip_coefficient_on_floats_matches_tensors(norm: float, threshold: float) -> None:
+    host = clip_coefficient(norm, threshold)
+    assert isinstance(host, float) and _same(host, clip_coefficient(torch.tensor(norm), torch.tensor(threshold)))
+
+
+@pytest.mark.parametrize("value", [v for v in SPECIAL if v != 1e30] + [1e15])  # float32 squares overflow at 1e19
+@pytest.mark.parametrize("count", [0.0, 1.0, 5.0, 100.0])
+@pytest.mark.parametrize("valid", [True, False])
+def test_ema_and_zscore_threshold_on_floats_match_tensors(value: float, count: float, valid: bool) -> None:
+    mean, var = 2.0, 0.25
+    host = ema_update(mean, var, count, value, 0.9, valid)
+    device = ema_update(torch.tensor(mean), torch.tensor(var), torch.tensor(count), torch.tensor(value), 0.9,
+                        torch.tensor(valid))  # fmt: skip
+    assert all(isinstance(h, float) and _same(h, d) for h, d in zip(host, device, strict=True))
+    for cap in (None, 10.0):
+        for norm in (None, value):
+            h = zscore_threshold(mean, var, count, 3.0, 5, cap, norm=norm)
+            d = zscore_threshold(torch.tensor(mean), torch.tensor(var), torch.tensor(count), 3.0, 5, cap,
+                                 norm=None if norm is None else torch.tensor(norm))  # fmt: skip
+            assert _same(h, d), (cap, norm)  # type: ignore[arg-type]

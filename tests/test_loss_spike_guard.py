@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradwatch import LossSpikeGuard, NaNGuard
-from lightning_gradwatch.functional.spikes import robust_zscore
+from lightning_gradwatch import _step as step_module
+from lightning_gradwatch.functional.spikes import robust_zscore, robust_zscore_of_floats
 from lightning_gradwatch.testing import HostReadCounter
 from tests.distributed import run_ddp_script
 from tests.models import Classifier, mlp, trainer_kwargs
@@ -51,18 +52,63 @@ def test_robust_zscore_ignores_unfilled_slots_and_outliers() -> None:
     assert robust_zscore(window, torch.tensor(0), torch.tensor(5.0))[0].item() == 0.0
 
 
+@pytest.mark.parametrize("filled", [0, 1, 2, 5, 8])
+def test_robust_zscore_of_floats_is_the_same_definition(filled: int) -> None:
+    window = torch.tensor([1.0, 1.1, 0.9, 1.0, 100.0, 1.3, 1.2, 3.0])
+    for value in (0.5, 2.0, 1e4):
+        expected = [t.item() for t in robust_zscore(window, torch.tensor(filled), torch.tensor(value))]
+        got = robust_zscore_of_floats(window.tolist()[:filled], value)
+        assert got[0] == pytest.approx(expected[0], rel=1e-5)
+        assert got[1:] == pytest.approx(expected[1:], rel=1e-5, nan_ok=True)  # an even count takes the lower median
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host-path", "device-path"])
 @pytest.mark.parametrize("with_guard", [False, True])
-def test_a_spike_is_found_recorded_and_logged(tmp_path: Path, with_guard: bool) -> None:
+def test_a_spike_is_found_recorded_and_logged(
+    tmp_path: Path, with_guard: bool, host: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
     guard = LossSpikeGuard()
     fit(tmp_path, Spiking(), [NaNGuard(), guard] if with_guard else [guard])
+    assert isinstance(guard._losses, list) is host  # on a CPU the window is a list and decisions are on the host
     [spike] = guard.spikes
     assert spike["step"] == SPIKE and spike["batch_idx"] == SPIKE % 16 and spike["z"] > 6
     [alert] = guard.alerts
     assert alert.kind == "loss_spike" and alert.severity == "info" and alert.began == SPIKE
-    # with NaNGuard the flag rides on its read: found at the spike's step; alone in "log" mode, at the logging step
-    assert alert.step == (SPIKE if with_guard else 79)
+    # decided on the host, or riding on NaNGuard's read: found at the spike's step; alone in "log" mode on the
+    # device, at the logging step
+    assert alert.step == (SPIKE if with_guard or host else 79)
     recorded = json.loads((tmp_path / "tb" / "version_0" / "gradwatch_spikes.json").read_text())
     assert recorded["spikes"][0]["step"] == SPIKE
+
+
+class PeekVerdict(pl.Callback):
+    """Records the guard's z-score of every step."""
+
+    def __init__(self, guard: LossSpikeGuard) -> None:
+        self.guard = guard
+        self.seen: list[float | None] = []
+
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        verdict = self.guard._verdict
+        self.seen.append(float(verdict[1]) if verdict is not None else None)
+
+
+def test_the_host_window_matches_the_device_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same run on both paths: the same z-scores at every step and the same window in the checkpoint."""
+    zs, windows = {}, {}
+    for host in (True, False):
+        monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+        guard = LossSpikeGuard(action="skip", window=16, warmup_steps=10)
+        peek = PeekVerdict(guard)
+        torch.manual_seed(0)
+        fit(tmp_path / str(host), Spiking(spike_steps=(30, 50)), [peek, guard])
+        zs[host], windows[host] = peek.seen, guard._extra_state()["window"]
+        assert [s["step"] for s in guard.spikes] == [30, 50]
+    assert zs[True] == pytest.approx(zs[False], rel=1e-4, abs=1e-5)
+    assert (
+        torch.allclose(windows[True]["losses"], windows[False]["losses"]) and windows[True]["count"] == 88
+    )  # 90 steps, 2 spikes left out
 
 
 def test_repeated_spikes_are_a_warning(tmp_path: Path) -> None:

@@ -3,6 +3,10 @@
 Every decision is taken on device with ``torch.where`` / ``clamp`` instead of a Python ``if`` on a tensor, so
 none of these functions waits for the accelerator. Statistics are 0-dim float32 tensors (or a fixed-size
 ring buffer) that the caller keeps; the update functions return new tensors and never modify their inputs.
+
+The scalar rules (:func:`clip_coefficient`, :func:`ema_update`, :func:`zscore_threshold`) take Python floats as
+well (bools for flags): on a CPU, where reading a value is free, the caller keeps its statistics as floats and
+the same rule costs microseconds instead of a hundred tensor operations.
 """
 
 from __future__ import annotations
@@ -12,6 +16,19 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from lightning_gradwatch.functional._scalars import (
+    Flag,
+    Scalar,
+    as_float,
+    clamp_max,
+    clamp_min,
+    div,
+    isfinite,
+    isnan,
+    sqrt,
+    where,
+)
 
 __all__ = [
     "agc_coefficients",
@@ -24,20 +41,20 @@ __all__ = [
 ]
 
 
-def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6) -> Tensor:
+def clip_coefficient(norm: Scalar, threshold: Scalar, eps: float = 1e-6) -> Scalar:
     """``min(threshold / (norm + eps), 1)``, the factor that brings ``norm`` down to ``threshold``.
 
     A non-finite ``norm`` (an fp16 overflow step the GradScaler will skip, or a real NaN/Inf that is NaNGuard's
     business) gets the coefficient 1.0: multiplying by 0 or NaN would only hide or spread the problem. An
     infinite ``threshold`` (nothing learned yet) also gives 1.0.
     """
-    coefficient = (threshold / (norm + eps)).clamp(max=1.0)
-    return torch.where(torch.isfinite(norm) & ~torch.isnan(coefficient), coefficient, torch.ones_like(coefficient))
+    coefficient = clamp_max(div(threshold, norm + eps), 1.0)
+    return where(isfinite(norm), where(isnan(coefficient), 1.0, coefficient), 1.0)
 
 
 def ema_update(
-    mean: Tensor, var: Tensor, count: Tensor, value: Tensor, decay: float, valid: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+    mean: Scalar, var: Scalar, count: Scalar, value: Scalar, decay: float, valid: Flag
+) -> tuple[Scalar, Scalar, Scalar]:
     """One step of an exponentially weighted mean and variance of ``value``, skipped where ``valid`` is False.
 
     The weight of the new value is ``max(1 - decay, 1 / (count + 1))``: the first values are averaged plainly
@@ -46,35 +63,32 @@ def ema_update(
     (1979): ``mean += w * d``, ``var = (1 - w) * (var + w * d**2)`` with ``d = value - mean``.
 
     Args:
-        mean, var, count: the current state, 0-dim float32 tensors (``count`` counts the values folded in).
-        value: the new observation (0-dim). Ignored wherever ``valid`` is False, even if it is NaN or Inf.
+        mean, var, count: the current state, 0-dim float32 tensors or floats (``count`` counts the values folded
+            in).
+        value: the new observation. Ignored wherever ``valid`` is False, even if it is NaN or Inf.
         decay: the EMA decay in ``(0, 1)``.
-        valid: 0-dim bool tensor: whether to fold ``value`` in.
+        valid: a 0-dim bool tensor or a bool: whether to fold ``value`` in.
 
     Returns:
         The new ``(mean, var, count)``.
     """
-    weight = torch.maximum(torch.full_like(count, 1.0 - decay), (count + 1.0).reciprocal())
-    safe = torch.where(valid, value, mean)  # keeps NaN/Inf out of the arithmetic, not only out of the result
+    weight = clamp_min(div(1.0, count + 1.0), 1.0 - decay)
+    safe = where(valid, value, mean)  # keeps NaN/Inf out of the arithmetic, not only out of the result
     delta = safe - mean
     new_mean = mean + weight * delta
     new_var = (1.0 - weight) * (var + weight * delta * delta)
-    return (
-        torch.where(valid, new_mean, mean),
-        torch.where(valid, new_var, var),
-        count + valid.to(count.dtype),
-    )
+    return where(valid, new_mean, mean), where(valid, new_var, var), count + as_float(valid)
 
 
 def zscore_threshold(
-    mean: Tensor,
-    var: Tensor,
-    count: Tensor,
+    mean: Scalar,
+    var: Scalar,
+    count: Scalar,
     z_threshold: float,
     warmup_steps: int,
     warmup_cap: float | None,
-    norm: Tensor | None = None,
-) -> Tensor:
+    norm: Scalar | None = None,
+) -> Scalar:
     """The clipping threshold of the z-score rule, once ``warmup_steps`` values are known.
 
     Without ``norm``: the ceiling ``mean + z_threshold * std``. With ``norm``: the norm that this gradient
@@ -87,19 +101,15 @@ def zscore_threshold(
     statistics are ready) once at least one value is known, or ``inf`` (no clipping) when ``warmup_cap`` is
     None or nothing is known yet.
     """
-    inf = torch.full_like(mean, math.inf)
-    std = var.clamp_min(0.0).sqrt()
+    std = sqrt(clamp_min(var, 0.0))
     margin = z_threshold * std
     if norm is not None:
-        z = (norm - mean) / (std + 1e-12)
-        margin = margin * (z_threshold / z.clamp_min(z_threshold))
-        margin = torch.where(torch.isnan(margin), torch.zeros_like(margin), margin)
+        z = div(norm - mean, std + 1e-12)
+        margin = margin * (z_threshold / clamp_min(z, z_threshold))
+        margin = where(isnan(margin), 0.0, margin)
     adaptive = mean + margin
-    if warmup_cap is None:
-        warm = inf
-    else:
-        warm = torch.where(count > 0, mean * warmup_cap, inf)
-    return torch.where(count >= warmup_steps, adaptive, warm)
+    warm = math.inf if warmup_cap is None else where(count > 0, mean * warmup_cap, math.inf)
+    return where(count >= warmup_steps, adaptive, warm)
 
 
 def ring_push(buffer: Tensor, count: Tensor, value: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -175,8 +185,9 @@ def agc_coefficients(
     return coefficients, torch.stack([r.to(device) for r in ratios]).amax()
 
 
-def apply_clip_coefficient(grads: Sequence[Tensor], coefficient: Tensor) -> None:
-    """Multiply ``grads`` in place by the 0-dim ``coefficient``, with one ``foreach`` kernel per device and dtype.
+def apply_clip_coefficient(grads: Sequence[Tensor], coefficient: Scalar) -> None:
+    """Multiply ``grads`` in place by ``coefficient`` (0-dim tensor or float), with one ``foreach`` kernel per
+    device and dtype.
 
     Like ``torch.nn.utils.clip_grad_norm_``, the multiplication always happens (by 1.0 when nothing is
     clipped): deciding whether to skip it would need a host sync. (On a CPU, where reading the coefficient is free,
@@ -186,4 +197,4 @@ def apply_clip_coefficient(grads: Sequence[Tensor], coefficient: Tensor) -> None
     for g in grads:
         buckets.setdefault((g.device, g.dtype), []).append(g)
     for (device, _), group in buckets.items():
-        torch._foreach_mul_(group, coefficient.to(device))
+        torch._foreach_mul_(group, coefficient.to(device) if isinstance(coefficient, Tensor) else coefficient)
