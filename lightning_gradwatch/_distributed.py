@@ -18,6 +18,11 @@ def is_sharded(trainer: pl.Trainer) -> bool:
     return isinstance(trainer.strategy, SHARDED_STRATEGIES)
 
 
+def distributed() -> bool:
+    """Whether a process group of more than one rank is up (the reductions below are identities otherwise)."""
+    return _initialized()
+
+
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

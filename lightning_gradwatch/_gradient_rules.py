@@ -266,24 +266,70 @@ class UnderflowRule:
 
 @dataclass
 class IntervalTally:
-    """What the rules need from the steps between two logging steps, kept on the device (no sync per step)."""
+    """What the rules need from the steps between two logging steps, kept where deciding is free: on the device
+    (no sync per step), or on the host as Python floats on a CPU (no tensor op per step)."""
 
-    peak: Tensor  # the largest finite global norm
-    peak_step: Tensor
-    last_nonzero: Tensor  # per layer: the last step its gradient was non-zero (-1: never); kept across intervals
+    peak: Tensor | float  # the largest finite global norm
+    peak_step: Tensor | float
+    last_nonzero: Tensor | list[float]  # per layer: the last step its gradient was non-zero (-1: never); kept
 
     @classmethod
-    def zeros(cls, layers: int, device: torch.device, last_nonzero: Tensor | None = None) -> IntervalTally:
+    def zeros(
+        cls,
+        layers: int,
+        device: torch.device,
+        last_nonzero: Tensor | list[float] | None = None,
+        on_host: bool = False,
+    ) -> IntervalTally:
+        if on_host:
+            start = [-1.0] * layers if last_nonzero is None else _floats(last_nonzero)
+            return cls(0.0, 0.0, start)
         zero = torch.zeros((), device=device)
-        start = torch.full((layers,), -1.0, device=device) if last_nonzero is None else last_nonzero
-        return cls(zero, zero.clone(), start)
+        start_t = torch.full((layers,), -1.0, device=device) if last_nonzero is None else _tensor(last_nonzero, device)
+        return cls(zero, zero.clone(), start_t)
+
+    @property
+    def on_host(self) -> bool:
+        return isinstance(self.last_nonzero, list)
+
+    @property
+    def layers(self) -> int:
+        return len(self.last_nonzero) if isinstance(self.last_nonzero, list) else self.last_nonzero.numel()
 
     def fold(self, step: int, global_norm: Tensor, layer_norms: Tensor, overflow: Tensor) -> None:
+        """One step on the device: ``layer_norms`` per layer, ``overflow`` 1.0 on a step the GradScaler skips."""
+        assert isinstance(self.last_nonzero, Tensor)
         valid = torch.isfinite(global_norm) & (overflow == 0)
         higher = valid & (global_norm > self.peak)
         self.peak = torch.where(higher, global_norm, self.peak)
         self.peak_step = torch.where(higher, float(step), self.peak_step)
         self.last_nonzero = torch.where(valid & (layer_norms > 0), float(step), self.last_nonzero)
+
+    def fold_on_host(
+        self, step: int, global_norm: float, param_norms: list[float], layer_of_param: list[int], overflow: bool
+    ) -> None:
+        """The same step on the host, from per-parameter norms: a layer is non-zero when any of its parameters is
+        (a p-norm is zero only when every element is)."""
+        assert isinstance(self.last_nonzero, list)
+        if overflow or not math.isfinite(global_norm):
+            return
+        if global_norm > float(self.peak):
+            self.peak, self.peak_step = global_norm, float(step)
+        for layer, norm in zip(layer_of_param, param_norms, strict=True):
+            if norm > 0:
+                self.last_nonzero[layer] = float(step)
+
+    def tensors(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``peak``, ``peak_step`` and ``last_nonzero`` as tensors, for the logging step's one transfer."""
+        return _tensor(self.peak, device), _tensor(self.peak_step, device), _tensor(self.last_nonzero, device)
+
+
+def _tensor(value: Tensor | float | list[float], device: torch.device) -> Tensor:
+    return value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def _floats(value: Tensor | list[float]) -> list[float]:
+    return value.tolist() if isinstance(value, Tensor) else list(value)
 
 
 @dataclass

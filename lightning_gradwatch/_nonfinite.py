@@ -5,6 +5,7 @@ Runs only on a fault (the slow path), where a host sync per check is acceptable.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,13 +101,32 @@ def _some(names: list[str], noun: str = "parameter") -> str:
     return f"{len(names)} {noun}(s) ({shown})"
 
 
-def screen_step(step: StepGradients, loss_bad: Tensor, state: list[Tensor], read: Any) -> tuple[bool, bool, bool]:
+def device_flag(flag: Tensor | bool, device: torch.device) -> Tensor:
+    """``flag`` as a 0-dim bool tensor on ``device`` (a device tensor is moved, never read)."""
+    if isinstance(flag, Tensor):
+        return flag.to(device)
+    return torch.full((), flag, dtype=torch.bool, device=device)
+
+
+def screen_step(
+    step: StepGradients, loss_bad: Tensor | bool, state: list[Tensor], read: Any
+) -> tuple[bool, bool, bool]:
     """Whether the loss, the gradients and the ``state`` tensors (buffers, and weights or optimizer state when due)
     hold NaN/Inf, on every rank. One reduced flag and one host read (``read``, the step's shared read, which others
     ride on); the rare positive of the cheap 2-norm screen is confirmed exactly (a 2-norm overflows on huge but
-    finite values)."""
-    flags = [loss_bad, ~torch.isfinite(step.global_norm(2.0)), may_be_non_finite(state).to(step.device)]
-    loss_is_bad, grads_are_bad, state_is_bad = (v > 0 for v in read(torch.stack(flags).to(torch.float32)))
+    finite values). On a CPU the flags are read as they are made (free there): fewer tensor ops, the same verdict."""
+    if step.host_is_free:
+        grads_flag = 0.0 if math.isfinite(float(step.global_norm(2.0))) else 1.0
+        state_flag = float(may_be_non_finite(state)) if state else 0.0
+        flags: Tensor | list[float] = [float(loss_bad), grads_flag, state_flag]
+    else:
+        stacked = [
+            device_flag(loss_bad, step.device),
+            ~torch.isfinite(step.global_norm(2.0)),
+            may_be_non_finite(state).to(step.device),
+        ]
+        flags = torch.stack(stacked).to(torch.float32)
+    loss_is_bad, grads_are_bad, state_is_bad = (v > 0 for v in read(flags))
     if grads_are_bad or state_is_bad:
         exact = torch.stack([any_non_finite(step.grads), any_non_finite(state).to(step.device)]).float()
         grads_are_bad, state_is_bad = (v > 0 for v in all_reduce_max(exact).tolist())

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradwatch._distributed import all_reduce_max
+from lightning_gradwatch._distributed import all_reduce_max, distributed
 
 
 class SharedRead:
@@ -49,10 +49,15 @@ class SharedRead:
             self._delivered[owner] = values[start : start + tensor.numel()]
             start += tensor.numel()
 
-    def read(self, step: int, flags: Tensor) -> list[float]:
+    def read(self, step: int, flags: Tensor | list[float]) -> list[float]:
         """For the reader: ``flags`` and everything posted, max-reduced over ranks (one collective) and brought to
-        the host (one transfer); returns the flags' values and delivers the rest."""
+        the host (one transfer); returns the flags' values and delivers the rest. Flags already on the host (a
+        CPU reader) need no tensor at all when nothing is posted and there is one rank."""
         owners, posted = self.collect(step)
+        if isinstance(flags, list):
+            if not posted and not distributed():
+                return flags
+            flags = torch.tensor(flags, dtype=torch.float32, device=posted[0].device if posted else "cpu")
         values = all_reduce_max(torch.cat([flags, *(p.to(flags.device) for p in posted)])).tolist()
         self.deliver(step, owners, posted, values[flags.numel() :])
         return values[: flags.numel()]

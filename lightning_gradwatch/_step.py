@@ -64,6 +64,8 @@ class StepGradients:
                 self.positions.append(i)
         self.dropped = False
         self._norms: dict[float, Tensor] = {}
+        self._global_norms: dict[float, Tensor] = {}
+        self._host_norms: dict[float, list[float]] = {}
         self._position_index: Tensor | None = None
 
     @classmethod
@@ -139,8 +141,25 @@ class StepGradients:
         return all_reduce_norms(counts, 1.0) if self.index.sharded else counts
 
     def global_norm(self, norm_type: float = 2.0) -> Tensor:
-        """The norm of all gradients together (0-dim, on the device), from :meth:`param_norms`."""
-        return total_norm(self.param_norms(norm_type), norm_type)
+        """The norm of all gradients together (0-dim, on the device), from :meth:`param_norms`; once per step."""
+        norm = self._global_norms.get(norm_type)
+        if norm is None:
+            norm = self._global_norms[norm_type] = total_norm(self.param_norms(norm_type), norm_type)
+        return norm
+
+    def param_norms_on_host(self, norm_type: float = 2.0) -> list[float]:
+        """:meth:`param_norms` as Python floats, read once per step: only where :attr:`host_is_free`."""
+        norms = self._host_norms.get(norm_type)
+        if norms is None:
+            norms = self._host_norms[norm_type] = self.param_norms(norm_type).tolist()
+        return norms
+
+    def gradients_changed(self) -> None:
+        """Forget this step's norms: a callback rescaled the gradients in place (clipping), so a later callback
+        that asks takes them afresh."""
+        self._norms.clear()
+        self._global_norms.clear()
+        self._host_norms.clear()
 
     def has_norms(self, norm_type: float = 2.0) -> bool:
         """Whether :meth:`param_norms` was already computed this step (reusing it is free)."""

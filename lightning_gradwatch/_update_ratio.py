@@ -35,7 +35,7 @@ class UpdateTracker:
         before, self._before = self._before, None
         if before is None or self._params != list(step.params):
             return None
-        delta, weight, after = update_norms(before, [local_tensor(p.detach()) for p in self._params])
+        delta, weight, after = update_norms(before, [local_tensor(p.detach()) for p in self._params], True)
         if step.index.sharded:
             delta, weight, after = (all_reduce_norms(t, 2.0) for t in (delta, weight, after))
         delta, weight, after = (groups.combine(t, 2.0) for t in (delta, weight, after))

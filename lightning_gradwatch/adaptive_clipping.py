@@ -218,8 +218,10 @@ class AdaptiveClipping(GradwatchCallback):
         coefficient = where(valid, clip_coefficient(norm, threshold), 1.0)
         if not (on_host and coefficient >= 1.0):  # on a CPU, skip the multiplication by 1 that most steps would do
             apply_clip_coefficient(step.grads, coefficient)
+            step.gradients_changed()
         if unit_factor is not None:
             coefficient = coefficient * unit_factor  # what the most clipped unit got, for the logs
+            step.gradients_changed()
         if step.repeat:
             return  # another evaluation of the same step (LBFGS): clipped alike, counted once
 

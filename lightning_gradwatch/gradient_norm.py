@@ -181,17 +181,28 @@ class GradientNormLogger(GradwatchCallback):
             return  # the guard dropped this update, or a closure optimizer re-evaluates a step already seen
         groups = step.index.grouping(self.group_by)
         suffix = self._optimizer_suffix(trainer, step.optimizer)
-        layer_norms = groups.combine(step.param_norms(self.norm_type), self.norm_type)  # the shared pass
-        global_norm = total_norm(layer_norms, self.norm_type)
-        overflow = self._overflow_flag(step, global_norm)
+        on_host = step.host_is_free  # a CPU: the interval's tally is a few floats, folded without a tensor op
         tally = self._tallies.get(suffix)
-        if tally is None or tally.last_nonzero.numel() != len(groups.group_names):
-            tally = self._tallies[suffix] = IntervalTally.zeros(len(groups.group_names), global_norm.device)
-        tally.fold(trainer.global_step, global_norm, layer_norms, overflow)  # every step, on the device
+        if tally is None or tally.layers != len(groups.group_names) or tally.on_host != on_host:
+            last = tally.last_nonzero if tally is not None and tally.layers == len(groups.group_names) else None
+            tally = self._tallies[suffix] = IntervalTally.zeros(len(groups.group_names), step.device, last, on_host)
+        if on_host:
+            global_norm_now = float(step.global_norm(self.norm_type))  # the shared pass, read for free
+            overflow_now = step.found_inf is not None and float(step.found_inf) > 0
+            overflow_now = overflow_now or (step.has_scaler and not math.isfinite(global_norm_now))
+            norms = step.param_norms_on_host(self.norm_type)
+            tally.fold_on_host(trainer.global_step, global_norm_now, norms, groups.group_of_param, overflow_now)
         if self.histogram_every_n_steps is not None and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0:
             self._write_histograms(trainer, groups, step)
-        if self._should_log(trainer, self.log_every_n_steps):
-            self._log_norms(trainer, groups, step, layer_norms, global_norm, overflow, suffix)
+        logs = self._should_log(trainer, self.log_every_n_steps)
+        if logs or not on_host:
+            layer_norms = groups.combine(step.param_norms(self.norm_type), self.norm_type)  # the shared pass
+            global_norm = total_norm(layer_norms, self.norm_type)
+            overflow = self._overflow_flag(step, global_norm)
+            if not on_host:
+                tally.fold(trainer.global_step, global_norm, layer_norms, overflow)  # every step, on the device
+            if logs:
+                self._log_norms(trainer, groups, step, layer_norms, global_norm, overflow, suffix)
         if self.log_update_to_weight and self._logs_next_step(trainer, self.log_every_n_steps):
             self._updates.setdefault(suffix, UpdateTracker()).snapshot(step)  # compared at the logging step
 
@@ -210,7 +221,8 @@ class GradientNormLogger(GradwatchCallback):
         active = groups.combine(step.nonzero_counts(), 1.0)
         scaler = grad_scaler(trainer)
         scale = scaler._scale if scaler is not None and scaler._scale is not None else torch.zeros(())
-        to_fetch = [global_norm, overflow, tally.peak, tally.peak_step, scale, layer_norms, active, tally.last_nonzero]
+        peak, peak_step, last_nonzero = tally.tensors(global_norm.device)
+        to_fetch = [global_norm, overflow, peak, peak_step, scale, layer_norms, active, last_nonzero]
         optional: dict[str, Tensor] = {}
         if self.log_grad_to_weight:
             weight_norms = groups.combine(step.weight_norms(self.norm_type), self.norm_type)
@@ -220,7 +232,9 @@ class GradientNormLogger(GradwatchCallback):
         if ratios is not None:
             optional["update_to_weight"] = ratios
         fetched = host_values(*to_fetch, *optional.values())  # the one host sync of a logging step
-        self._tallies[suffix] = IntervalTally.zeros(len(groups.group_names), global_norm.device, tally.last_nonzero)
+        self._tallies[suffix] = IntervalTally.zeros(
+            len(groups.group_names), global_norm.device, tally.last_nonzero, tally.on_host
+        )
         (total,), (skipped,), (peak,), (peak_step,), (loss_scale,), per_layer, nonzero, last_nonzero = fetched[:8]
         extra = dict(zip(optional, fetched[8:], strict=True))
         if skipped > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -13,14 +14,14 @@ from typing_extensions import override
 from lightning_gradwatch._amp_monitor import AmpMonitor, AmpReading
 from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._halt_checkpoint import save_halt_checkpoint
-from lightning_gradwatch._nonfinite import Fault, describe_fault, non_finite_names, screen_step
+from lightning_gradwatch._nonfinite import Fault, describe_fault, device_flag, non_finite_names, screen_step
 from lightning_gradwatch._params import local_tensor
 from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._provenance import find_origin
 from lightning_gradwatch._reporting import logger_step, print_line
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._snapshot import BufferShadow, Rollbacks, float_buffers, optimizer_state_tensors
-from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.alerts import ALERT_CAUSES, Alert, AlertKind, with_remedy
@@ -131,7 +132,7 @@ class NaNGuard(GradwatchCallback):
 
     def _reset_run_state(self) -> None:
         """What lives only for one fit: the loss flag, snapshots, the halt state."""
-        self._loss_bad: Tensor | None = None
+        self._loss_bad: Tensor | bool | None = None  # a device flag, or a bool where the host reads for free
         self._amp.reset()
         self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
         self._halt_pending: str | None = None
@@ -192,8 +193,13 @@ class NaNGuard(GradwatchCallback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not trainer.training:
             return
-        bad = ~torch.isfinite(loss.detach())  # scaled under fp16: non-finite iff the loss is (or is absurd)
-        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad.to(self._loss_bad.device)
+        loss = loss.detach()  # scaled under fp16: non-finite iff the loss is (or is absurd)
+        if host_is_free(loss.device):  # a CPU: read for free, no tensor op
+            self._loss_bad = not math.isfinite(float(loss)) or bool(self._loss_bad)
+            return
+        bad = ~torch.isfinite(loss)
+        before = self._loss_bad
+        self._loss_bad = bad if not isinstance(before, Tensor) else before | bad.to(before.device)
 
     @override
     def _before_optimizer_step(
@@ -210,12 +216,12 @@ class NaNGuard(GradwatchCallback):
             return
         if not step.grads:
             return
-        flag = self._loss_bad if self._loss_bad is not None else torch.zeros((), dtype=torch.bool)
+        flag = self._loss_bad if self._loss_bad is not None else False
         self._loss_bad = None
         if step.has_scaler:
-            self._amp_step(trainer, pl_module, optimizer, step, flag.to(step.device))
+            self._amp_step(trainer, pl_module, optimizer, step, device_flag(flag, step.device))
         else:
-            self._check_step(trainer, pl_module, optimizer, step, flag.to(step.device))
+            self._check_step(trainer, pl_module, optimizer, step, flag)
 
     @override
     def on_train_batch_end(
@@ -242,7 +248,7 @@ class NaNGuard(GradwatchCallback):
         pl_module: pl.LightningModule,
         optimizer: torch.optim.Optimizer,
         step: StepGradients,
-        loss_bad: Tensor,
+        loss_bad: Tensor | bool,
     ) -> None:
         snapshot_due = self.action == "rollback" and self._rollbacks.due
         weights_due = snapshot_due or self._due(trainer, self.check_params_every_n_steps)

@@ -94,3 +94,11 @@ def test_clipping_quality_runs(tmp_path: Path) -> None:
         tmp_path=tmp_path,
     )
     assert "adaptive_zscore" in out and (tmp_path / "raw.json").exists()
+
+
+def test_hook_profile_names_each_hook_of_the_preset(tmp_path: Path) -> None:
+    out = run_script("hook_profile.py", "grad_watch_preset", "--steps", "12", "--skip", "2", "--batch-size", "8",
+                     tmp_path=tmp_path)  # fmt: skip
+    timed = {line.split()[0] for line in out.splitlines()[1:]}
+    assert {"NaNGuard._before_optimizer_step", "AdaptiveClipping._before_optimizer_step"} <= timed
+    assert "LossSpikeGuard.on_before_backward" in timed and "GradientNormLogger._before_optimizer_step" in timed

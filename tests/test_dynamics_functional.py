@@ -137,6 +137,13 @@ def test_snapshot_reuses_memory_and_update_norms_are_per_tensor() -> None:
     torch.testing.assert_close(delta[1], 2 * params[1].detach().norm() / 3)
     torch.testing.assert_close(weight_after[1], 3 * weight_before[1])
     assert delta[0].item() == delta[2].item() == delta[3].item() == 0.0
+    # consuming the snapshot gives the same norms without allocating the differences
+    kept = [t.clone() for t in second]
+    consumed = update_norms(second, params, consume_before=True)
+    for a, b in zip(consumed, (delta, weight_before, weight_after), strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(s.data_ptr() == f.data_ptr() for s, f in zip(second, first, strict=True))
+    assert not all(torch.equal(s, k) for s, k in zip(second, kept, strict=True))  # consumed, as documented
 
 
 def test_zero_fractions_per_group() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,7 +16,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from lightning_gradwatch import Alert, GradientNormLogger
+from lightning_gradwatch import _step as step_module
 from lightning_gradwatch._precision import grad_scaler, grads_are_scaled
+from tests import failure_models as fm
 from tests import tensorboard_events as tb
 from tests.distributed import run_ddp_script
 from tests.models import (
@@ -303,3 +306,20 @@ def test_fsdp2_sharded_norms_equal_full_gradient_norms(tmp_path: Any) -> None:
         assert rank["numels"] == [5 * 7 + 7, 7 * 3 + 3, 3 + 1]  # full sizes, not shard sizes
         for p in ("2", "inf", "1"):
             assert rank[f"sharded_{p}"] == pytest.approx(rank[f"full_{p}"], rel=1e-5)
+
+
+@pytest.mark.parametrize("scenario", ["collapsed_cnn", "exploding_rnn"])
+def test_the_cpu_host_tally_decides_as_the_device_tally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: str
+) -> None:
+    """On a CPU the interval's peak and each layer's last non-zero step are folded as floats: the same alerts, at
+    the same steps, with the same onsets as the device path (a blow-up at step 0, layers that stop)."""
+    found = {}
+    for host in (True, False):
+        monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+        logger = GradientNormLogger()
+        fm.fit(getattr(fm, scenario)(seed=0), 60, [logger], tmp_path / str(host))
+        found[host] = [(a.kind, a.name, a.step, a.onset, a.severity, round(a.value, 3)) for a in logger.alerts]
+    assert found[True] == found[False]
+    expected = {"collapsed_cnn": "stopped_layer", "exploding_rnn": "exploding_gradient"}[scenario]
+    assert any(kind == expected for kind, *_ in found[True])

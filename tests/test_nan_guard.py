@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradwatch import GradientNormLogger, NaNGuard
+from lightning_gradwatch import _step as step_module
 from tests import tensorboard_events as tb
 from tests.distributed import run_ddp_script
 from tests.models import Classifier, mlp, trainer_kwargs
@@ -186,6 +187,32 @@ def test_rollback_restores_adam_state_and_keeps_the_lr_schedule(tmp_path: Any) -
     # only the state goes back: the scheduler's LR goes on (0.01 * 0.9**11 at the start of step 11, not 0.9**8)
     assert snaps.optimizer[11]["param_groups"][0]["lr"] == pytest.approx(0.01 * 0.9**11)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.9**14)
+
+
+def inf_grad_at_step_3(module: Classifier, step: int) -> None:
+    if step == 3:
+        module.net[2].weight.grad[0, 0] = math.inf
+
+
+@pytest.mark.parametrize("fault", ["nan loss and buffers", "inf gradient"])
+def test_the_cpu_host_screen_finds_what_the_device_screen_finds(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """On a CPU the loss and gradient flags are read as they are made: the same faults, named alike, at the same
+    steps, and the same weights at the end as the device path."""
+    seen = {}
+    for host in (True, False):
+        monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+        torch.manual_seed(0)
+        if fault == "inf gradient":
+            model: pl.LightningModule = Classifier(mlp(2), hook=inf_grad_at_step_3)
+        else:
+            model = Poisoned(nan_steps=(5, 9), net=batchnorm_mlp())
+        guard = NaNGuard(action="skip")
+        fit(tmp_path / str(host), model, [guard], max_steps=12)
+        seen[host] = ([(a.kind, a.name, a.step, a.message) for a in guard.alerts], guard.fault_steps, model)
+    assert seen[True][:2] == seen[False][:2] and seen[True][1] > 0
+    assert same(list(seen[True][2].parameters()), list(seen[False][2].parameters()))
 
 
 def test_rollback_restores_buffers_poisoned_by_the_forward_pass(tmp_path: Any) -> None:

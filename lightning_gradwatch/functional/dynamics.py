@@ -61,10 +61,14 @@ def snapshot_for_update(params: Sequence[Tensor], out: Sequence[Tensor] | None =
 
 
 @torch.no_grad()
-def update_norms(before: Sequence[Tensor], params: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def update_norms(
+    before: Sequence[Tensor], params: Sequence[Tensor], consume_before: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-tensor ``||w_after - w_before||``, ``||w_before||`` and ``||w_after||``: three float32 vectors, on device.
 
-    The differences are taken in the parameters' dtype and their norms accumulated in float32.
+    The differences are taken in the parameters' dtype and their norms accumulated in float32. With
+    ``consume_before`` the differences are written into ``before`` (a snapshot about to be dropped): no allocation
+    the size of the weights.
     """
     after = _dense(params)
     if len(before) != len(after):
@@ -72,8 +76,14 @@ def update_norms(before: Sequence[Tensor], params: Sequence[Tensor]) -> tuple[Te
     if not after:
         empty = torch.zeros(0, dtype=torch.float32)
         return empty, empty, empty
-    deltas = torch._foreach_sub(after, list(before))
-    return tensor_norms(deltas), tensor_norms(list(before)), tensor_norms(after)
+    before = list(before)
+    weight_before = tensor_norms(before)
+    if consume_before:
+        torch._foreach_sub_(before, after)  # before - after: the same norm as the update
+        deltas = before
+    else:
+        deltas = torch._foreach_sub(after, before)
+    return tensor_norms(deltas), weight_before, tensor_norms(after)
 
 
 def update_ratios(before: Sequence[Tensor], params: Sequence[Tensor], group_index: Tensor, num_groups: int) -> Tensor:
