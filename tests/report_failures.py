@@ -93,6 +93,11 @@ def run(module: fm.FailureModule, steps: int, root: str, **watch_kwargs: Any) ->
     return result
 
 
+def cause_of(r: Any, kind: str) -> str | None:
+    """The ``cause`` of the first alert of ``kind`` (what the report titles it by)."""
+    return next((a.cause for a in r.watch.alerts if a.kind == kind), None)
+
+
 def latency(onset: int | None, alert: int | None) -> str:
     if onset is None:
         return "no failure"
@@ -140,7 +145,7 @@ def collapsed_cnn(root: str, args: argparse.Namespace) -> None:
             "1 collapsed CNN",
             f"conv1+conv2 grads 0.0 from step {zero['net.conv2']}, fc1 from {zero['net.fc1']}; conv2 100% dead from "
             f"{dead['net.conv2']}; last-20 loss {tail:.2f} > ln4",
-            latency(zero["net.conv2"], r.first("dead_neurons")) + " (runs of < 200 steps: never)",
+            latency(zero["net.conv2"], r.first("dead_neurons")),
         ),
     )
 
@@ -167,7 +172,7 @@ def dead_layer(root: str, args: argparse.Namespace) -> None:
         (
             "2a dead from step 0, 60 steps" + (" (also DDP x2)" if args.ddp else ""),
             "fc2 100% dead, fc1+fc2 grads 0.0 from step 0",
-            f"never in 60 steps; {latency(0, long.first('dead_neurons'))} in a 120-step run",
+            f"{latency(0, r.first('dead_neurons'))} in 60 steps; {latency(0, long.first('dead_neurons'))} in 120",
         ),
     )
 
@@ -225,7 +230,7 @@ def overflow(root: str, args: argparse.Namespace) -> None:
             (
                 f"3 overflow, 40 layers, {gain:g}x He",
                 f"x{growth:.2f}/layer; first non-finite `{where}` at step {step} (step-0 grad norm {t.global_norm[0]:.2g})",
-                f"{latency(step, r.first('non_finite'))}, named `loss`",
+                f"{latency(step, r.first('non_finite'))}, named `loss`, cause `{cause_of(r, 'non_finite')}`",
             ),
         )
 
@@ -294,7 +299,11 @@ def nan_guard(root: str, args: argparse.Namespace) -> None:
         r,
         [f"halt checkpoint {name}: non-finite {bad}"],
         [],
-        ("6a NaN batch + BatchNorm, halt", f"{name} holds non-finite {bad}", "alert 0 steps; checkpoint not good"),
+        (
+            "6a NaN batch + BatchNorm, halt",
+            f"{name} holds non-finite {bad}",
+            f"{latency(15, r.first('non_finite'))}; checkpoint {'not good' if bad else 'finite'}",
+        ),
     )
 
     r = run(fm.unused_nan(args.seed), 150, root + "/rollback", nan_action="rollback")
