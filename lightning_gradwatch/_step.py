@@ -101,13 +101,7 @@ class StepGradients:
         float32 on the device, 0 for a parameter without a gradient. Computed once per step and norm type."""
         norms = self._norms.get(norm_type)
         if norms is None:
-            local = tensor_norms(self.grads, norm_type)
-            if len(self.grads) == len(self.index.params):
-                norms = local
-            else:
-                norms = torch.zeros(len(self.index.params), dtype=torch.float32, device=local.device)
-                if self.grads:
-                    norms.index_copy_(0, self._positions_on(local.device), local)
+            norms = self._per_param(tensor_norms(self.grads, norm_type))
             if self.index.sharded:
                 norms = all_reduce_norms(norms, norm_type)  # a collective: every rank asks in the same order
             if self.unscale is not None:
@@ -119,25 +113,13 @@ class StepGradients:
         """The ``norm_type``-norm of each parameter with a gradient this step (0 for the others), like
         :meth:`param_norms`; not cached: only logging steps need it."""
         weights = [local_tensor(self.index.params[i].detach()) for i in self.positions]
-        local = tensor_norms(weights, norm_type)
-        if len(weights) == len(self.index.params):
-            norms = local
-        else:
-            norms = torch.zeros(len(self.index.params), dtype=torch.float32, device=local.device)
-            if weights:
-                norms.index_copy_(0, self._positions_on(local.device), local)
+        norms = self._per_param(tensor_norms(weights, norm_type))
         return all_reduce_norms(norms, norm_type) if self.index.sharded else norms
 
     def nonzero_counts(self) -> Tensor:
         """The number of non-zero gradient elements of each parameter (0 without a gradient), float32, summed over
         shards; one ``foreach`` pass (the 0-"norm"), for logging steps."""
-        local = tensor_norms(self.grads, 0.0)
-        if len(self.grads) == len(self.index.params):
-            counts = local
-        else:
-            counts = torch.zeros(len(self.index.params), dtype=torch.float32, device=local.device)
-            if self.grads:
-                counts.index_copy_(0, self._positions_on(local.device), local)
+        counts = self._per_param(tensor_norms(self.grads, 0.0))
         return all_reduce_norms(counts, 1.0) if self.index.sharded else counts
 
     def global_norm(self, norm_type: float = 2.0) -> Tensor:
@@ -172,6 +154,15 @@ class StepGradients:
             p.grad = None
         self.grads, self.positions = [], []
         self.dropped = True
+
+    def _per_param(self, local: Tensor) -> Tensor:
+        """``local`` (one value per gradient in :attr:`grads`) spread over every parameter, 0 where none."""
+        if len(self.positions) == len(self.index.params):
+            return local
+        full = torch.zeros(len(self.index.params), dtype=torch.float32, device=local.device)
+        if self.positions:
+            full.index_copy_(0, self._positions_on(local.device), local)
+        return full
 
     def _positions_on(self, device: torch.device) -> Tensor:
         # made once per step and only when some gradient is missing: the usual step needs no index at all

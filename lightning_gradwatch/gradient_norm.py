@@ -31,6 +31,7 @@ from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import GreaterThanOne, PositiveFloat, PositiveInt
 from lightning_gradwatch._update_ratio import UpdateTracker
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
+from lightning_gradwatch.functional._scalars import Scalar, as_float, isfinite
 from lightning_gradwatch.functional.norms import total_norm, validate_norm_type
 
 
@@ -188,8 +189,7 @@ class GradientNormLogger(GradwatchCallback):
             tally = self._tallies[suffix] = IntervalTally.zeros(len(groups.group_names), step.device, last, on_host)
         if on_host:
             global_norm_now = float(step.global_norm(self.norm_type))  # the shared pass, read for free
-            overflow_now = step.found_inf is not None and float(step.found_inf) > 0
-            overflow_now = overflow_now or (step.has_scaler and not math.isfinite(global_norm_now))
+            overflow_now = self._overflow_flag(step, global_norm_now) > 0
             norms = step.param_norms_on_host(self.norm_type)
             tally.fold_on_host(trainer.global_step, global_norm_now, norms, groups.group_of_param, overflow_now)
         if self.histogram_every_n_steps is not None and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0:
@@ -311,14 +311,16 @@ class GradientNormLogger(GradwatchCallback):
             )  # type: ignore[union-attr]
 
     @staticmethod
-    def _overflow_flag(step: StepGradients, global_norm: Tensor) -> Tensor:
-        """1.0 on a step the GradScaler will skip for overflow, else 0.0 (a device tensor, no sync)."""
+    def _overflow_flag(step: StepGradients, global_norm: Scalar) -> Scalar:
+        """1.0 on a step the GradScaler will skip for overflow, else 0.0: a device tensor (no sync), or a float for
+        a norm read on the host."""
+        on_host = not isinstance(global_norm, Tensor)
         if step.found_inf is not None:
-            return step.found_inf.to(global_norm.device)
+            return float(step.found_inf) if on_host else step.found_inf.to(global_norm.device)
         if step.has_scaler:
             # fused optimizers check for inf inside their own step: non-finite scaled grads mean a skip there too
-            return (~torch.isfinite(global_norm)).to(torch.float32)
-        return torch.zeros((), device=global_norm.device)
+            return 1.0 - as_float(isfinite(global_norm))
+        return 0.0 if on_host else torch.zeros((), device=global_norm.device)
 
     @staticmethod
     def _optimizer_suffix(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
