@@ -46,7 +46,14 @@ def run(rank: int, out_dir: str, port: str) -> None:
             full.setdefault(name.rpartition(".")[0], []).append(param.grad.full_tensor().flatten())
         result[f"full_{p_name}"] = [float(torch.linalg.vector_norm(torch.cat(full[g]), p)) for g in groups.group_names]
     report(out_dir, rank, result)
+    # Teardown: both ranks finish their collectives before the group goes, and the worker leaves without interpreter
+    # finalization, where gloo's threads can still hold FSDP2's DTensors and abort (SIGABRT, seen once on CI).
+    dist.barrier()
+    del model, optimizer, step, index
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
