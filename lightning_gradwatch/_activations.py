@@ -8,12 +8,14 @@ shared host read when NaNGuard makes one (every step under 32-bit and bf16), els
 step. Metrics are logged on logging steps.
 
 Severity: a layer past the threshold is worth knowing (``info``: a stable sparse layer, such as a squeeze-excitation
-gate, trains fine); it is a warning when most of the layer is affected (``most``) or the fraction grew by ``growth``
-above the lowest it was (units that died during training).
+gate, trains fine); it is a warning when most of the layer is affected (``most``), or when the fraction grew by
+``growth`` above the lowest it was (units that died during training) and the training loss did not improve since
+then (under automatic optimization; see :mod:`~lightning_gradwatch._loss_trend`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -30,6 +32,7 @@ from lightning_gradwatch._activation_probe import (
     probe_for,
 )
 from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._loss_trend import SampledLoss, improved, window_loss
 from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._validation import check_number
@@ -65,6 +68,11 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         self._samples = 0  # sampled batches so far (the window's clock)
         self._judged_at = -1  # the sample count at the last verdict
         self._lowest: dict[str, float] = {}  # per layer: its lowest fraction at any verdict (its baseline)
+        # the sampled batches' losses; the best window loss at any verdict; per layer, the best when it was lowest
+        self._losses = SampledLoss(self.window)
+        self._watch_loss = True  # automatic optimization: one loss per step
+        self._best_loss = math.inf
+        self._loss_at_lowest: dict[str, float] = {}
         self._probe: ActivationProbe | None = None  # set while attached
         self._layers: list[Layer] = []
         self._compiled = False  # the model runs under torch.compile: nothing to watch
@@ -93,6 +101,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._watch_loss = pl_module.automatic_optimization  # a GAN's losses are no one trend
         compiled = compiled_modules(pl_module)
         self._compiled = bool(compiled)
         if compiled:
@@ -117,8 +126,10 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self.attached:  # the forward pass is over: fold the sample in
+        if self.attached:  # the forward pass is over: fold the sample in, with its loss
             self._detach()
+            if self._watch_loss:
+                self._losses.record(trainer, self._samples, loss)
             self._samples += 1
         # a verdict rides on the step's shared read (the same decision on every rank: counters, not data)
         if (
@@ -172,58 +183,68 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
 
     # -- verdicts --------------------------------------------------------------------------------------------
     def _verdict_tensor(self) -> Tensor:
-        """The window's per-layer fractions, then per-layer 'seen' flags, reduced over ranks (a collective: every
-        rank reaches it at the same steps)."""
+        """The window's per-layer fractions, per-layer 'seen' flags, and its loss (the ranks' medians summed, and how
+        many ranks had one), reduced over ranks (collectives: every rank reaches them at the same steps)."""
         fractions, seen = self._fractions(min(self.window, self._samples))
-        return torch.cat([fractions, seen.to(fractions.dtype)])
+        return torch.cat([fractions, seen.to(fractions.dtype), self._losses.reduced_parts(fractions.device)])
 
     def _judge(self, trainer: pl.Trainer, values: list[float], log: bool) -> None:
         n = len(self._layers)
-        fractions, seen = values[:n], values[n:]
+        fractions, seen, loss = values[:n], values[n : 2 * n], window_loss(*values[2 * n :])
         self._judged_at = self._samples
+        self._best_loss = min(self._best_loss, loss) if math.isfinite(loss) else self._best_loss
         step, metrics, window = trainer.global_step, {}, min(self.window, self._samples)
         for layer, fraction, was_seen in zip(self._layers, fractions, seen, strict=True):
             if not was_seen:
                 continue
             metrics[f"gradwatch/{self.metric}/{layer.name}"] = fraction
-            self._verdict(trainer, step, layer, fraction, window)
+            self._verdict(trainer, step, layer, fraction, window, loss)
         if log:
             self._log_metrics(trainer, metrics)
 
-    def _verdict(self, trainer: pl.Trainer, step: int, layer: Layer, fraction: float, window: int) -> None:
-        """Info when a layer crosses the threshold; a warning (instead, or later) when most of it is affected or the
-        fraction grew by ``growth`` above its lowest (units that died during training, not a layer sparse from
-        initialisation). Each is alerted once per onset."""
+    def _verdict(self, trainer: pl.Trainer, step: int, layer: Layer, fraction: float, window: int, loss: float) -> None:
+        """Info when a layer crosses the threshold; a warning (instead, or later) when most of it is affected, or
+        when the fraction grew by ``growth`` above its lowest (units that died during training, not a layer sparse
+        from initialisation) and the window's loss is not clearly below the best loss the run had reached when the
+        layer was at its lowest (a layer shedding units while the loss falls is info). Each is alerted once per
+        onset."""
         name, kind, threshold = layer.name, self.alert_kind, self.threshold
+        if fraction <= self._lowest.get(name, fraction):  # the latest time at its lowest: the loss to beat since
+            self._loss_at_lowest[name] = self._best_loss
         lowest = self._lowest[name] = min(self._lowest.get(name, fraction), fraction)
         info, warning = f"{name}|info", f"{name}|warning"
         if fraction <= threshold:
             self._clear_condition(kind, info)
             self._clear_condition(kind, warning)
             return
-        severity = "warning" if fraction >= self.most or fraction >= lowest + self.growth else "info"
+        grew = fraction >= lowest + self.growth
+        reference = self._loss_at_lowest.get(name, math.nan)
+        shed = grew and improved(loss, reference)  # units gone while the loss kept falling
+        severity = "warning" if fraction >= self.most or (grew and not shed) else "info"
         if severity == "warning":
             self._active_conditions.add((kind, info))  # the warning says it all: no info after it
         else:
             self._clear_condition(kind, warning)
-        self._set_condition(
-            trainer,
-            kind,
-            warning if severity == "warning" else info,
-            True,
-            lambda: Alert(
-                step, kind, name, fraction, threshold, self._message(layer, step, fraction, window, severity), severity
-            ),
-        )
 
-    def _message(self, layer: Layer, step: int, fraction: float, window: int, severity: str) -> str:
-        finding = self._describe(layer, step, fraction, window)
-        if severity == "warning":
-            return with_remedy(self.alert_kind, finding)
-        return (
-            f"{finding} It stays below {self.most:.0%} and has not grown by {self.growth:.0%}: often a design choice "
-            "(a sparse layer such as a squeeze-excitation gate) in runs that train fine."
-        )
+        def alert() -> Alert:
+            finding = self._describe(layer, step, fraction, window)
+            if severity == "warning":
+                message = with_remedy(self.alert_kind, finding)
+            elif shed:
+                message = (
+                    f"{finding} It grew from {lowest:.0%}, but the training loss kept improving ({reference:.4g} "
+                    f"then, {loss:.4g} now): usually a layer shedding units the task does not need (a classifier "
+                    "head over a nearly constant [CLS] vector, a VAE encoder). A warning follows if the loss stops "
+                    "improving."
+                )
+            else:
+                message = (
+                    f"{finding} It stays below {self.most:.0%} and has not grown by {self.growth:.0%}: often a design "
+                    "choice (a sparse layer such as a squeeze-excitation gate) in runs that train fine."
+                )
+            return Alert(step, kind, name, fraction, threshold, message, severity)
+
+        self._set_condition(trainer, kind, warning if severity == "warning" else info, True, alert)
 
     def _describe(self, layer: Layer, step: int, fraction: float, window: int) -> str:
         raise NotImplementedError
@@ -266,13 +287,23 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     def _extra_state(self) -> dict[str, Any]:
         # saved again before the first sampled step after a resume: the loaded window is still current
         tallies = self._tallies() or self._loaded or {}
-        return {"samples": self._samples, "judged_at": self._judged_at, "lowest": dict(self._lowest), **tallies}
+        # the ring of sampled losses is not saved: after a resume the window's loss rests on the samples since
+        return {
+            "samples": self._samples,
+            "judged_at": self._judged_at,
+            "lowest": dict(self._lowest),
+            "best_loss": self._best_loss,
+            "loss_at_lowest": dict(self._loss_at_lowest),
+            **tallies,
+        }
 
     @override
     def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
         self._samples = int(state.get("samples", 0))
         self._judged_at = int(state.get("judged_at", -1))
         self._lowest = {str(k): float(v) for k, v in state.get("lowest", {}).items()}
+        self._best_loss = float(state.get("best_loss", math.inf))
+        self._loss_at_lowest = {str(k): float(v) for k, v in state.get("loss_at_lowest", {}).items()}
         self._forget_layout()  # laid out again, from the checkpoint's window, at the next sampled step
         if "layers" in state and all(k in state for k in self.tally_keys):
             self._loaded = {k: state[k] for k in self.tally_keys}

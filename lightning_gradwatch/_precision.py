@@ -1,4 +1,5 @@
-"""GradScaler access for 16-mixed: is there a scaler, are an optimizer's gradients still scaled, did it overflow.
+"""GradScaler access for 16-mixed: is there a scaler, the unscaled loss, are an optimizer's gradients still scaled, did
+it overflow.
 
 Every function here reads device tensors without a host sync (``scaler._scale``, the per-optimizer found-inf flags)
 instead of the scaler's public getters, which call ``.item()``.
@@ -18,6 +19,16 @@ def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
         return scaler
     return None
+
+
+def unscaled_loss(trainer: pl.Trainer, loss: Tensor) -> Tensor:
+    """``loss`` as a detached 0-dim float32 device tensor, divided by the loss scale under 16-mixed, where the
+    backward hooks receive the scaled loss (no sync)."""
+    value = loss.detach().float().reshape(())
+    scaler = grad_scaler(trainer)
+    if scaler is not None and scaler._scale is not None:
+        value = value / scaler._scale.to(value.device).reshape(())
+    return value
 
 
 def grads_are_scaled(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:

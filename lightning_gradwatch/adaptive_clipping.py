@@ -206,7 +206,9 @@ class AdaptiveClipping(GradwatchCallback):
         on_host = step.host_is_free  # on a CPU the statistics are floats: the rule costs microseconds
         stats, interval = self._state_for(index, step.device, on_host, trainer.global_step)
         norm: Scalar = step.global_norm(self.norm_type)  # shared with the guard and the norm logger: no extra pass
-        valid: Flag = torch.isfinite(norm)
+        # a step with no gradient at all says nothing about the gradient's scale: folded in, zeros would teach a
+        # zero threshold that clips every later step, the recovery included, to nothing
+        valid: Flag = torch.isfinite(norm) & (norm > 0)
         if step.found_inf is not None:
             valid = valid & (step.found_inf.to(step.device) == 0)
         if on_host:

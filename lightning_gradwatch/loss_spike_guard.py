@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
 from lightning_gradwatch._distributed import all_reduce_max
-from lightning_gradwatch._precision import grad_scaler
+from lightning_gradwatch._precision import grad_scaler, unscaled_loss
 from lightning_gradwatch._reporting import host_values, log_dir
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._snapshot import Rollbacks
@@ -135,19 +135,15 @@ class LossSpikeGuard(GradwatchCallback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not (self._active and trainer.training):
             return
-        scaler = grad_scaler(trainer)
-        scale = scaler._scale if scaler is not None else None  # the loss is scaled under fp16
+        device_value = unscaled_loss(trainer, loss)  # the loss is scaled under fp16
         if host_is_free(loss.device) and trainer.world_size == 1:  # a CPU: decide on the host, in microseconds
-            value = float(loss.detach()) / (float(scale) if scale is not None else 1.0)
+            value = float(device_value)
             self._loss = value if self._loss is None else self._loss + value  # micro-batches: each is loss / A
             self._verdict = self._judge_on_host(self._loss)
             return
-        device_value = loss.detach().float().reshape(())
-        if scale is not None:
-            device_value = device_value / scale.to(device_value.device).reshape(())
         self._loss = device_value if not isinstance(self._loss, Tensor) else self._loss + device_value
         self._verdict = self._judge(self._loss)
-        if scaler is not None and trainer.world_size > 1:  # the device-side skip must be the same on every rank
+        if grad_scaler(trainer) is not None and trainer.world_size > 1:  # the device-side skip: the same on every rank
             self._verdict = torch.cat([all_reduce_max(self._verdict[:1]), self._verdict[1:]])
         if any(cb.reads_every_step for cb in gradwatch_callbacks(trainer)):
             # ride on NaNGuard's read (max over ranks): this step's verdict and any not read yet

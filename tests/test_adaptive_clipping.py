@@ -169,6 +169,29 @@ class _SpikesAfter:
         self.alerts = [a for a in callback.alerts if a.began > step]
 
 
+def _no_gradient_until_step_30(module: Classifier, step: int) -> None:
+    if step < 30:  # a stalled phase (a collapsed network, a frozen warm-up): every gradient exactly zero
+        for p in module.parameters():
+            p.grad.zero_()
+
+
+@pytest.mark.parametrize("host", [True, False])
+@pytest.mark.parametrize("mode", ["zscore", "percentile"])
+def test_steps_without_gradient_do_not_teach_a_zero_threshold(
+    tmp_path: Any, mode: str, host: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All-zero gradients say nothing about the gradient's scale: folded in, they drove the threshold to 0 and every
+    later step, the recovery included, was clipped to nothing ("scaled by 0")."""
+    monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+    pre, post = Norms(), Norms()
+    callback = AdaptiveClipping(mode=mode, warmup_steps=10, log_every_n_steps=5)  # type: ignore[arg-type]
+    fit(tmp_path, Spiky(spike_step=None, hook=_no_gradient_until_step_30), [pre, callback, post], max_steps=45)
+    assert all(pre.by_step[s] == 0.0 for s in range(30))
+    for s in range(30, 45):  # the gradients that come back reach the optimizer
+        assert pre.by_step[s] > 0 and post.by_step[s] > 0.2 * pre.by_step[s], s
+    assert not [a for a in callback.alerts if a.kind == "gradient_spike" and a.severity == "warning"]
+
+
 def test_without_clipping_the_same_spike_wrecks_the_run(tmp_path: Any) -> None:
     """The control for the test above: the spike is harmful, and clipping is what prevents the harm."""
     losses = {}

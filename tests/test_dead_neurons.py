@@ -125,6 +125,36 @@ def test_a_growing_dead_fraction_turns_into_a_warning(tmp_path: Any) -> None:
     assert [(a.severity, a.value) for a in callback.alerts] == [("info", 25 / 64), ("warning", 44 / 64)]
 
 
+class FallingLoss(Classifier):
+    """Frozen weights (the dead fraction is exactly known), but the loss it reports falls 5% a step, as a training
+    loss does."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) * 0.95**self.global_step
+
+
+def _kill_at_step_10(module: Classifier, step: int) -> None:
+    if step == 10:
+        kill(module.net.fc1, 0.7)
+
+
+def test_units_that_die_while_the_loss_keeps_falling_are_info(tmp_path: Any) -> None:
+    """A layer shedding units the task does not need (DistilBERT's ReLU head over a nearly constant [CLS] vector)
+    while the loss falls is worth knowing, not a warning; the same death with a flat loss is the warning above."""
+    callback = DeadNeuronCallback(sample_every_n_steps=1, window=3)
+    fit(tmp_path, FallingLoss(Net("functional"), lr=0.0, hook=_kill_at_step_10), [callback], max_steps=20)
+    [alert] = callback.alerts
+    assert alert.severity == "info" and alert.value == pytest.approx(44 / 64)
+    assert "grew from 0%, but the training loss kept improving" in alert.message
+
+
+def test_units_that_die_while_the_loss_stays_flat_are_a_warning(tmp_path: Any) -> None:
+    callback = DeadNeuronCallback(sample_every_n_steps=1, window=3)
+    fit(tmp_path, Classifier(Net("functional"), lr=0.0, hook=_kill_at_step_10), [callback], max_steps=20)
+    [alert] = callback.alerts
+    assert alert.severity == "warning" and alert.value == pytest.approx(44 / 64) and "LeakyReLU" in alert.message
+
+
 def test_without_a_guard_verdicts_wait_for_a_logging_step_and_the_end_of_training(tmp_path: Any) -> None:
     net = Net("functional")
     kill(net.fc1, 0.5)

@@ -168,6 +168,25 @@ def bert_classifier() -> RealTask:
     return RealTask(BertForSequenceClassification(config), hf_classify, train, held_out, recipe, batch_size=32)
 
 
+def distilbert_classifier() -> RealTask:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    # its head is Linear -> ReLU -> Linear over the [CLS] vector: a ReLU layer that sheds units as it trains
+    config = DistilBertConfig(
+        vocab_size=VOCAB,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=256,
+        max_position_embeddings=SEQ,
+        num_labels=2,
+        pad_token_id=0,
+    )
+    recipe = Recipe("adamw", lr=5e-4, weight_decay=0.01, schedule="warmup_linear", warmup=0.1)
+    train, held_out = data.bag_of_words(4096, seed=1), data.bag_of_words(256, seed=2)
+    return RealTask(DistilBertForSequenceClassification(config), hf_classify, train, held_out, recipe, batch_size=32)
+
+
 def lstm_language_model() -> RealTask:
     # word_language_model's recipe is plain SGD with gradient clipping (the Trainer's, see CASES)
     recipe = Recipe("sgd", lr=20.0, momentum=0.0)
@@ -219,6 +238,7 @@ CASES: list[Case] = [
     Case("gpt2", gpt2, ("transformers",)),
     Case("gpt2_fp16", gpt2, ("transformers",), max_steps=150, trainer=fp16_plugins),  # CPU fp16 is slow
     Case("bert_classifier", bert_classifier, ("transformers",), watched=("saturation",)),  # pooler: tanh
+    Case("distilbert_classifier", distilbert_classifier, ("transformers",), watched=("dead_fraction",)),  # ReLU head
     Case("lstm_lm_clipped", lstm_language_model, trainer=lambda: {"gradient_clip_val": 0.25}),
     Case("vae", vae, max_steps=300, watched=("dead_fraction",)),
     Case("gan", gan, max_steps=600, watched=("dead_fraction",)),  # manual optimization: two optimizer steps per batch
