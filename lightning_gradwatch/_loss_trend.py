@@ -49,9 +49,6 @@ class SampledLoss:
             parts = torch.stack([torch.where(known, median, 0.0), known.float()]).to(device)
         return all_reduce_sum(parts)
 
-    def forget(self) -> None:
-        self._ring = None
-
 
 def window_loss(total: float, count: float) -> float:
     """The window's loss from the parts :meth:`SampledLoss.reduced_parts` read back, or NaN without one."""
