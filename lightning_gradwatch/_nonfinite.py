@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gradwatch._buffer_baseline import judged_buffers
 from lightning_gradwatch._distributed import all_reduce_max
-from lightning_gradwatch._params import OptimizerParams, layer_of, local_tensor
-from lightning_gradwatch._snapshot import float_buffers, optimizer_state_tensors
+from lightning_gradwatch._params import OptimizerParams, clean_name, layer_of, local_tensor
+from lightning_gradwatch._snapshot import optimizer_state_tensors
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite, non_finite_mask
 
@@ -27,15 +28,21 @@ def non_finite_names(named: list[tuple[str, Tensor]]) -> list[str]:
     return [name for (name, _), bad in zip(named, mask, strict=True) if bad]
 
 
+def all_weights(module: nn.Module, index: OptimizerParams) -> list[tuple[str, Tensor]]:
+    """Every weight of the model: the module's parameters (frozen ones and those of another optimizer included: a
+    NaN there poisons the forward pass as surely), then those of ``index`` the module does not hold."""
+    named = [(clean_name(n), local_tensor(p.detach())) for n, p in module.named_parameters()]
+    held = {id(p) for p in module.parameters()}
+    named += [("(unregistered)", local_tensor(p.detach())) for p in index.params if id(p) not in held]
+    return named
+
+
 def state_is_finite(module: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer``'s weights, their optimizer state and the module's float buffers are all finite (exact;
-    one host read)."""
+    """Whether every weight of the model, ``optimizer``'s state and the module's float buffers (judged against what
+    they held by design, see :mod:`~lightning_gradwatch._buffer_baseline`) are all finite (exact; one host read)."""
     index = OptimizerParams.of(module, optimizer)
-    weights = [
-        (n or "(unregistered)", local_tensor(p.detach())) for n, p in zip(index.names, index.params, strict=True)
-    ]
     state = optimizer_state_tensors(optimizer, index.params, index.names)
-    return not non_finite_names(weights + float_buffers(module) + state)
+    return not non_finite_names(all_weights(module, index) + judged_buffers(module) + state)
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,8 @@ def describe_fault(
     """Name everything non-finite in this step. The weights, buffers and optimizer state are always checked: a NaN
     weight makes every later gradient NaN, so it, not the loss or the gradients, is named as the source."""
     names = step.index.names
-    weights = non_finite_names(
-        [(n or "(unregistered)", local_tensor(p.detach())) for n, p in zip(names, step.params, strict=True)]
-    )
-    buffers = non_finite_names(float_buffers(module))
+    weights = non_finite_names(all_weights(module, step.index))
+    buffers = non_finite_names(judged_buffers(module))
     opt_state = non_finite_names(optimizer_state_tensors(optimizer, step.params, names))
     grads = non_finite_names(
         [(names[i] or "(unregistered)", g) for g, i in zip(step.grads, step.positions, strict=True)]

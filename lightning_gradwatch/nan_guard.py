@@ -13,14 +13,21 @@ from typing_extensions import override
 
 from lightning_gradwatch._amp_monitor import AmpMonitor, AmpReading
 from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._buffer_baseline import judged_buffers, remember_buffers
 from lightning_gradwatch._halt_checkpoint import save_halt_checkpoint
-from lightning_gradwatch._nonfinite import Fault, describe_fault, device_flag, non_finite_names, screen_step
-from lightning_gradwatch._params import local_tensor
+from lightning_gradwatch._nonfinite import (
+    Fault,
+    all_weights,
+    describe_fault,
+    device_flag,
+    non_finite_names,
+    screen_step,
+)
 from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._provenance import find_origin
 from lightning_gradwatch._reporting import logger_step, print_line
 from lightning_gradwatch._shared_read import shared_read
-from lightning_gradwatch._snapshot import BufferShadow, Rollbacks, float_buffers, optimizer_state_tensors
+from lightning_gradwatch._snapshot import BufferShadow, Rollbacks, optimizer_state_tensors
 from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
@@ -179,6 +186,7 @@ class NaNGuard(GradwatchCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the buffers to go back to if the first step's forward pass poisons them; later, each clean check's
         self._shadow.refresh(pl_module)
+        remember_buffers(pl_module)  # what the buffers hold by design (a causal mask's -inf) is not a fault
 
     @override
     def on_train_batch_start(
@@ -283,7 +291,7 @@ class NaNGuard(GradwatchCallback):
         step.drop()
         self._shadow.restore()  # the batch's forward pass (and the replay's) updated the running statistics: undo it
         # buffers poisoned before this step are non-finite in the copy too: only a snapshot repairs them
-        unrepaired = non_finite_names(float_buffers(pl_module)) if fault.buffers else []
+        unrepaired = non_finite_names(judged_buffers(pl_module)) if fault.buffers else []
         if not step.repeat:
             self.totals.fault_steps += 1
         action = self.action
@@ -396,9 +404,9 @@ class NaNGuard(GradwatchCallback):
         optimizer_state: bool,
     ) -> list[Tensor]:
         """The float buffers, and the weights and optimizer state when asked: what a screen checks."""
-        tensors = [b for _, b in float_buffers(pl_module)]
-        if weights:
-            tensors += [local_tensor(p.detach()) for p in step.params]
+        tensors = [b for _, b in judged_buffers(pl_module)]
+        if weights:  # every weight: a NaN in a frozen one poisons the forward pass as surely
+            tensors += [t for _, t in all_weights(pl_module, step.index)]
         if optimizer_state:
             tensors += [t for _, t in optimizer_state_tensors(optimizer, step.params, step.index.names)]
         return tensors
