@@ -20,6 +20,7 @@ from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import (
     AtLeastOne,
     GreaterThanOne,
+    Null,
     OpenUnitInterval,
     PositiveFloat,
     PositiveInt,
@@ -126,11 +127,11 @@ class AdaptiveClipping(GradwatchCallback):
         agc_eps: PositiveFloat = 1e-3,
         agc_exclude: Sequence[str] | None = None,
         warmup_steps: PositiveInt = 25,
-        warmup_cap: GreaterThanOne | None = 10.0,
-        initial_max_norm: PositiveFloat | None = 1e3,
-        norm_type: float | Literal["inf"] = 2.0,
+        warmup_cap: GreaterThanOne | Null = 10.0,
+        initial_max_norm: PositiveFloat | Null = 1e3,
+        norm_type: AtLeastOne | Literal["inf"] = 2.0,
         alert_ratio: AtLeastOne = 5.0,
-        log_every_n_steps: PositiveInt | None = None,
+        log_every_n_steps: PositiveInt | Null = None,
     ) -> None:
         super().__init__()
         self.mode: ClipMode = check_choice("mode", mode, CLIP_MODES)

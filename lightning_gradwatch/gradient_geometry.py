@@ -20,7 +20,7 @@ from lightning_gradwatch._distributed import all_reduce_sum, is_sharded
 from lightning_gradwatch._geometry import ActivationSample, Blocks, find_blocks, probe_geometry
 from lightning_gradwatch._layout import exact_tags, layer_charts
 from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
-from lightning_gradwatch._types import GreaterThanOne, OpenUnitInterval, PositiveInt, UnitFraction
+from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, Null, OpenUnitInterval, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_bool, check_number, check_patterns
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.geometry import gain_product
@@ -103,14 +103,14 @@ class GradientGeometry(GradwatchCallback):
         every_n_steps: PositiveInt = 500,
         probe_size: PositiveInt = 16,
         radius: UnitFraction = 0.3,
-        power_iterations: int = 3,
+        power_iterations: NonNegativeInt = 3,
         blocks: list[str] | None = None,
         forward_fn: ForwardFn | None = None,
-        shattered_threshold: OpenUnitInterval | None = 0.4,
-        vanishing_gain: OpenUnitInterval | None = 1e-3,
-        exploding_gain: GreaterThanOne | None = 1e2,
+        shattered_threshold: OpenUnitInterval | Null = 0.4,
+        vanishing_gain: OpenUnitInterval | Null = 1e-3,
+        exploding_gain: GreaterThanOne | Null = 1e2,
         histograms: bool = True,
-        seed: int = 20170228,
+        seed: NonNegativeInt = 20170228,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_number("every_n_steps", every_n_steps, ge=1, integer=True)

@@ -28,7 +28,7 @@ from lightning_gradwatch._params import ParamGroups, group_of, optimizer_index
 from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
 from lightning_gradwatch._step import StepGradients
-from lightning_gradwatch._types import GreaterThanOne, PositiveFloat, PositiveInt
+from lightning_gradwatch._types import AtLeastFiveInt, AtLeastOne, GreaterThanOne, Null, PositiveFloat, PositiveInt
 from lightning_gradwatch._update_ratio import UpdateTracker
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.functional._scalars import Scalar, as_float, isfinite
@@ -110,20 +110,20 @@ class GradientNormLogger(GradwatchCallback):
 
     def __init__(
         self,
-        norm_type: float | Literal["inf"] = 2.0,
+        norm_type: AtLeastOne | Literal["inf"] = 2.0,
         group_by: Literal["module", "parameter"] = "module",
-        log_every_n_steps: PositiveInt | None = None,
+        log_every_n_steps: PositiveInt | Null = None,
         log_grad_to_weight: bool = True,
-        histogram_every_n_steps: PositiveInt | None = None,
-        vanishing_threshold: PositiveFloat | None = 1e-5,
+        histogram_every_n_steps: PositiveInt | Null = None,
+        vanishing_threshold: PositiveFloat | Null = 1e-5,
         vanishing_ratio: PositiveFloat = 1e-3,
-        exploding_threshold: PositiveFloat | None = 1e3,
-        exploding_factor: GreaterThanOne | None = 10.0,
-        history_size: PositiveInt = 20,
-        stop_after_steps: PositiveInt | None = 20,
+        exploding_threshold: PositiveFloat | Null = 1e3,
+        exploding_factor: GreaterThanOne | Null = 10.0,
+        history_size: AtLeastFiveInt = 20,
+        stop_after_steps: PositiveInt | Null = 20,
         log_update_to_weight: bool = True,
-        update_ratio_high: PositiveFloat | None = 2e-2,
-        gradient_flow_every_n_steps: PositiveInt | None = 500,
+        update_ratio_high: PositiveFloat | Null = 2e-2,
+        gradient_flow_every_n_steps: PositiveInt | Null = 500,
     ) -> None:
         super().__init__()
         self.norm_type = validate_norm_type(norm_type)

@@ -20,7 +20,7 @@ from lightning_gradwatch._reporting import host_values, log_dir
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._snapshot import Rollbacks
 from lightning_gradwatch._step import StepGradients, host_is_free
-from lightning_gradwatch._types import PositiveFloat, PositiveInt
+from lightning_gradwatch._types import AtLeastThreeInt, Null, PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.clipping import ring_push
@@ -82,12 +82,12 @@ class LossSpikeGuard(GradwatchCallback):
         self,
         action: SpikeAction = "log",
         z_threshold: PositiveFloat = 6.0,
-        window: PositiveInt = 128,
+        window: AtLeastThreeInt = 128,
         warmup_steps: PositiveInt = 50,
         snapshot_every_n_steps: PositiveInt = 50,
         max_rollbacks: PositiveInt = 3,
         skip_batches: str | os.PathLike[str] | None = None,
-        log_every_n_steps: PositiveInt | None = None,
+        log_every_n_steps: PositiveInt | Null = None,
     ) -> None:
         super().__init__()
         self.action: SpikeAction = check_choice("action", action, SPIKE_ACTIONS)

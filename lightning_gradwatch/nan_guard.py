@@ -29,7 +29,7 @@ from lightning_gradwatch._reporting import logger_step, print_line
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._snapshot import BufferShadow, Rollbacks, optimizer_state_tensors
 from lightning_gradwatch._step import StepGradients, host_is_free
-from lightning_gradwatch._types import PositiveFloat, PositiveInt
+from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.alerts import ALERT_CAUSES, Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.finite import any_non_finite
@@ -108,13 +108,13 @@ class NaNGuard(GradwatchCallback):
     def __init__(
         self,
         action: NanAction = "halt",
-        check_params_every_n_steps: PositiveInt | None = 100,
+        check_params_every_n_steps: PositiveInt | Null = 100,
         snapshot_every_n_steps: PositiveInt = 50,
         max_rollbacks: PositiveInt = 3,
-        min_loss_scale: PositiveFloat = 1.0,
+        min_loss_scale: FinitePositiveFloat = 1.0,
         max_consecutive_overflows: PositiveInt = 30,
         amp_check_every_n_steps: PositiveInt = 10,
-        log_every_n_steps: PositiveInt | None = None,
+        log_every_n_steps: PositiveInt | Null = None,
         save_checkpoint_on_halt: bool = True,
     ) -> None:
         super().__init__()

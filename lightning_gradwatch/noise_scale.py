@@ -20,7 +20,7 @@ from lightning_gradwatch._params import local_tensor
 from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._step import StepGradients
-from lightning_gradwatch._types import OpenUnitInterval, PositiveInt
+from lightning_gradwatch._types import Null, OpenUnitInterval, PositiveInt
 from lightning_gradwatch._validation import check_choice, check_number
 from lightning_gradwatch.functional.noise_scale import (
     noise_scale_ema_update,
@@ -94,8 +94,8 @@ class GradientNoiseScale(GradwatchCallback):
         self,
         source: Source = "auto",
         ema_decay: OpenUnitInterval = 0.99,
-        log_every_n_steps: PositiveInt | None = None,
-        batch_size: PositiveInt | None = None,
+        log_every_n_steps: PositiveInt | Null = None,
+        batch_size: PositiveInt | Null = None,
     ) -> None:
         super().__init__()
         self.source = check_choice("source", source, ("auto", "ddp", "accumulation"))

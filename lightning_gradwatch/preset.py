@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback, find_state
-from lightning_gradwatch._types import PositiveInt
+from lightning_gradwatch._types import Null, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.adaptive_clipping import CLIP_MODES, AdaptiveClipping, ClipMode
 from lightning_gradwatch.alerts import Alert
@@ -22,11 +24,11 @@ from lightning_gradwatch.saturation import SaturationCallback
 
 def default_callbacks(
     nan_action: NanAction = "halt",
-    clipping: ClipMode | None = "zscore",
+    clipping: ClipMode | Null = "zscore",
     activations: bool = True,
     report: bool = True,
-    log_every_n_steps: PositiveInt | None = None,
-    spikes: SpikeAction | None = "log",
+    log_every_n_steps: PositiveInt | Null = None,
+    spikes: SpikeAction | Null = "log",
 ) -> list[GradwatchCallback]:
     """Every gradwatch callback with coordinated defaults, in hook order: the guard sees each step first, the
     norms are logged before any clipping, clipping comes last, and the report closes the run.
@@ -44,10 +46,10 @@ def default_callbacks(
         trainer = Trainer(callbacks=default_callbacks(nan_action="rollback"))
     """
     check_choice("nan_action", nan_action, NAN_ACTIONS)
-    check_choice("clipping", clipping, CLIP_MODES, optional=True)
+    clipping = check_choice("clipping", clipping, CLIP_MODES, optional=True)
     activations = check_bool("activations", activations)
     report = check_bool("report", report)
-    check_choice("spikes", spikes, SPIKE_ACTIONS, optional=True)
+    spikes = check_choice("spikes", spikes, SPIKE_ACTIONS, optional=True)
     log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
     callbacks: list[GradwatchCallback] = [
         NaNGuard(action=nan_action, log_every_n_steps=log_every_n_steps),
@@ -67,57 +69,23 @@ def default_callbacks(
     return sorted(callbacks, key=lambda cb: cb.hook_order)
 
 
-class GradWatch(Callback):
-    r"""All of gradwatch as one callback: :func:`default_callbacks` bundled, for one line in Python or in a
-    LightningCLI YAML.
+_CHECKPOINTING = ("state_dict", "load_state_dict", "on_load_checkpoint")
+_FORWARDED = [n for n in dir(Callback) if n.startswith("on_") and n != "on_load_checkpoint"] + ["setup", "teardown"]
 
-    The bundle forwards every Lightning hook to its callbacks, saves their states in its own checkpoint entry,
-    and exposes their alerts together in :attr:`alerts`. The callbacks themselves are in
-    :attr:`gradwatch_callbacks`.
 
-    Args:
-        nan_action: what :class:`NaNGuard` does on a fault: ``"halt"``, ``"skip"`` or ``"rollback"``.
-        clipping: the :class:`AdaptiveClipping` mode, or ``None`` for no clipping.
-        activations: include :class:`DeadNeuronCallback` and :class:`SaturationCallback`.
-        report: include :class:`HealthReport`.
-        log_every_n_steps: logging cadence of every callback; ``None`` follows the Trainer.
-        spikes: the :class:`LossSpikeGuard` action (``"log"``, ``"skip"``, ``"rollback"``), or ``None`` for none.
+class _BundleType(type):
+    """Keeps :class:`GradWatch`'s plumbing out of ``help()`` and ``dir(GradWatch)``: the forwarded hooks and the
+    readable signature stay reachable by name (Lightning calls the hooks with ``getattr``)."""
 
-    Example::
+    def __dir__(cls) -> list[str]:
+        hidden = {*_FORWARDED, *_CHECKPOINTING, "__signature__", "__annotations__"}
+        return [name for name in super().__dir__() if name not in hidden]
 
-        from lightning.pytorch import Trainer
-        from lightning_gradwatch import GradWatch
 
-        trainer = Trainer(callbacks=[GradWatch()])
+class _Bundle(Callback, metaclass=_BundleType):
+    """The plumbing of :class:`GradWatch`: every Lightning hook forwarded to the bundled callbacks, in order."""
 
-    .. code-block:: yaml
-
-        trainer:
-          callbacks:
-            - class_path: lightning_gradwatch.GradWatch
-              init_args:
-                nan_action: rollback
-    """
-
-    def __init__(
-        self,
-        nan_action: NanAction = "halt",
-        clipping: ClipMode | None = "zscore",
-        activations: bool = True,
-        report: bool = True,
-        log_every_n_steps: PositiveInt | None = None,
-        spikes: SpikeAction | None = "log",
-    ) -> None:
-        self.gradwatch_callbacks = default_callbacks(
-            nan_action, clipping, activations, report, log_every_n_steps, spikes
-        )
-        for callback in self.gradwatch_callbacks:
-            callback._bundled = True  # their state is saved and restored here, under the bundle's key
-
-    @property
-    def alerts(self) -> list[Alert]:
-        """Every callback's alerts, in step order."""
-        return sorted((a for cb in self.gradwatch_callbacks for a in cb.alerts), key=lambda a: a.step)
+    gradwatch_callbacks: list[GradwatchCallback]
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -138,18 +106,104 @@ class GradWatch(Callback):
 
 
 def _forward(hook: str) -> Any:
-    def forward(self: GradWatch, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(self, GradWatch):  # Lightning called the hook on the class: callbacks=[GradWatch]
+    def forward(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(self, _Bundle):  # Lightning called the hook on the class: callbacks=[GradWatch]
             raise TypeError(
                 "callbacks=[GradWatch] passes the class itself; pass an instance: Trainer(callbacks=[GradWatch()])."
             )
         for callback in self.gradwatch_callbacks:
             getattr(callback, hook)(*args, **kwargs)
 
-    forward.__name__ = hook
-    forward.__doc__ = f"Forwards ``{hook}`` to every bundled callback."
+    forward.__name__ = forward.__qualname__ = hook
     return forward
 
 
-for _hook in [n for n in dir(Callback) if n.startswith("on_") and n != "on_load_checkpoint"] + ["setup", "teardown"]:
-    setattr(GradWatch, _hook, _forward(_hook))
+for _hook in _FORWARDED:
+    setattr(_Bundle, _hook, _forward(_hook))
+
+
+class GradWatch(_Bundle):
+    """Every gradwatch guard and monitor in one Lightning callback, with coordinated defaults.
+
+    ``Trainer(callbacks=[GradWatch()])`` adds, in this order: NaNGuard (NaN/Inf in the loss, gradients, buffers or
+    weights: halt, skip or roll back), GradientNormLogger (global and per-layer gradient norms; vanishing,
+    exploding and stopped layers), LossSpikeGuard, DeadNeuronCallback and SaturationCallback, AdaptiveClipping
+    (clipping at a threshold learned from the run) and HealthReport (the diagnosis at the end of the run).
+
+    Where the output goes:
+
+    - the console: one line per finding as it happens, and the health report at the end of the run;
+    - ``gradwatch_report.md`` and ``gradwatch_report.json``, the report, in the logger's version folder
+      (e.g. ``lightning_logs/version_0/``);
+    - every Lightning logger: the ``gradwatch/...`` metrics; in TensorBoard the Custom Scalars tab holds the
+      charts, the Text tab one entry per finding (``gradwatch/alerts/<kind>/text_summary``);
+    - ``GradWatch().alerts``: each finding as an ``Alert`` with its step, kind (e.g. ``"vanishing_gradient"``),
+      layer, value, threshold, message (with the usual remedy) and severity (``"warning"`` or ``"info"``).
+
+    Docs: README.md and docs/ in the repository and the source distribution (docs/alerts.md, docs/tensorboard.md,
+    one page per callback). The bundled callbacks are in ``gradwatch_callbacks``; ``default_callbacks(...)``
+    returns the same list, to change one of them.
+
+    Args:
+        nan_action: what to do on a NaN/Inf: halt (stop, saving a checkpoint of the last good state), skip (drop
+            the step's update) or rollback (restore the last good snapshot).
+        clipping: the clipping mode: zscore, percentile, agc, or null for no clipping.
+        activations: watch for dead ReLU units and saturated sigmoid/tanh outputs.
+        report: print the health report at the end of the run and save it as gradwatch_report.md and .json in
+            the logger's version folder.
+        log_every_n_steps: how often every callback logs and judges; null follows the Trainer's
+            log_every_n_steps.
+        spikes: what to do on a loss spike: log, skip, rollback, or null to leave loss spikes unwatched.
+
+    Raises:
+        ValueError: an argument outside what is accepted, naming the argument.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_gradwatch import GradWatch
+
+        trainer = Trainer(callbacks=[GradWatch(nan_action="rollback")])
+
+    In a LightningCLI YAML (``null``, ``None`` and ``none`` all turn an option off)::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_gradwatch.GradWatch
+              init_args:
+                nan_action: rollback
+                clipping: null
+    """
+
+    def __init__(
+        self,
+        nan_action: NanAction = "halt",
+        clipping: ClipMode | Null = "zscore",
+        activations: bool = True,
+        report: bool = True,
+        log_every_n_steps: PositiveInt | Null = None,
+        spikes: SpikeAction | Null = "log",
+    ) -> None:
+        self.gradwatch_callbacks = default_callbacks(
+            nan_action, clipping, activations, report, log_every_n_steps, spikes
+        )
+        for callback in self.gradwatch_callbacks:
+            callback._bundled = True  # their state is saved and restored here, under the bundle's key
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every finding of the bundled callbacks so far, in step order."""
+        return sorted((a for cb in self.gradwatch_callbacks for a in cb.alerts), key=lambda a: a.step)
+
+
+def _readable_signature(function: Any) -> inspect.Signature:
+    """``function``'s signature with its hints as a reader needs them (``Literal['halt', 'skip', 'rollback']``,
+    ``int | None``) rather than this module's aliases; jsonargparse reads the real hints from ``__init__``."""
+    hints = typing.get_type_hints(function, {**globals(), "Null": type(None), "PositiveInt": int})
+    signature = inspect.signature(function)
+    parameters = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
+    return signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty)
+
+
+_init = _readable_signature(GradWatch.__init__)
+GradWatch.__signature__ = _init.replace(parameters=list(_init.parameters.values())[1:])  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ from typing_extensions import override
 from lightning_gradwatch._activation_probe import Layer
 from lightning_gradwatch._activations import ActivationCallback
 from lightning_gradwatch._distributed import all_reduce_sum
-from lightning_gradwatch._types import OpenHalfUnit, PositiveInt, UnitFraction
+from lightning_gradwatch._types import Null, OpenHalfUnit, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_number
 from lightning_gradwatch.alerts import AlertKind
 from lightning_gradwatch.functional.activations import saturated_count, saturation_bound
@@ -67,7 +67,7 @@ class SaturationCallback(ActivationCallback):
         margin: OpenHalfUnit = 0.01,
         sample_every_n_steps: PositiveInt = 5,
         window: PositiveInt = 6,
-        log_every_n_steps: PositiveInt | None = None,
+        log_every_n_steps: PositiveInt | Null = None,
     ) -> None:
         super().__init__(sample_every_n_steps, window, log_every_n_steps)
         self.threshold = check_number("threshold", threshold, gt=0, le=1)
