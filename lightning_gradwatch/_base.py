@@ -176,7 +176,9 @@ class GradwatchCallback(Callback):
             return  # (reordering trainer.callbacks instead would mutate the list Lightning is iterating)
         key = id(optimizer)
         index = self._optimizer_params.get(key)
-        if index is None:
+        if index is None or not index.matches(optimizer):
+            # new, or its parameter groups changed (BaseFinetuning unfreezing a backbone): every callback indexes
+            # the groups as they are now, and whatever was derived from the old index (layers, positions) goes with it
             index = self._optimizer_params[key] = OptimizerParams.of(pl_module, optimizer, sharded=is_sharded(trainer))
         # a closure optimizer (LBFGS) runs this hook once per closure evaluation: count the step once
         repeat = self._last_step.get(key) == trainer.global_step

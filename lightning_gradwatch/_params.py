@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -12,6 +14,7 @@ from torch import Tensor
 from lightning_gradwatch._distributed import all_reduce_sum
 from lightning_gradwatch.functional.norms import combine_norms
 
+_T = TypeVar("_T")
 _WRAPPER_PREFIXES = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|_forward_module)\.")
 
 
@@ -56,6 +59,11 @@ class OptimizerParams:
     sharded: bool = False
     _groupings: dict[str, ParamGroups] = field(default_factory=dict, repr=False)
     _positions: dict[tuple[tuple[int, ...], torch.device], Tensor] = field(default_factory=dict, repr=False)
+    # the optimizer's ``group["params"]`` lists as they were when this index was built, with their lengths: held,
+    # so that a list freed and replaced cannot come back under the same ``id``
+    _group_lists: list[tuple[list[Any], int]] = field(default_factory=list, repr=False)
+    _group_param_ids: tuple[int, ...] = field(default=(), repr=False)
+    _derived: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, module: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool = False) -> OptimizerParams:
@@ -72,7 +80,35 @@ class OptimizerParams:
                     params.append(p)
                     names.append("")
                     seen.add(id(p))
-        return cls(params, names, sharded)
+        index = cls(params, names, sharded)
+        index._group_lists = _group_lists(optimizer)
+        index._group_param_ids = _group_param_ids(optimizer)
+        return index
+
+    def matches(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer``'s parameter groups are still those this index was built from; on the host, no sync.
+
+        The per-step check is one identity and one length per group (a group added with ``add_param_group``, a
+        list extended or replaced all show). Only when that differs are the parameters themselves compared: an
+        optimizer wrapper that hands out new lists of the same parameters keeps its index.
+        """
+        groups = optimizer.param_groups
+        seen = self._group_lists
+        if len(groups) == len(seen) and all(
+            g["params"] is lst and len(lst) == n for g, (lst, n) in zip(groups, seen, strict=True)
+        ):
+            return True
+        if _group_param_ids(optimizer) != self._group_param_ids:
+            return False
+        self._group_lists = _group_lists(optimizer)  # the same parameters in new lists: adopt the lists
+        return True
+
+    def derived(self, key: Hashable, build: Callable[[], _T]) -> _T:
+        """A value derived from these parameters (a per-parameter mask, say), built once per index: when the
+        optimizer's groups change the dispatcher builds a new index, so a callback's value is rebuilt with it."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]  # type: ignore[no-any-return]
 
     def position_index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
         """``positions`` as an int64 device tensor, made once per distinct set (no host-to-device copy per step)."""
@@ -91,6 +127,15 @@ class OptimizerParams:
         if groups is None:
             groups = self._groupings[by] = ParamGroups.build(self, by)
         return groups
+
+
+def _group_lists(optimizer: torch.optim.Optimizer) -> list[tuple[list[Any], int]]:
+    return [(g["params"], len(g["params"])) for g in optimizer.param_groups]
+
+
+def _group_param_ids(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    # -1 separates groups: the same parameters regrouped are another layout (a group's options apply to them)
+    return tuple(i for g in optimizer.param_groups for i in (*map(id, g["params"]), -1))
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradwatch._distributed import all_reduce_norms
-from lightning_gradwatch._params import ParamGroups, local_tensor
+from lightning_gradwatch._params import OptimizerParams, ParamGroups, local_tensor
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch.functional.dynamics import snapshot_for_update, update_norms
 
@@ -22,20 +22,20 @@ class UpdateTracker:
 
     def __init__(self) -> None:
         self._before: list[Tensor] | None = None
-        self._params: list[torch.nn.Parameter] = []
+        self._index: OptimizerParams | None = None  # the parameters the copy is of
 
     def snapshot(self, step: StepGradients) -> None:
         """Copy the weights now, before this step's update (call on the step before a logging step)."""
-        self._params = list(step.params)
-        self._before = snapshot_for_update([local_tensor(p.detach()) for p in self._params])
+        self._index = step.index
+        self._before = snapshot_for_update([local_tensor(p.detach()) for p in step.params])
 
     def ratios(self, step: StepGradients, groups: ParamGroups) -> Tensor | None:
         """Per group of ``groups``: the previous step's update over the weights before it (0 for a group that did
         not move: frozen, or a skipped step); ``None`` without a copy. Frees the copy."""
         before, self._before = self._before, None
-        if before is None or self._params != list(step.params):
-            return None
-        delta, weight, after = update_norms(before, [local_tensor(p.detach()) for p in self._params], True)
+        if before is None or step.index is not self._index:
+            return None  # the optimizer's parameters changed since the copy (a group added): no ratio this time
+        delta, weight, after = update_norms(before, [local_tensor(p.detach()) for p in step.params], True)
         if step.index.sharded:
             delta, weight, after = (all_reduce_norms(t, 2.0) for t in (delta, weight, after))
         delta, weight, after = (groups.combine(t, 2.0) for t in (delta, weight, after))
