@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 SDIST_TREES = ["lightning_gradwatch", "tests", "examples", "benchmarks", "docs"]
-SDIST_FILES = ["LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "MANIFEST.in"]
+SDIST_FILES = ["LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "MANIFEST.in", "setup.py"]
 
 
 def package_version() -> str:
