@@ -11,6 +11,7 @@ from lightning_gradwatch.nan_guard import NaNGuard
 from lightning_gradwatch.noise_scale import GradientNoiseScale
 from lightning_gradwatch.preset import GradWatch, default_callbacks
 from lightning_gradwatch.saturation import SaturationCallback
+from lightning_gradwatch.setup_check import SetupCheck
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "LossSpikeGuard",
     "NaNGuard",
     "SaturationCallback",
+    "SetupCheck",
     "Severity",
     "__version__",
     "default_callbacks",

@@ -126,6 +126,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        super().on_before_backward(trainer, pl_module, loss)
         if self.attached:  # the forward pass is over: fold the sample in, with its loss
             self._detach()
             if self._watch_loss:

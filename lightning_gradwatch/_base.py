@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._layout import merge_layouts, ordered_layout
+from lightning_gradwatch._loss_trace import loss_trace
 from lightning_gradwatch._params import OptimizerParams
 from lightning_gradwatch._reporting import flush_metrics, logger_step, print_line, queue_metrics, tensorboard_writers
 from lightning_gradwatch._step import StepGradients
@@ -195,7 +196,16 @@ class GradwatchCallback(Callback):
             _refuse_collisions(peers)
 
     @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        peers = gradwatch_callbacks(trainer)
+        if trainer.training and peers and peers[0] is self:  # the first gradwatch callback keeps the loss trace
+            loss_trace(trainer).record(trainer, loss)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        peers = gradwatch_callbacks(trainer)
+        if peers and peers[0] is self:
+            loss_trace(trainer).reset()
         self._optimizer_params.clear()  # a new fit may bring new optimizers
         self._last_step.clear()
 

@@ -45,6 +45,10 @@ class AlertKind:
     UPDATE_RATIO = "update_ratio"
     GRADIENT_UNDERFLOW = "gradient_underflow"
     LOSS_SPIKE = "loss_spike"
+    LEARNING_RATE = "learning_rate"
+    NOT_IN_OPTIMIZER = "not_in_optimizer"
+    NO_GRADIENT = "no_gradient"
+    GRADIENTS_NOT_RESET = "gradients_not_reset"
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,27 @@ ALERT_KIND_INFO: dict[str, AlertKindInfo] = {
         "LossSpikeGuard(action='skip') or 'rollback' to keep them out of the weights; resume with skip_batches to "
         "leave out the batches that caused them; a lower learning rate or more warm-up if they keep coming",
     ),
+    AlertKind.LEARNING_RATE: AlertKindInfo(
+        "Learning rate far too high",
+        "lower the learning rate (10x or more), add a warm-up (LinearLR / OneCycleLR), clip gradients; check the "
+        "rate that actually reaches each parameter group (a scheduler or scaling rule can multiply it)",
+    ),
+    AlertKind.NOT_IN_OPTIMIZER: AlertKindInfo(
+        "Parameters left out of the optimizer",
+        "return an optimizer over every trained parameter from configure_optimizers (self.parameters(), or add the "
+        "missing module to a parameter group); freeze what should not learn with requires_grad_(False)",
+    ),
+    AlertKind.NO_GRADIENT: AlertKindInfo(
+        "Parameters that never receive a gradient",
+        "look for a .detach(), a torch.no_grad() block, .data, .item() or a NumPy round trip between those layers "
+        "and the loss; a layer unused on purpose: freeze it (requires_grad_(False)) or leave it out with "
+        "SetupCheck(ignore=[...])",
+    ),
+    AlertKind.GRADIENTS_NOT_RESET: AlertKindInfo(
+        "Gradients never reset",
+        "call optimizer.zero_grad() once per optimizer step in manual optimization (after step(), or before the "
+        "backward passes of the next one); for gradient accumulation, zero after the step that applies them",
+    ),
 }
 
 #: What a finding can be attributed to, when the callback could tell (``Alert.cause``): its own title and remedy,
@@ -150,6 +175,11 @@ ALERT_CAUSES: dict[str, AlertKindInfo] = {
         "The backward pass produced NaN/Inf",
         "an operation with an infinite derivative at the values it saw (sqrt/pow at 0, norm of a zero vector): add an "
         "epsilon",
+    ),
+    "divergence": AlertKindInfo(
+        "Divergence: the learning rate is too high",
+        "lower the learning rate (about 10x), add a warm-up, clip gradients (AdaptiveClipping); check the scale of "
+        "the loss and the targets",
     ),
     "poisoned_weights": AlertKindInfo(
         "Non-finite weights",

@@ -15,6 +15,7 @@ from lightning_gradwatch._amp_monitor import AmpMonitor, AmpReading
 from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._buffer_baseline import judged_buffers, remember_buffers
 from lightning_gradwatch._halt_checkpoint import save_halt_checkpoint
+from lightning_gradwatch._loss_trace import loss_trace
 from lightning_gradwatch._nonfinite import (
     Fault,
     all_weights,
@@ -199,6 +200,7 @@ class NaNGuard(GradwatchCallback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        super().on_before_backward(trainer, pl_module, loss)
         if not trainer.training:
             return
         loss = loss.detach()  # scaled under fp16: non-finite iff the loss is (or is absurd)
@@ -310,9 +312,17 @@ class NaNGuard(GradwatchCallback):
                 if unrepaired
                 else "; the buffers were restored to their values before this step"
             )
-        born = f" Where it began: {origin.detail}." if origin is not None else ""
-        finding = f"Non-finite values at step {trainer.global_step}: {fault.text}; {done}.{born}"
+        diverged = loss_trace(trainer).host().divergence()
+        if diverged is not None:  # the cause is the growth, not the operation where the overflow surfaced
+            born = f" It surfaced at: {origin.detail}." if origin is not None else ""
+            what = f"{diverged.describe()} over {diverged.end_step} steps, then went non-finite in {fault.text}"
+            finding = f"Non-finite values at step {trainer.global_step}: {what}; {done}.{born}"
+        else:
+            born = f" Where it began: {origin.detail}." if origin is not None else ""
+            finding = f"Non-finite values at step {trainer.global_step}: {fault.text}; {done}.{born}"
         cause = "poisoned_weights" if fault.weights else (origin.cause if origin is not None else "")
+        if diverged is not None and not fault.weights:
+            cause = "divergence"
         self._alert_non_finite(trainer, fault, finding, cause=cause)
         if action == "halt":
             self._halt(trainer, f"non-finite values ({fault.text})")

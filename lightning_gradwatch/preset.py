@@ -20,6 +20,7 @@ from lightning_gradwatch.health_report import HealthReport
 from lightning_gradwatch.loss_spike_guard import SPIKE_ACTIONS, LossSpikeGuard, SpikeAction
 from lightning_gradwatch.nan_guard import NAN_ACTIONS, NanAction, NaNGuard
 from lightning_gradwatch.saturation import SaturationCallback
+from lightning_gradwatch.setup_check import SetupCheck
 
 
 def default_callbacks(
@@ -53,6 +54,7 @@ def default_callbacks(
     log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
     callbacks: list[GradwatchCallback] = [
         NaNGuard(action=nan_action, log_every_n_steps=log_every_n_steps),
+        SetupCheck(log_every_n_steps=log_every_n_steps),
         GradientNormLogger(log_every_n_steps=log_every_n_steps),
     ]
     if spikes is not None:

@@ -49,8 +49,8 @@ def test_order_is_correct_by_construction_and_the_guard_halts(
 ) -> None:
     watch = GradWatch()
     assert [type(cb).__name__ for cb in watch.gradwatch_callbacks] == [
-        "NaNGuard", "LossSpikeGuard", "GradientNormLogger", "DeadNeuronCallback", "SaturationCallback",
-        "AdaptiveClipping", "HealthReport",
+        "NaNGuard", "SetupCheck", "LossSpikeGuard", "GradientNormLogger", "DeadNeuronCallback",
+        "SaturationCallback", "AdaptiveClipping", "HealthReport",
     ]  # fmt: skip
     model = NaNAt(step=6)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[watch], max_steps=40, enable_checkpointing=True))
@@ -60,7 +60,7 @@ def test_order_is_correct_by_construction_and_the_guard_halts(
     # the guard dropped the NaN gradients before the norm logger and the clipper saw them
     logged = dict(tb.scalars(tmp_path / "tb" / "version_0")["gradwatch/global/grad_norm"])
     assert 6 not in logged and all(math.isfinite(v) for v in logged.values())
-    clip = watch.gradwatch_callbacks[5]
+    clip = watch.gradwatch_callbacks[6]
     assert math.isfinite(float(clip._stats[0].mean))
     out = capsys.readouterr().out
     # the NaN was in the batch: a data problem, with its remedy; the halt step is the alert's step
