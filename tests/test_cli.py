@@ -1,8 +1,11 @@
-"""The LightningCLI config in examples/ attaches every callback and trains; bad values fail by name."""
+"""The LightningCLI config in examples/ attaches every callback and trains; bad values fail by name; the help and
+the errors of the real command line read as a user needs them."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,3 +88,98 @@ def test_config_values_are_validated(tmp_path: Path, capsys: pytest.CaptureFixtu
         load_example().main(["fit", "--config", str(bad), f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert exit_info.value.code == 2
     assert 'Parser key "vanishing_ratio"' in capsys.readouterr().err
+
+
+# -- what a user sees in a terminal: help and errors of the real command line --------------------------------------
+
+
+def run_example(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python examples/train_mlp.py ...`` as a user types it, its output as the terminal shows it."""
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_mlp.py"), *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent), "COLUMNS": "120"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def config_with(tmp_path: Path, class_path: str, **init_args: Any) -> str:
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "logger": False,
+            "enable_progress_bar": False,
+            "callbacks": [{"class_path": class_path, "init_args": init_args}],
+        }
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_callback_help_reads_as_plain_text(tmp_path: Path) -> None:
+    shown = run_example(tmp_path, "fit", "--trainer.callbacks.help", "lightning_gradwatch.GradWatch")
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    heading = next(line for line in text.splitlines() if line.startswith("Every gradwatch"))
+    assert heading == "Every gradwatch guard and monitor in one Lightning callback, with coordinated defaults:"
+    for markup in ("``", ":class:", ":func:", ":attr:"):
+        assert markup not in text, f"raw markup {markup!r} in the help"
+    for argument in ("nan_action", "clipping", "activations", "report", "log_every_n_steps", "spikes"):
+        assert f"--trainer.callbacks.{argument}" in text
+    assert "halt (stop, saving a" in text and "or null for no" in text
+    assert "gradwatch_report.md" in text  # where the report goes
+    assert "NanAction" not in text and "ClipMode" not in text  # no private aliases
+
+
+def test_help_of_gradwatch_in_python_is_what_a_user_needs() -> None:
+    import pydoc
+
+    from lightning_gradwatch import GradWatch
+
+    text = pydoc.render_doc(GradWatch, renderer=pydoc.plaintext)
+    assert len(text.splitlines()) < 100, len(text.splitlines())
+    assert "Forwards" not in text and "on_train_batch_end" not in text  # the hook plumbing stays out
+    first = text.splitlines()[3]  # the signature line
+    assert "Literal['halt', 'skip', 'rollback']" in first and "int | None" in first and "'NanAction'" not in first
+    for needed in ("gradwatch_report.md", "gradwatch/alerts/<kind>/text_summary", "Alert", "docs/"):
+        assert needed in text
+
+
+def test_a_bad_choice_names_the_argument_the_value_and_the_choices(tmp_path: Path) -> None:
+    shown = run_example(
+        tmp_path, "fit", "--config", config_with(tmp_path, "lightning_gradwatch.GradWatch", nan_action="explode")
+    )
+    assert shown.returncode == 2
+    assert "Traceback" not in shown.stderr
+    lines = shown.stderr.splitlines()
+    key = next(i for i, line in enumerate(lines) if 'Parser key "nan_action"' in line)
+    assert "Literal['halt', 'skip', 'rollback']" in lines[key + 1] and "explode" in lines[key + 1]
+
+
+def test_a_value_outside_the_range_fails_at_parsing_not_with_a_traceback(tmp_path: Path) -> None:
+    # LossSpikeGuard.window's hint was a plain positive int while __init__ wants >= 3: an 80-line traceback
+    shown = run_example(
+        tmp_path, "fit", "--config", config_with(tmp_path, "lightning_gradwatch.LossSpikeGuard", window=2)
+    )
+    assert shown.returncode == 2, shown.stderr[-2000:]
+    error = shown.stderr[shown.stderr.index("error:") :]  # after argparse's usage lines
+    assert "Traceback" not in shown.stderr and len(error.splitlines()) < 25, error
+    lines = error.splitlines()
+    key = next(i for i, line in enumerate(lines) if 'Parser key "window"' in line)
+    assert "v>=3" in lines[key + 1]
+
+
+@pytest.mark.parametrize("spelling", ["None", "none", "null"])
+def test_yaml_none_turns_an_option_off(tmp_path: Path, spelling: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_gradwatch.GradWatch\n"
+        f"      init_args:\n        clipping: {spelling}\n        log_every_n_steps: {spelling}\n"
+    )
+    shown = run_example(tmp_path, "fit", "--config", str(path), "--print_config")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "clipping: null" in shown.stdout and "log_every_n_steps: null" in shown.stdout
