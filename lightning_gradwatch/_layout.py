@@ -32,8 +32,11 @@ def layer_charts(names: Sequence[str]) -> list[tuple[str, list[str]]]:
 
     Layers are grouped by their module path (``encoder.*`` apart from ``decoder.*``); a group with more lines
     than a chart holds is split at the next level down (``encoder.layers.0`` apart from ``encoder.layers.1``),
-    and small neighbouring groups share a chart. A chart holds at most ``max(CHART_LINES, ceil(n / MAX_CHARTS))``
-    lines, so no metric gets more than about ``MAX_CHARTS`` charts. Titles name the first and last layer.
+    and small neighbouring groups inside one module share a chart. Layers of different top-level modules share a
+    chart only where the model has too many of them for ``MAX_CHARTS`` charts, so every title reads the same way:
+    the module the chart's layers share, then its first and last layer (``hidden: 8 … 15``; ``head`` alone). A
+    chart holds at most ``max(CHART_LINES, ceil(n / MAX_CHARTS))`` lines, so no metric gets more than about
+    ``MAX_CHARTS`` charts.
     """
     names = list(names)
     if not names:
@@ -55,7 +58,10 @@ def layer_charts(names: Sequence[str]) -> list[tuple[str, list[str]]]:
                 children.append([name])
         if len(children) == 1:
             return split(group, depth + 1)  # a prefix every layer here shares (``net.``): look one level down
-        return pack([piece for child in children for piece in split(child, depth + 1)], len(group))
+        pieces = [piece for child in children for piece in split(child, depth + 1)]
+        if depth == 0:  # top-level modules keep to their own charts, unless there are too many of them
+            return pieces if len(pieces) <= MAX_CHARTS else pack(pieces, len(group))
+        return pack(pieces, len(group))
 
     def pack(pieces: list[list[str]], total: int) -> list[list[str]]:
         # balanced: 21 layers make charts of 7, 7 and 7 rather than 10, 10 and 1
