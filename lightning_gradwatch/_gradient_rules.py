@@ -44,6 +44,7 @@ class GradientReading:
     zero_fraction: list[float] | None = None  # exactly-zero gradient elements per layer
     update_ratios: list[float] | None = None  # the previous step's ||delta w|| / ||w|| per layer, when measured
     loss_scale: float | None = None  # the GradScaler's scale (16-mixed)
+    loss_improving: bool | None = None  # the training loss fell over the last steps (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,11 @@ class ExplodingRule:
         else:
             harmful = fired_before and r.global_norm > limit and r.global_norm >= self.growth * previous
         when = f"step {r.peak_step}" + ("" if r.peak_step == r.step else f" (found at step {r.step})")
-        if catastrophic:
+        if r.loss_improving and math.isfinite(r.global_norm):
+            # a fine-tune's norm grows as its loss falls, a run leaving a plateau jumps: growth that hurts nothing
+            how = "while the training loss keeps improving: worth watching, nothing to fix yet"
+            harmful = False
+        elif catastrophic:
             how = "one step this far out wrecks the weights unless it is clipped"
         elif harmful:
             how = "it stays high" if absolute else "and keeps growing"

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradwatch._precision import unscaled_loss
+from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._step import host_is_free
 
 #: Steps kept from the start of the run, and from its end.
@@ -152,6 +153,18 @@ class LossTrace:
         start = (self._ring_last + 1) % RECENT  # the oldest slot
         ordered = ring[start:] + ring[:start]
         return LossHistory(first, ordered[-min(self.steps, RECENT) :], self._ring_last)
+
+
+def fetch_with_history(trainer: Any, *tensors: Tensor) -> tuple[list[list[float]], LossHistory | None]:
+    """``host_values(*tensors)`` with the loss history riding in the same transfer (the one of a logging step);
+    the history is ``None`` where several optimizers make the summed loss meaningless for one of them."""
+    if len(trainer.optimizers) > 1:
+        return (host_values(*tensors) if tensors else []), None
+    trace = loss_trace(trainer)
+    riding = trace.device_values()  # empty on a CPU: the history is on the host already
+    fetched = host_values(*tensors, *riding) if tensors or riding else []
+    split = len(fetched) - len(riding)
+    return fetched[:split], trace.host(fetched[split:] if riding else None)
 
 
 _TRACES: weakref.WeakKeyDictionary[Any, LossTrace] = weakref.WeakKeyDictionary()

@@ -9,13 +9,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._clip_rules import AGCRule, ClipInterval, NormStatistics, PercentileRule, ZScoreRule
 from lightning_gradwatch._distributed import is_sharded
+from lightning_gradwatch._loss_trace import fetch_with_history
 from lightning_gradwatch._params import local_tensor, optimizer_index
-from lightning_gradwatch._reporting import host_scalars
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import (
     AtLeastOne,
@@ -273,7 +274,11 @@ class AdaptiveClipping(GradwatchCallback):
         interval = self._intervals[index]
         stats = self._stats[index]
         keys = ClipInterval.REPORTED
-        *reported, mean, var = host_scalars(*(getattr(interval, k) for k in keys), stats.mean, stats.var)
+        scalars = (*(getattr(interval, k) for k in keys), stats.mean, stats.var)
+        fetched, history = fetch_with_history(trainer, *(v for v in scalars if isinstance(v, Tensor)))
+        tensors = iter(fetched)  # the host path keeps its statistics as floats: only tensors were fetched
+        *reported, mean, var = [next(tensors)[0] if isinstance(v, Tensor) else float(v) for v in scalars]
+        improving = history.improving() if history is not None else None
         values = dict(zip(keys, reported, strict=True))
         steps = int(values["steps"])
         start, end = self._interval_start.get(index, trainer.global_step), trainer.global_step
@@ -299,11 +304,21 @@ class AdaptiveClipping(GradwatchCallback):
         if count:
             # a handled transient is worth knowing; spikes on many steps, or interval after interval, are a problem
             frequent = (count >= 3 and count >= 0.1 * steps) or self._spiky_intervals[index] >= 3
-            alert = self._spike_alert(index, suffix, values, count, start, end, "warning" if frequent else "info")
+            # clipped spikes while the loss keeps improving (a run leaving its plateau) hurt nothing: info at most
+            severity = "warning" if frequent and not improving else "info"
+            alert = self._spike_alert(index, suffix, values, count, start, end, severity, bool(improving))
             self._emit_alert(trainer, alert)
 
     def _spike_alert(
-        self, index: int, suffix: str, values: dict[str, float], count: int, start: int, end: int, severity: str
+        self,
+        index: int,
+        suffix: str,
+        values: dict[str, float],
+        count: int,
+        start: int,
+        end: int,
+        severity: str,
+        improving: bool = False,
     ) -> Alert:
         step = int(values["worst_step"])
         norm, limit, ratio, coef = (values[k] for k in ("worst_norm", "worst_threshold", "worst_ratio", "worst_coef"))
@@ -311,7 +326,8 @@ class AdaptiveClipping(GradwatchCallback):
         covered = f"step {start}" if start == end else f"steps {start}-{end}"
         finding = (
             f"{count} gradient spike{'s' if count > 1 else ''} in {covered}; the worst at step {step}: global norm "
-            f"{norm:.4g}, {ratio:.3g}x the expected ceiling, clipped ({what} {coef:.3g})."
+            f"{norm:.4g}, {ratio:.3g}x the expected ceiling, clipped ({what} {coef:.3g})"
+            + ("; the training loss keeps improving." if improving else ".")
         )
         return Alert(
             step=end,  # found at the end of the interval; it began at the first spike

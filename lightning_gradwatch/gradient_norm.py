@@ -24,9 +24,10 @@ from lightning_gradwatch._gradient_rules import (
     VanishingRule,
 )
 from lightning_gradwatch._layout import exact_tags, layer_charts
+from lightning_gradwatch._loss_trace import fetch_with_history
 from lightning_gradwatch._params import ParamGroups, group_of, optimizer_index
 from lightning_gradwatch._precision import grad_scaler
-from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
+from lightning_gradwatch._reporting import logger_step, tensorboard_writers
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import AtLeastFiveInt, AtLeastOne, GreaterThanOne, Null, PositiveFloat, PositiveInt
 from lightning_gradwatch._update_ratio import UpdateTracker
@@ -231,7 +232,8 @@ class GradientNormLogger(GradwatchCallback):
         ratios = tracker.ratios(step, groups) if tracker is not None else None
         if ratios is not None:
             optional["update_to_weight"] = ratios
-        fetched = host_values(*to_fetch, *optional.values())  # the one host sync of a logging step
+        # the one host sync of a logging step, with the loss history riding along
+        fetched, history = fetch_with_history(trainer, *to_fetch, *optional.values())
         self._tallies[suffix] = IntervalTally.zeros(
             len(groups.group_names), global_norm.device, tally.last_nonzero, tally.on_host
         )
@@ -266,6 +268,7 @@ class GradientNormLogger(GradwatchCallback):
             zero_fraction=[zeros[g] for g in present],
             update_ratios=[extra["update_to_weight"][g] for g in present] if "update_to_weight" in extra else None,
             loss_scale=loss_scale if scaler is not None else None,
+            loss_improving=history.improving() if history is not None else None,
         )
         self._judge(trainer, reading, suffix)
         self._draw_flow(trainer, reading, suffix)
