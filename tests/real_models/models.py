@@ -80,6 +80,60 @@ class GRUClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+class CausalSelfAttention(nn.Module):
+    """GPT-2's attention, hand-written: one ``c_attn`` projection to q, k, v, the causal mask a buffer made the
+    usual way (``nn.Transformer.generate_square_subsequent_mask``: ``-inf`` above the diagonal, 0 elsewhere)."""
+
+    def __init__(self, d: int, heads: int, seq_len: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq_len))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask[:t, :t])
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d: int, heads: int, seq_len: int) -> None:
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(d), CausalSelfAttention(d, heads, seq_len)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(d, 4 * d), "c_proj": nn.Linear(4 * d, d)})
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp["c_proj"](F.gelu(self.mlp["c_fc"](self.ln_2(x)), approximate="tanh"))
+
+
+class HandWrittenGPT(nn.Module):
+    """A GPT written by hand as in nanoGPT: pre-LayerNorm blocks, tied input and output embeddings, GPT-2's
+    initialisation (N(0, 0.02^2), the residual projections scaled by 1/sqrt(2 * layers), zero biases)."""
+
+    def __init__(self, vocab: int = VOCAB, seq_len: int = SEQ, d: int = 64, layers: int = 3, heads: int = 4) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq_len, d)
+        self.h = nn.ModuleList(GPTBlock(d, heads, seq_len) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = 0.02 / (2 * layers) ** 0.5 if name.endswith("c_proj") else 0.02
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
 # -- builders ----------------------------------------------------------------------------------------------------
 def _images(net: nn.Module, recipe: Recipe, batch_size: int, size: int = 32) -> RealTask:
     train, held_out = data.class_images(2048, seed=1, size=size), data.class_images(256, seed=2, size=size)
@@ -148,6 +202,16 @@ def gpt2() -> RealTask:
     recipe = Recipe("adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), schedule="warmup_cosine", warmup=0.1)
     train, held_out = data.markov_tokens(4096, seed=1), data.markov_tokens(256, seed=2)
     return RealTask(GPT2LMHeadModel(config), hf_language_model, train, held_out, recipe, batch_size=16)
+
+
+def gpt_handwritten() -> RealTask:
+    # the GPT recipe, as for gpt2: AdamW betas (0.9, 0.95), wd 0.1, linear warm-up then cosine decay
+    recipe = Recipe("adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), schedule="warmup_cosine", warmup=0.1)
+    train, held_out = (
+        data.markov_tokens(4096, seed=1, seq_len=SEQ + 1),
+        data.markov_tokens(256, seed=2, seq_len=SEQ + 1),
+    )
+    return RealTask(HandWrittenGPT(), next_token, train, held_out, recipe, batch_size=16)
 
 
 def bert_classifier() -> RealTask:
@@ -237,6 +301,7 @@ CASES: list[Case] = [
     Case("tinynet_e", tinynet_e, ("timm",), watched=("saturation",)),  # SE gates: sigmoid
     Case("gpt2", gpt2, ("transformers",)),
     Case("gpt2_fp16", gpt2, ("transformers",), max_steps=150, trainer=fp16_plugins),  # CPU fp16 is slow
+    Case("gpt_handwritten", gpt_handwritten),  # its causal mask: a buffer holding -inf
     Case("bert_classifier", bert_classifier, ("transformers",), watched=("saturation",)),  # pooler: tanh
     Case("distilbert_classifier", distilbert_classifier, ("transformers",), watched=("dead_fraction",)),  # ReLU head
     Case("lstm_lm_clipped", lstm_language_model, trainer=lambda: {"gradient_clip_val": 0.25}),

@@ -14,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_gradwatch import GradWatch
-from tests.real_models.models import CASES, Case, FitResult, fit
+from tests.real_models.models import CASES, CASES_BY_NAME, Case, FitResult, HandWrittenGPT, fit
 
 
 def _skip_without(case: Case) -> None:
@@ -45,6 +46,7 @@ def test_gradwatch_stays_silent_on_a_healthy_real_model(case: Case, tmp_path: Pa
     gradwatch = GradWatch()
     result = fit(case, tmp_path, [gradwatch])
 
+    assert result.task.trainer.global_step == case.max_steps, f"halted at step {result.task.trainer.global_step}"
     _assert_detectors_ran(case, result)
     if case.name == "gan":  # adversarial losses do not fall; the samples must move onto the data's modes
         assert result.quality_after < 0.7 * result.quality_before, (result.quality_before, result.quality_after)
@@ -53,3 +55,17 @@ def test_gradwatch_stays_silent_on_a_healthy_real_model(case: Case, tmp_path: Pa
         assert last < 0.8 * first, f"the loss did not fall: {first:.3f} -> {last:.3f}"
     warnings = [alert for alert in gradwatch.alerts if alert.severity == "warning"]
     assert warnings == [], "\n".join(alert.message for alert in warnings)
+
+
+def test_gradwatch_lets_the_gpt_minus_inf_causal_mask_buffer_be(tmp_path: Path) -> None:
+    """A hand-written GPT keeps its causal mask as a buffer of ``-inf`` (``generate_square_subsequent_mask``), the
+    usual way: a non-finite buffer by design, not a fault. GradWatch() must neither halt nor warn."""
+    mask = HandWrittenGPT().h[0].attn.mask
+    assert torch.isneginf(mask).sum() == mask.shape[0] * (mask.shape[0] - 1) // 2  # the strict upper triangle
+    case = CASES_BY_NAME["gpt_handwritten"]
+    gradwatch = GradWatch()
+    result = fit(case, tmp_path, [gradwatch])
+    halts = [alert for alert in gradwatch.alerts if alert.kind == "non_finite"]
+    assert result.task.trainer.global_step == case.max_steps, "\n".join(alert.message for alert in halts)
+    assert [alert for alert in gradwatch.alerts if alert.severity == "warning"] == []
+    assert torch.isneginf(result.task.net.h[0].attn.mask).any()  # the buffer was left as it was
