@@ -170,6 +170,35 @@ def test_custom_scalars_tab_renders_the_gradwatch_charts(page: tuple[str, Chromi
     print(f"custom scalars rendered in {render_s:.1f}s; screenshot {shot} ({len(png)} bytes)")
 
 
+def test_two_runs_in_one_folder_show_their_layouts_side_by_side(page: tuple[str, Chromium], logdir: Path) -> None:
+    # TensorBoard shows one page for every run: the union of the runs' layouts, and each chart drawn from every
+    # run's tags its regexes match (docs/tensorboard.md). Check that on the page: every chart of each run's own
+    # layout once, nothing else, and in each per-layer chart exactly the (run, layer) series its regex names.
+    import json
+    import re
+
+    from tests.browser import http_get
+
+    base, _ = page
+    own = {run: tensorboard_events.layouts(logdir / run)[0][CATEGORY] for run in (HEALTHY, SICK)}
+    served = json.loads(http_get(f"{base}/data/plugin/custom_scalars/layout"))
+    served_charts = [c for cat in served["category"] if cat["title"] == CATEGORY for c in cat["chart"]]
+    assert sorted(c["title"] for c in served_charts) == sorted(set(own[HEALTHY]) | set(own[SICK]))
+
+    browser = _open(page, "custom_scalars")
+    state = browser.wait_for(_CUSTOM_SCALAR_CARDS + "?.rendered && " + _CUSTOM_SCALAR_CARDS, timeout=RENDER_TIMEOUT)
+    cards = {c["title"]: c for cat in state["categories"] if cat["name"] == CATEGORY for c in cat["cards"]}
+    assert set(cards) == set(own[HEALTHY]) | set(own[SICK])
+    tags = {run: set(tensorboard_events.scalars(logdir / run)) for run in (HEALTHY, SICK)}
+    for title, card in cards.items():
+        regexes = [re.compile(r) for r in next(own[run][title] for run in own if title in own[run])]
+        series = sum(any(r.search(t) for r in regexes) for run in tags for t in tags[run])
+        if title.startswith(("gradient norm:", "grad/weight ratio:")):
+            assert series == ON_PAGE[title], (title, series)
+        # each series drawn once, or twice where TensorBoard draws the smoothed line over the raw one
+        assert card["lines"] in (series, 2 * series), (title, card, series)
+
+
 def test_text_tab_shows_the_alert(page: tuple[str, Chromium]) -> None:
     browser = _open(page, "text")
     text = browser.wait_for(
