@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_gradwatch._distributed import all_reduce_sum
+from lightning_gradwatch._distributed import ShardReduction
 from lightning_gradwatch.functional.norms import combine_norms
 
 _T = TypeVar("_T")
@@ -64,6 +64,20 @@ class OptimizerParams:
     _group_lists: list[tuple[list[Any], int]] = field(default_factory=list, repr=False)
     _group_param_ids: tuple[int, ...] = field(default=(), repr=False)
     _derived: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+    _reduction: ShardReduction | None = field(default=None, repr=False)
+
+    @property
+    def reduction(self) -> ShardReduction:
+        """How per-parameter values of local shards combine into the full parameters' (over the mesh dimensions
+        each is sharded along; an identity without sharding). Built on first use, on the host."""
+        if self._reduction is None:
+            self._reduction = ShardReduction(self.params, self.sharded)
+        return self._reduction
+
+    @property
+    def has_dtensors(self) -> bool:
+        """Whether some parameter is a DTensor (FSDP2, tensor parallelism): its gradient may hold summands."""
+        return self.derived("has_dtensors", lambda: any(hasattr(p, "placements") for p in self.params))
 
     @classmethod
     def of(cls, module: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool = False) -> OptimizerParams:
@@ -121,8 +135,8 @@ class OptimizerParams:
         return index
 
     def grouping(self, by: str) -> ParamGroups:
-        """The parameters grouped by owning module (``by="module"``) or one group per parameter (built once; under
-        sharding building is a collective: every rank reaches it at the same step)."""
+        """The parameters grouped by owning module (``by="module"``) or one group per parameter (built once per
+        index; under sharding building is a collective: every rank reaches it at the same step)."""
         groups = self._groupings.get(by)
         if groups is None:
             groups = self._groupings[by] = ParamGroups.build(self, by)
@@ -163,8 +177,12 @@ class ParamGroups:
             group_of_param.append(group_ids[group])
             numels[group_ids[group]] += local_tensor(p).numel()
         group_numels = torch.tensor(numels, dtype=torch.float64)
-        if index.sharded:
-            group_numels = all_reduce_sum(group_numels)  # local shard sizes add up to the full layer sizes
+        if index.reduction.reduces:  # local shard sizes add up to the full layer sizes (over sharded dimensions)
+            local = torch.tensor([local_tensor(p).numel() for p in index.params], dtype=torch.float64)
+            full = index.reduction.sum(local)
+            group_numels = torch.zeros(len(group_names), dtype=torch.float64).index_add_(
+                0, torch.tensor(group_of_param, dtype=torch.int64), full
+            )
         return cls(index, group_names, group_of_param, group_numels)
 
     @property

@@ -8,11 +8,13 @@ step and norm type with ``foreach`` kernels, on the device, without a host sync.
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_gradwatch._distributed import all_reduce_norms
+from lightning_gradwatch._distributed import partial_dims, sum_partials
 from lightning_gradwatch._params import OptimizerParams, local_tensor
 from lightning_gradwatch._precision import grad_scaler, grad_unscale_factor, scaler_found_inf
 from lightning_gradwatch.functional.norms import tensor_norms, total_norm
@@ -58,10 +60,18 @@ class StepGradients:
         self.repeat = repeat
         self.grads: list[Tensor] = []
         self.positions: list[int] = []  # the index in ``index.params`` of each gradient in ``grads``
+        # gradients that hold summands along some mesh dimension (DTensor ``Partial``): k in ``grads`` -> dims
+        self._partials: dict[int, list[tuple[Any, Any]]] = {}
+        dtensors = index.has_dtensors
         for i, p in enumerate(index.params):
             if p.grad is not None:
+                if dtensors:
+                    dims = partial_dims(p.grad)
+                    if dims:
+                        self._partials[len(self.grads)] = dims
                 self.grads.append(local_tensor(p.grad))
                 self.positions.append(i)
+        self._summed: list[Tensor] | None = None
         self.dropped = False
         self._norms: dict[float, Tensor] = {}
         self._global_norms: dict[float, Tensor] = {}
@@ -101,9 +111,9 @@ class StepGradients:
         float32 on the device, 0 for a parameter without a gradient. Computed once per step and norm type."""
         norms = self._norms.get(norm_type)
         if norms is None:
-            norms = self._per_param(tensor_norms(self.grads, norm_type))
-            if self.index.sharded:
-                norms = all_reduce_norms(norms, norm_type)  # a collective: every rank asks in the same order
+            norms = self._per_param(tensor_norms(self._norm_inputs(), norm_type))
+            # over each parameter's sharded mesh dimensions: collectives, every rank asks in the same order
+            norms = self.index.reduction.norms(norms, norm_type)
             if self.unscale is not None:
                 norms = norms * self.unscale.to(norms.device)
             self._norms[norm_type] = norms
@@ -114,13 +124,13 @@ class StepGradients:
         :meth:`param_norms`; not cached: only logging steps need it."""
         weights = [local_tensor(self.index.params[i].detach()) for i in self.positions]
         norms = self._per_param(tensor_norms(weights, norm_type))
-        return all_reduce_norms(norms, norm_type) if self.index.sharded else norms
+        return self.index.reduction.norms(norms, norm_type)
 
     def nonzero_counts(self) -> Tensor:
         """The number of non-zero gradient elements of each parameter (0 without a gradient), float32, summed over
         shards; one ``foreach`` pass (the 0-"norm"), for logging steps."""
-        counts = self._per_param(tensor_norms(self.grads, 0.0))
-        return all_reduce_norms(counts, 1.0) if self.index.sharded else counts
+        counts = self._per_param(tensor_norms(self._norm_inputs(), 0.0))
+        return self.index.reduction.sum(counts)
 
     def global_norm(self, norm_type: float = 2.0) -> Tensor:
         """The norm of all gradients together (0-dim, on the device), from :meth:`param_norms`; once per step."""
@@ -142,6 +152,7 @@ class StepGradients:
         self._norms.clear()
         self._global_norms.clear()
         self._host_norms.clear()
+        self._summed = None
 
     def has_norms(self, norm_type: float = 2.0) -> bool:
         """Whether :meth:`param_norms` was already computed this step (reusing it is free)."""
@@ -153,7 +164,21 @@ class StepGradients:
         for p in self.index.params:
             p.grad = None
         self.grads, self.positions = [], []
+        self._partials, self._summed = {}, None
         self.dropped = True
+
+    def _norm_inputs(self) -> list[Tensor]:
+        """:attr:`grads` as norms must see them: a gradient holding summands (``Partial``) summed first, in a copy
+        (one collective per mesh group for all such gradients; the gradients themselves are left as they are)."""
+        if not self._partials:
+            return self.grads
+        if self._summed is None:
+            ks = sorted(self._partials)
+            summed = sum_partials([self.grads[k] for k in ks], [self._partials[k] for k in ks])
+            self._summed = list(self.grads)
+            for k, t in zip(ks, summed, strict=True):
+                self._summed[k] = t
+        return self._summed
 
     def _per_param(self, local: Tensor) -> Tensor:
         """``local`` (one value per gradient in :attr:`grads`) spread over every parameter, 0 where none."""

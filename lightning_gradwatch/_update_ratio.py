@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_gradwatch._distributed import all_reduce_norms
 from lightning_gradwatch._params import OptimizerParams, ParamGroups, local_tensor
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch.functional.dynamics import snapshot_for_update, update_norms
@@ -36,8 +35,8 @@ class UpdateTracker:
         if before is None or step.index is not self._index:
             return None  # the optimizer's parameters changed since the copy (a group added): no ratio this time
         delta, weight, after = update_norms(before, [local_tensor(p.detach()) for p in step.params], True)
-        if step.index.sharded:
-            delta, weight, after = (all_reduce_norms(t, 2.0) for t in (delta, weight, after))
+        # over each parameter's sharded mesh dimensions, the three together (an identity unsharded)
+        delta, weight, after = step.index.reduction.norms(torch.stack([delta, weight, after], 1), 2.0).unbind(1)
         delta, weight, after = (groups.combine(t, 2.0) for t in (delta, weight, after))
         weight = torch.where(weight > 0, weight, after)  # a zero-initialised layer: measured against its new weights
         return torch.where(
