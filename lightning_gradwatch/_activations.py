@@ -215,8 +215,8 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         lowest = self._lowest[name] = min(self._lowest.get(name, fraction), fraction)
         info, warning = f"{name}|info", f"{name}|warning"
         if fraction <= threshold:
-            self._clear_condition(kind, info)
-            self._clear_condition(kind, warning)
+            self._clear_condition(kind, info, step)
+            self._clear_condition(kind, warning, step)
             return
         grew = fraction >= lowest + self.growth
         reference = self._loss_at_lowest.get(name, math.nan)
@@ -225,7 +225,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         if severity == "warning":
             self._active_conditions.add((kind, info))  # the warning says it all: no info after it
         else:
-            self._clear_condition(kind, warning)
+            self._clear_condition(kind, warning, step)
 
         def alert() -> Alert:
             finding = self._describe(layer, step, fraction, window)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, ClassVar, final
 
 import lightning.pytorch as pl
@@ -28,6 +29,8 @@ from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch.alerts import Alert
 
 _LAYOUT_WRITTEN_ATTR = "_lightning_gradwatch_layout_written"
+#: A condition re-alerts only after it has been clear for this many optimizer steps.
+REARM_STEPS = 100
 _BUNDLE_KEY = "GradWatch"
 
 
@@ -70,6 +73,8 @@ class GradwatchCallback(Callback):
     def __init__(self) -> None:
         self.alerts: list[Alert] = []
         self._active_conditions: set[tuple[str, str]] = set()
+        self._clear_since: dict[tuple[str, str], int] = {}  # an active condition seen clear since this step
+        self._episodes: dict[tuple[str, str], int] = {}  # an active condition's alert, its index in ``alerts``
         self._bundled = False  # set by GradWatch: the bundle saves and restores this callback's state
         self._optimizer_params: dict[int, OptimizerParams] = {}  # the dispatcher's, per fit
         self._last_step: dict[int, int] = {}  # optimizer id -> the global step last dispatched
@@ -93,17 +98,35 @@ class GradwatchCallback(Callback):
     def _set_condition(
         self, trainer: pl.Trainer, kind: str, key: str, firing: bool, make_alert: Callable[[], Alert]
     ) -> None:
-        """Alert when the condition ``(kind, key)`` starts; stay silent while it persists; re-arm when it clears."""
-        condition = (kind, key)
-        if firing and condition not in self._active_conditions:
+        """Alert when the condition ``(kind, key)`` starts; stay silent while it persists. It re-arms once it has
+        been clear for :data:`REARM_STEPS` steps: one that comes back sooner (a layer with one stray non-zero
+        step, a fraction hovering at its threshold) is the same episode, counted on its alert."""
+        condition, now = (kind, key), trainer.global_step
+        if not firing:
+            self._clear_condition(kind, key, now)
+            return
+        cleared = self._clear_since.pop(condition, None)
+        if condition in self._active_conditions and cleared is not None and now - cleared >= REARM_STEPS:
+            self._active_conditions.discard(condition)  # clear long enough: a new episode
+        if condition not in self._active_conditions:
             self._active_conditions.add(condition)
             self._emit_alert(trainer, make_alert())
-        elif not firing:
-            self._clear_condition(kind, key)
+            self._episodes[condition] = len(self.alerts) - 1
+        elif cleared is not None:  # back within the episode: one more occurrence of its alert
+            index = self._episodes.get(condition)
+            if index is not None and index < len(self.alerts):
+                alert = self.alerts[index]
+                self.alerts[index] = replace(alert, count=alert.count + 1, last_step=now)
 
-    def _clear_condition(self, kind: str, key: str) -> None:
-        """The condition ``(kind, key)`` no longer holds: its next onset is a new alert."""
-        self._active_conditions.discard((kind, key))
+    def _clear_condition(self, kind: str, key: str, step: int | None = None) -> None:
+        """The condition ``(kind, key)`` no longer holds. Without ``step`` the episode is over at once (the guard's
+        fault episode ends with a clean step); at ``step`` it ends only after :data:`REARM_STEPS` clear steps."""
+        condition = (kind, key)
+        if step is None:
+            self._active_conditions.discard(condition)
+            self._clear_since.pop(condition, None)
+        elif condition in self._active_conditions:
+            self._clear_since.setdefault(condition, step)
 
     # -- logging ---------------------------------------------------------------------------------------------
     @staticmethod

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -152,12 +152,31 @@ class VanishingRule:
             return None
         early = layers[: math.ceil(len(layers) / 2)]
         below = sum(m < self.ratio * nearest_loss for _, m in early)
+        # the extreme of vanishing: the layers before it get a gradient that underflows to exactly 0 in float,
+        # while the first non-zero one is already tiny (a healthy first non-zero layer after zeros is a cut-off
+        # path, dead units or a detach, not vanishing)
+        zeros = r.names[: r.names.index(name)]
+        if zeros:
+            never = sum(s == -1 for s in r.silent_steps[: len(zeros)])
+            finding = (
+                f"Vanishing gradients at step {r.step}: the gradients of the first {len(zeros)} layers ('{zeros[0]}' "
+                f"to '{zeros[-1]}') underflow to exactly 0 ({never} of them have never been anything else); the first layer with a "
+                f"non-zero gradient, '{name}', has {value:.3g} per active element, {value / nearest_loss:.2g}x that of "
+                f"the layers nearest the loss ({nearest_loss:.3g})."
+            )
+            return Verdict(AlertKind.VANISHING_GRADIENT, "", zeros[0], 0.0, self.threshold, finding)
         finding = (
             f"Vanishing gradients at step {r.step}: the first layer '{name}' has a gradient magnitude of {value:.3g} "
             f"per active element, {value / nearest_loss:.2g}x that of the layers nearest the loss ({nearest_loss:.3g}); "
             f"{below} of the first {len(early)} layers are below {self.ratio:g}x."
         )
         return Verdict(AlertKind.VANISHING_GRADIENT, "", name, value, self.threshold, finding)
+
+    def below(self, r: GradientReading) -> set[str]:
+        """The layers whose gradient magnitude is below the threshold (exact zeros included): where it vanished."""
+        if self.threshold is None:
+            return set()
+        return {n for n, m in zip(r.names, r.active_rms, strict=True) if m < self.threshold}
 
 
 class StoppedRule:
@@ -358,8 +377,21 @@ class Diagnosis:
         out.append(
             (AlertKind.EXPLODING_GRADIENT, "|warning", exploding if exploding and exploding.key == "warning" else None)
         )
-        out.append((AlertKind.VANISHING_GRADIENT, "", self.vanishing.check(r)))
-        found = {(v.kind, v.key): v for v in self.stopped.check(r) + self.updates.check(r) + self.underflow.check(r)}
+        vanishing = self.vanishing.check(r)
+        updates = self.updates.check(r)
+        if vanishing is not None:
+            # a layer whose gradient vanished does not move either: one cause, one problem, not one per layer
+            vanished = self.vanishing.below(r)
+            still = [v for v in updates if v.key.startswith("frozen ") and v.name in vanished]
+            updates = [v for v in updates if v not in still]
+            if still:
+                names = ", ".join(f"'{v.name}'" for v in still[:6]) + (
+                    f" and {len(still) - 6} more" if len(still) > 6 else ""
+                )
+                finding = f"{vanishing.finding} {len(still)} of them no longer move at all: {names}."
+                vanishing = replace(vanishing, finding=finding)
+        out.append((AlertKind.VANISHING_GRADIENT, "", vanishing))
+        found = {(v.kind, v.key): v for v in self.stopped.check(r) + updates + self.underflow.check(r)}
         keys = [(AlertKind.STOPPED_LAYER, n) for n in r.names]
         keys += [(AlertKind.UPDATE_RATIO, "high"), (AlertKind.UPDATE_RATIO, "high severe")]
         keys += [(AlertKind.UPDATE_RATIO, f"frozen {n}") for n in r.names]

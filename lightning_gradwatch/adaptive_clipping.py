@@ -338,6 +338,7 @@ class AdaptiveClipping(GradwatchCallback):
             message=with_remedy(AlertKind.GRADIENT_SPIKE, finding) if severity == "warning" else finding,
             severity=severity,  # type: ignore[arg-type]
             onset=int(values["first_spike_step"]),
+            count=count,
         )
 
     # -- TensorBoard / state ---------------------------------------------------------------------------------

@@ -212,6 +212,9 @@ class Alert:
         onset: the step the condition began, when known and earlier than ``step`` (e.g. a gradient explosion
             between two logging steps); the report orders problems by it, so the first reads as the cause.
         cause: what the finding is attributed to, a key of :data:`ALERT_CAUSES` (``""`` when unknown).
+        count: how many times the condition was seen in this episode (it came back before it had cleared for long,
+            or, for events folded into one alert such as clipped spikes, how many there were).
+        last_step: the step it was last seen, when later than ``step``.
     """
 
     step: int
@@ -223,6 +226,8 @@ class Alert:
     severity: Severity = "warning"
     onset: int | None = None
     cause: str = ""
+    count: int = 1
+    last_step: int | None = None
 
     @property
     def began(self) -> int:
@@ -248,4 +253,6 @@ class Alert:
             severity=data.get("severity", "warning"),
             onset=None if data.get("onset") is None else int(data["onset"]),
             cause=str(data.get("cause", "")),
+            count=int(data.get("count", 1)),
+            last_step=None if data.get("last_step") is None else int(data["last_step"]),
         )

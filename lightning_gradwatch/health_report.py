@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 
 import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
+from lightning_gradwatch._params import clean_name
 from lightning_gradwatch._reporting import log_dir
 from lightning_gradwatch._validation import check_bool
 from lightning_gradwatch.alerts import ALERT_CAUSES, ALERT_KIND_INFO, Alert, AlertKind
@@ -36,6 +37,7 @@ class Finding:
     remedy: str
     message: str  # the first alert's message
     cause: str = ""
+    consequence_of: str = ""  # the title of the earlier problem this one most likely follows from (one cause, one row)
 
 
 def _distance(alert: Alert) -> float:
@@ -45,9 +47,37 @@ def _distance(alert: Alert) -> float:
     return math.inf
 
 
-def summarize(alerts: Iterable[Alert]) -> list[Finding]:
-    """Fold alerts into findings, one per (kind, name, severity), ordered by when they began: the first problem of a
-    run is listed first, so it reads as the cause of what followed."""
+#: Problems that, when they come first, explain later ones of these kinds: a learning rate far too high blows the
+#: gradients up and kills units; a collapse after a blow-up stops layers; a vanished gradient stops layers moving.
+CONSEQUENCES: dict[str, frozenset[str]] = {
+    AlertKind.LEARNING_RATE: frozenset(
+        {
+            AlertKind.EXPLODING_GRADIENT,
+            AlertKind.GRADIENT_SPIKE,
+            AlertKind.LOSS_SPIKE,
+            AlertKind.DEAD_NEURONS,
+            AlertKind.SATURATION,
+            AlertKind.STOPPED_LAYER,
+            AlertKind.UPDATE_RATIO,
+        }
+    ),
+    AlertKind.GRADIENTS_NOT_RESET: frozenset(
+        {AlertKind.EXPLODING_GRADIENT, AlertKind.GRADIENT_SPIKE, AlertKind.DEAD_NEURONS, AlertKind.UPDATE_RATIO}
+    ),
+    AlertKind.EXPLODING_GRADIENT: frozenset({AlertKind.STOPPED_LAYER, AlertKind.DEAD_NEURONS, AlertKind.UPDATE_RATIO}),
+    AlertKind.GRADIENT_SPIKE: frozenset({AlertKind.STOPPED_LAYER, AlertKind.DEAD_NEURONS}),
+    AlertKind.VANISHING_GRADIENT: frozenset({AlertKind.STOPPED_LAYER, AlertKind.UPDATE_RATIO}),
+    AlertKind.NOT_IN_OPTIMIZER: frozenset({AlertKind.UPDATE_RATIO}),
+    AlertKind.NO_GRADIENT: frozenset({AlertKind.UPDATE_RATIO, AlertKind.STOPPED_LAYER}),
+}
+
+
+def summarize(alerts: Iterable[Alert], model_order: Sequence[str] = ()) -> list[Finding]:
+    """Fold alerts into findings, one per (kind, name, severity), ordered by when they began (layers of one step in
+    ``model_order``, the model's module names): the first problem of a run is listed first, so it reads as the
+    cause of what followed. A warning that most likely follows from an earlier one (see :data:`CONSEQUENCES`) names
+    it in ``consequence_of``."""
+    rank = {name: i for i, name in enumerate(model_order)}
     grouped: dict[tuple[str, str, str], list[Alert]] = {}
     for alert in alerts:
         grouped.setdefault((alert.kind, alert.name, alert.severity), []).append(alert)
@@ -63,8 +93,8 @@ def summarize(alerts: Iterable[Alert]) -> list[Finding]:
                 name=name,
                 severity=severity,
                 first_step=group[0].began,
-                last_step=max(a.step for a in group),
-                occurrences=len(group),
+                last_step=max(a.step if a.last_step is None else a.last_step for a in group),
+                occurrences=sum(a.count for a in group),
                 worst_value=worst.value,
                 threshold=worst.threshold,
                 title=info.title if info else kind,
@@ -73,15 +103,41 @@ def summarize(alerts: Iterable[Alert]) -> list[Finding]:
                 cause=cause,
             )
         )
-    return sorted(findings, key=lambda f: (f.first_step, f.kind, f.name))
+    findings.sort(key=lambda f: (f.first_step, f.kind, rank.get(f.name, len(rank)), f.name))
+    return _attribute(findings)
+
+
+def _attribute(findings: list[Finding]) -> list[Finding]:
+    """Mark each warning that began at or after an earlier warning it usually follows from (the earliest such)."""
+    out: list[Finding] = []
+    roots: list[Finding] = []
+    for f in findings:
+        root = None
+        if f.severity == "warning":
+            root = next((r for r in roots if f.kind in CONSEQUENCES.get(r.kind, ()) and r.kind != f.kind), None)
+        if root is not None:
+            f = replace(f, consequence_of=root.title)
+        elif f.severity == "warning":
+            roots.append(f)
+        out.append(f)
+    return out
+
+
+def _cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (a layer name may hold a ``|``)."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def render_markdown(
     findings: list[Finding], steps: int, stopped: str = "", pictures: list[tuple[str, str]] | None = None
 ) -> str:
     """A short human-readable diagnosis; a healthy run gets one line (and its notes, if any, below it)."""
-    problems = [f for f in findings if f.severity == "warning"]
+    problems = [f for f in findings if f.severity == "warning" and not f.consequence_of]
     notes = [f for f in findings if f.severity != "warning"]
+    followers: dict[str, list[Finding]] = {}
+    for f in findings:
+        if f.severity == "warning" and f.consequence_of:
+            followers.setdefault(f.consequence_of, []).append(f)
     ending = f" ({stopped})" if stopped else ""
     if problems:
         lines = [
@@ -92,8 +148,14 @@ def render_markdown(
         ]
         for f in problems:
             measured = "-" if f.kind in _NO_MEASUREMENT else f"{f.worst_value:.3g} ({f.threshold:.3g})"
+            then = "; ".join(
+                f"{c.title.lower()} in `{_cell(c.name or '(model)')}` from step {c.first_step}"
+                for c in followers.get(f.title, [])
+            )
+            title = f"{f.title} (then: {then})" if then else f.title
             lines.append(
-                f"| {f.title} | `{f.name or '(model)'}` | {f.first_step} | {f.occurrences}x | {measured} | {f.remedy} |"
+                f"| {_cell(title)} | `{_cell(f.name or '(model)')}` | {f.first_step} | {f.occurrences}x | {measured} | "
+                f"{_cell(f.remedy)} |"
             )
     else:
         lines = [f"gradwatch: healthy run - no gradient problems found in {steps} steps{ending}."]
@@ -158,11 +220,14 @@ class HealthReport(GradwatchCallback):
 
     def _report(self, trainer: pl.Trainer) -> None:
         peers = gradwatch_callbacks(trainer)
-        self.findings = summarize(a for cb in peers for a in cb.alerts)
+        module = trainer.lightning_module
+        order = [clean_name(n) for n, _ in module.named_modules()] if module is not None else []
+        self.findings = summarize((a for cb in peers for a in cb.alerts), order)
         if not trainer.is_global_zero:
             return
-        halts = [(cb.halt_step, type(cb).__name__) for cb in peers if getattr(cb, "halt_step", None) is not None]
-        stopped = f"stopped at step {halts[0][0]} by {halts[0][1]}" if halts and trainer.should_stop else ""
+        # a halt of this fit only: a run resumed from a halt checkpoint and stopped later by something else was not
+        halts = [(cb.halt_step, type(cb).__name__) for cb in peers if getattr(cb, "stopped_this_fit", False)]
+        stopped = f"stopped at step {halts[0][0]} by {halts[0][1]}" if halts else ""
         directory = self.dirpath or log_dir(trainer)
         os.makedirs(directory, exist_ok=True)
         pictures = [item for cb in peers for item in cb._report_pictures(trainer, directory)]

@@ -168,6 +168,11 @@ class NaNGuard(GradwatchCallback):
         return self.totals.halt_step
 
     @property
+    def stopped_this_fit(self) -> bool:
+        """Whether this guard stopped the current (or last) fit; ``halt_step`` may be a restored earlier halt's."""
+        return self._halted
+
+    @property
     def halt_checkpoint(self) -> str | None:
         """Where the last good state was saved on halt, if it was."""
         return self.totals.halt_checkpoint
