@@ -14,51 +14,78 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
-from lightning_gradwatch._distributed import all_reduce_max
+from lightning_gradwatch._distributed import all_reduce_max, distributed
 from lightning_gradwatch._precision import grad_scaler, unscaled_loss
 from lightning_gradwatch._reporting import host_values, log_dir
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._snapshot import Rollbacks
 from lightning_gradwatch._step import StepGradients, host_is_free
-from lightning_gradwatch._types import AtLeastThreeInt, Null, PositiveFloat, PositiveInt
+from lightning_gradwatch._types import AtLeastThreeInt, FinitePositiveFloat, Null, PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.clipping import ring_push
-from lightning_gradwatch.functional.spikes import robust_zscore, robust_zscore_of_floats
+from lightning_gradwatch.functional.spikes import (
+    batch_fingerprint,
+    fingerprint_probe,
+    is_spike,
+    robust_zscore,
+    robust_zscore_of_floats,
+    same_fingerprint,
+)
 
 SpikeAction = Literal["log", "skip", "rollback"]
 SPIKE_ACTIONS: tuple[str, ...] = ("log", "skip", "rollback")
 
 
+# one step's verdict: its flags (max-reduced over ranks with NaNGuard's read, or at LossSpikeGuard's own), then values
+V_SPIKE, V_SHIFT, V_DROP, V_Z, V_LOSS, V_MEDIAN, V_PRINT = range(7)
+VERDICT_SIZE = 7
+
+
 class LossSpikeGuard(GradwatchCallback):
     r"""Catch loss spikes: a step whose training loss lies more than ``z_threshold`` robust standard deviations above
     the median of the last ``window`` steps (``1.4826 * MAD``: the spikes themselves do not widen it; OLMo-core uses
-    mean + 6 sigma over 128 steps), once ``warmup_steps`` losses are known.
+    mean + 6 sigma over 128 steps) and more than ``min_delta`` above it, once ``warmup_steps`` losses are known.
 
     **Actions**: ``"log"`` (alert and record), ``"skip"`` (drop the update exactly: the optimizer does not step, its
     state is untouched), ``"rollback"`` (restore the last snapshot of weights, buffers and optimizer state, taken
-    every ``snapshot_every_n_steps`` spike-free steps, with NaNGuard's snapshot machinery). Spikes never enter the
-    window. Every spike's step and its batch (index in the epoch) is recorded in ``gradwatch_spikes.json`` next to
-    the logs; pass that file as ``skip_batches`` when resuming to drop those batches' updates (the PaLM recipe: rewind
-    before the spike and skip the data that caused it).
+    every ``snapshot_every_n_steps`` spike-free steps and only of a state checked finite, with NaNGuard's snapshot
+    machinery). Spikes never enter the window. Every spike's step, its batch (index in the epoch) and a fingerprint
+    of the batch's content are recorded in ``gradwatch_spikes.json`` next to the logs; pass that file as
+    ``skip_batches`` when resuming to drop those batches' updates (the PaLM recipe: rewind before the spike and skip
+    the data that caused it). Batches are found by their fingerprint, so a mid-epoch resume that replays the epoch's
+    data from its start drops the right ones.
 
-    **No host sync of its own where it can be avoided.** The spike flag is decided on the device and reduced over
-    ranks (every rank decides alike). Under ``32-true``/``bf16-mixed`` it rides on NaNGuard's one read per step when
-    NaNGuard is there (so with both, a step still costs one sync); alone, ``"skip"`` and ``"rollback"`` read it
-    (one sync per step) and ``"log"`` reads spikes at logging steps. Under ``16-mixed`` ``"skip"`` makes the
-    GradScaler skip the step on the device (no sync), and ``"rollback"`` acts as ``"skip"``. On a CPU, where a host
-    read costs nothing, a single process keeps the window as Python floats and decides every step on the host
-    (the same median, MAD and threshold), so every action, ``"log"`` included, sees a spike at its own step.
+    **A lasting change of level is no spike.** After ``level_shift_after`` spikes in a row the loss has settled at a
+    new level (a new data regime, a curriculum stage): the guard takes it as the level (the window is refilled from
+    those losses), stops acting, and says so once (``loss_spike``, info, "level shift"): training never freezes.
 
-    Alerts ``loss_spike`` (info for an isolated spike the run recovers from; a warning when they repeat).
-    Logs ``gradwatch/loss_spike/z`` (the step's z-score) and ``gradwatch/loss_spike/spikes`` (cumulative).
-    Automatic optimization only (manual optimization mixes several losses): idle with one warning otherwise.
+    **One alert per episode.** Spikes with fewer than ``window`` steps between them are one episode: it is alerted
+    once, and its alert's step, count and message follow it (every spike is still in :attr:`spikes` and the file).
+
+    **No host sync of its own where it can be avoided.** The verdict is decided on the device and reduced over
+    ranks (every rank decides and records alike, in every mode). Under ``32-true``/``bf16-mixed`` it rides on
+    NaNGuard's one read per step when NaNGuard is there (so with both, a step still costs one sync); alone,
+    ``"skip"`` and ``"rollback"`` (and ``skip_batches``) read it (one sync per step) and ``"log"`` reads spikes at
+    logging steps. Under ``16-mixed`` ``"skip"`` makes the GradScaler skip the step on the device (no sync), and
+    ``"rollback"`` acts as ``"skip"``. On a CPU, where a host read costs nothing, a single process keeps the window
+    as Python floats and decides every step on the host (the same median, MAD and threshold), so every action,
+    ``"log"`` included, sees a spike at its own step.
+
+    Alerts ``loss_spike`` (info for an isolated spike the run recovers from or a level shift; a warning when spikes
+    keep coming). Logs ``gradwatch/loss_spike/z`` (the step's z-score) and ``gradwatch/loss_spike/spikes``
+    (cumulative). Automatic optimization only (manual optimization mixes several losses): idle with one warning
+    otherwise.
 
     Args:
         action: ``"log"``, ``"skip"`` or ``"rollback"``.
         z_threshold: robust standard deviations above the median that make a spike.
+        min_delta: the least a spike exceeds the median by, in the loss's units: a loss near zero (1e-5 to 3e-5)
+            is hundreds of robust deviations from its median but no spike. Lower it for losses on a small scale
+            (e.g. the MSE of targets of size 0.01); a tiny value judges by the z-score alone.
         window: how many recent losses the median and MAD are taken over.
         warmup_steps: losses gathered before any spike is called (a young run's loss falls fast).
+        level_shift_after: this many spikes in a row are a lasting change of level, taken as the new level.
         snapshot_every_n_steps: with ``"rollback"``, the snapshot cadence in spike-free steps.
         max_rollbacks: with ``"rollback"``, skip instead once the same snapshot was restored this often.
         skip_batches: a ``gradwatch_spikes.json`` of an earlier run: drop the updates of the batches it lists.
@@ -82,8 +109,10 @@ class LossSpikeGuard(GradwatchCallback):
         self,
         action: SpikeAction = "log",
         z_threshold: PositiveFloat = 6.0,
+        min_delta: FinitePositiveFloat = 0.1,
         window: AtLeastThreeInt = 128,
         warmup_steps: PositiveInt = 50,
+        level_shift_after: AtLeastThreeInt = 10,
         snapshot_every_n_steps: PositiveInt = 50,
         max_rollbacks: PositiveInt = 3,
         skip_batches: str | os.PathLike[str] | None = None,
@@ -92,22 +121,33 @@ class LossSpikeGuard(GradwatchCallback):
         super().__init__()
         self.action: SpikeAction = check_choice("action", action, SPIKE_ACTIONS)
         self.z_threshold = check_number("z_threshold", z_threshold, gt=0)
+        self.min_delta = check_number("min_delta", min_delta, gt=0, finite=True)
         self.window = check_number("window", window, ge=3, integer=True)
         self.warmup_steps = check_number("warmup_steps", warmup_steps, ge=1, integer=True)
+        self.level_shift_after = check_number("level_shift_after", level_shift_after, ge=3, integer=True)
         self.snapshot_every_n_steps = check_number("snapshot_every_n_steps", snapshot_every_n_steps, ge=1, integer=True)
         self.max_rollbacks = check_number("max_rollbacks", max_rollbacks, ge=1, integer=True)
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
-        self.skip_batches = _load_batches(skip_batches)
-        self.spikes: list[dict[str, Any]] = []  # every spike found: step, epoch, batch_idx, loss, median, z
+        self._skip_positions, self._skip_prints = _load_batches(skip_batches)
+        self.skip_batches = self._skip_positions | {(int(e), -1) for e, _ in self._skip_prints}  # kept for reading
+        self.spikes: list[dict[str, Any]] = []  # every spike found: step, epoch, batch_idx, loss, median, z, print
         self.skipped_batches = 0
         # the window (a ring buffer) and how many it holds: on the device, or a list on the CPU's host path
         self._losses: Tensor | list[float] | None = None
         self._count: Tensor | int = 0
+        # the current run of consecutive spikes: its length and its losses (a level shift refills the window with them)
+        self._run: Tensor | int = 0
+        self._recent: Tensor | list[float] | None = None
         self._loss: Tensor | float | None = None  # this step's loss, summed over its micro-batches
-        self._verdict: Tensor | list[float] | None = None  # [spike, z, loss, median] of this step
+        self._print: Tensor | float | None = None  # the fingerprint of this step's (first) batch
+        self._drop: Tensor | bool = False  # this step's batch is one of skip_batches (found by its fingerprint)
+        self._verdict: Tensor | list[float] | None = None  # this step's verdict (V_* above)
         self._pending: list[tuple[int, int, int, Tensor | list[float]]] = []  # (step, epoch, batch_idx, verdict)
         self._done = "logged"  # what this step's action did, for its record
         self._batch: tuple[int, int] = (0, 0)
+        self._episode: dict[str, Any] | None = None  # the open spike episode: first/last step, count, alert
+        self._probes: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+        self._prints_on: tuple[torch.device, Tensor] | None = None
         self._active = True
         self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
 
@@ -122,6 +162,7 @@ class LossSpikeGuard(GradwatchCallback):
         super().on_fit_start(trainer, pl_module)
         self._active = pl_module.automatic_optimization
         self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
+        self._episode = None
         if not self._active:
             rank_zero_warn("LossSpikeGuard is idle: it watches automatic optimization only (one loss per step).")
 
@@ -129,7 +170,22 @@ class LossSpikeGuard(GradwatchCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = (trainer.current_epoch, batch_idx)
+        first = self._loss is None  # the step's first micro-batch
+        if first:
+            self._batch = (trainer.current_epoch, batch_idx)
+        tensor = _first_tensor(batch)
+        if tensor is None or not self._active:
+            return
+        fingerprint = self._fingerprint(tensor)
+        if first:
+            self._print = fingerprint
+        if self._skip_prints:  # a listed batch anywhere in the step drops its update
+            if isinstance(fingerprint, Tensor):
+                match = same_fingerprint(fingerprint, self._prints_tensor(fingerprint.device))
+                self._drop = match if first or not isinstance(self._drop, Tensor) else self._drop | match
+            else:
+                found = any(same_fingerprint(fingerprint, p) for _, p in self._skip_prints)
+                self._drop = found or (bool(self._drop) and not first)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -138,13 +194,14 @@ class LossSpikeGuard(GradwatchCallback):
         device_value = unscaled_loss(trainer, loss)  # the loss is scaled under fp16
         if host_is_free(loss.device) and trainer.world_size == 1:  # a CPU: decide on the host, in microseconds
             value = float(device_value)
-            self._loss = value if self._loss is None else self._loss + value  # micro-batches: each is loss / A
+            self._loss = value if not isinstance(self._loss, float) else self._loss + value  # micro-batches: loss / A
             self._verdict = self._judge_on_host(self._loss)
             return
         self._loss = device_value if not isinstance(self._loss, Tensor) else self._loss + device_value
         self._verdict = self._judge(self._loss)
         if grad_scaler(trainer) is not None and trainer.world_size > 1:  # the device-side skip: the same on every rank
-            self._verdict = torch.cat([all_reduce_max(self._verdict[:1]), self._verdict[1:]])
+            flags = V_DROP + 1
+            self._verdict = torch.cat([all_reduce_max(self._verdict[:flags]), self._verdict[flags:]])
         if any(cb.reads_every_step for cb in gradwatch_callbacks(trainer)):
             # ride on NaNGuard's read (max over ranks): this step's verdict and any not read yet
             unread = [v for *_, v in self._pending if isinstance(v, Tensor)] + [self._verdict]
@@ -164,11 +221,11 @@ class LossSpikeGuard(GradwatchCallback):
         optimizer: torch.optim.Optimizer,
         step: StepGradients,
     ) -> None:
-        verdict, self._loss, self._verdict = self._verdict, None, None
+        verdict, self._loss, self._verdict, self._drop = self._verdict, None, None, False
         if step.repeat or not step.grads or verdict is None:
             return
         epoch, batch_idx = self._batch
-        if (epoch, batch_idx) in self.skip_batches:  # known on the host: drop it, no sync
+        if (epoch, batch_idx) in self._skip_positions:  # listed without a fingerprint (an older file): by position
             step.drop()
             self.skipped_batches += 1
             return
@@ -178,61 +235,129 @@ class LossSpikeGuard(GradwatchCallback):
             delivered: list[float] | None = self._pending_values()
         else:
             delivered = shared_read(trainer).take(self, trainer.global_step)
-        if delivered is None and self.action != "log" and not step.has_scaler:
-            if trainer.world_size > 1:
-                self._pending[-1] = (*self._pending[-1][:3], torch.cat([all_reduce_max(verdict[:1]), verdict[1:]]))
+        acts = self.action != "log" or bool(self._skip_prints)
+        if delivered is None and acts and not step.has_scaler:
             delivered = self._pending_values()  # alone under 32/bf16: one read per step
         if delivered is not None:
-            if delivered[-4] > 0 and self.action != "log":
+            now = delivered[-VERDICT_SIZE:]
+            if now[V_DROP] > 0:
+                step.drop()
+                self._done = "its batch is listed in skip_batches: its update was dropped"
+            elif now[V_SPIKE] > 0 and self.action != "log":
                 self._act(trainer, pl_module, optimizer, step)
             elif self.action == "rollback" and not step.dropped:
-                self._rollbacks.clean_step(pl_module, step.params, optimizer)
+                self._rollbacks.clean_step(pl_module, step.params, optimizer, checked=False)
             self._handle(trainer, delivered)
-        elif step.has_scaler and self.action != "log":
+        elif step.has_scaler and acts:
             assert isinstance(verdict, Tensor)
-            _force_scaler_skip(trainer, optimizer, step, verdict[0] > 0)  # on the device: the GradScaler skips
+            skip = verdict[V_DROP] > 0
+            if self.action != "log":
+                skip = skip | (verdict[V_SPIKE] > 0)
+            _force_scaler_skip(trainer, optimizer, step, skip)  # on the device: the GradScaler skips
         if self._should_log(trainer, self.log_every_n_steps):
             if delivered is None:  # the logging step's own transfer
                 delivered = self._pending_values()
                 self._handle(trainer, delivered)
-            metrics = {"gradwatch/loss_spike/z": delivered[-3], "gradwatch/loss_spike/spikes": float(len(self.spikes))}
+            metrics = {
+                "gradwatch/loss_spike/z": delivered[-VERDICT_SIZE + V_Z],
+                "gradwatch/loss_spike/spikes": float(len(self.spikes)),
+            }
             self._log_metrics(trainer, metrics)
 
     # -- internals -------------------------------------------------------------------------------------------
+    def _fingerprint(self, tensor: Tensor) -> Tensor | float:
+        key = (tensor.numel(), tensor.device)
+        probe = self._probes.get(key)
+        if probe is None:
+            if len(self._probes) > 8:  # batch shapes vary (the last batch, bucketing): keep the cache small
+                self._probes.clear()
+            probe = self._probes[key] = fingerprint_probe(tensor.numel(), tensor.device)
+        value = batch_fingerprint(tensor, *probe)
+        return float(value) if host_is_free(tensor.device) and _single_process() else value
+
+    def _prints_tensor(self, device: torch.device) -> Tensor:
+        if self._prints_on is None or self._prints_on[0] != device:
+            values = torch.tensor([p for _, p in self._skip_prints], dtype=torch.float32, device=device)
+            self._prints_on = (device, values)
+        return self._prints_on[1]
+
     def _judge(self, loss: Tensor) -> Tensor:
-        """``[spike, z, loss, median]`` of this step, on the device."""
+        """This step's verdict (``V_*``), on the device."""
         if not isinstance(self._losses, Tensor) or self._losses.device != loss.device:
             self._losses, self._count = _window_tensors(self._losses, self._count, self.window, loss.device)
-        assert isinstance(self._count, Tensor)
+            self._run = torch.as_tensor(int(self._run) if not isinstance(self._run, Tensor) else self._run).to(
+                loss.device
+            )
+            self._recent = torch.zeros(self.level_shift_after, device=loss.device)
+        assert isinstance(self._count, Tensor) and isinstance(self._run, Tensor)
         z, median, _ = robust_zscore(self._losses, self._count, loss)
-        spike = (self._count >= self.warmup_steps) & (z > self.z_threshold) & torch.isfinite(loss)
-        return torch.stack([spike.float(), z, loss, median])
+        raw = (self._count >= self.warmup_steps) & is_spike(z, loss, median, self.z_threshold, self.min_delta)
+        assert isinstance(raw, Tensor)
+        shift = raw & (self._run + 1 >= self.level_shift_after)
+        spike = raw & ~shift
+        fingerprint = self._print if isinstance(self._print, Tensor) else torch.zeros((), device=loss.device)
+        fingerprint = torch.where(raw, fingerprint.to(loss.device), float("-inf"))  # the spiking rank's, after max
+        drop = self._drop if isinstance(self._drop, Tensor) else torch.full((), bool(self._drop), device=loss.device)
+        flags = [spike.float(), shift.float(), drop.to(loss.device).float()]
+        return torch.stack([*flags, z, loss.to(torch.float32), median, fingerprint])
 
     def _judge_on_host(self, loss: float) -> list[float]:
         """:meth:`_judge` on the host, with the window as a list."""
         if not isinstance(self._losses, list):
             self._losses, self._count = _window_floats(self._losses, self._count, self.window)
+            self._run = int(self._run)
+            self._recent = [0.0] * self.level_shift_after
         count = int(self._count)
         z, median, _ = robust_zscore_of_floats(self._losses[: min(count, self.window)], loss)
-        spike = count >= self.warmup_steps and z > self.z_threshold and math.isfinite(loss)
-        return [float(spike), z, loss, median]
+        raw = count >= self.warmup_steps and bool(is_spike(z, loss, median, self.z_threshold, self.min_delta))
+        shift = raw and int(self._run) + 1 >= self.level_shift_after
+        fingerprint = float(self._print) if raw and self._print is not None else -math.inf
+        return [float(raw and not shift), float(shift), float(bool(self._drop)), z, loss, median, fingerprint]
 
     def _fold(self, verdict: Tensor | list[float]) -> None:
+        """Take this step's loss into the window (not a spike's, a dropped batch's, nor a non-finite one), or, on a
+        level shift, refill the window with the run of spikes that made it."""
+        n = self.level_shift_after
         if isinstance(verdict, list):
-            assert isinstance(self._losses, list)
-            if verdict[0] == 0 and math.isfinite(verdict[2]):  # spikes (and NaN, NaNGuard's) never widen the window
-                self._losses[int(self._count) % self.window] = verdict[2]
-                self._count = int(self._count) + 1
+            assert isinstance(self._losses, list) and isinstance(self._recent, list)
+            spike, shift, drop, loss = verdict[V_SPIKE] > 0, verdict[V_SHIFT] > 0, verdict[V_DROP] > 0, verdict[V_LOSS]
+            run = int(self._run)
+            if shift:
+                self._recent[run % n] = loss
+                self._losses = [self._recent[(j - self.window + run + 1) % n] for j in range(self.window)]
+                self._count, self._run = self.window, 0
+            elif spike:
+                self._recent[run % n] = loss
+                self._run = run + 1
+            elif not drop:
+                self._run = 0
+                if math.isfinite(loss):  # NaN (NaNGuard's) never widens the window
+                    self._losses[int(self._count) % self.window] = loss
+                    self._count = int(self._count) + 1
             return
         assert isinstance(self._losses, Tensor) and isinstance(self._count, Tensor)
-        valid = (verdict[0] == 0) & torch.isfinite(verdict[2])
-        self._losses, self._count = ring_push(self._losses, self._count, verdict[2], valid)
+        assert isinstance(self._run, Tensor) and isinstance(self._recent, Tensor)
+        spike, shift, drop, loss = verdict[V_SPIKE] > 0, verdict[V_SHIFT] > 0, verdict[V_DROP] > 0, verdict[V_LOSS]
+        slot = self._run % n
+        recent = self._recent.index_put((slot.reshape(1),), loss.reshape(1).to(self._recent.dtype))
+        self._recent = torch.where(spike | shift, recent, self._recent)
+        valid = ~(spike | shift | drop) & torch.isfinite(loss)
+        losses, count = ring_push(self._losses, self._count, loss, valid)
+        refill = self._recent[(torch.arange(self.window, device=loss.device) - self.window + self._run + 1) % n]
+        self._losses = torch.where(shift, refill, losses)
+        self._count = torch.where(shift, torch.full_like(count, self.window), count)
+        self._run = torch.where(spike, self._run + 1, torch.where(drop, self._run, torch.zeros_like(self._run)))
 
     def _pending_values(self) -> list[float]:
-        """The verdicts not read yet, on the host, flat (four per step): one transfer for those on the device."""
+        """The verdicts not read yet, on the host, flat: one reduction over ranks (max, so that every rank records
+        alike; the same steps are pending on every rank) and one transfer for those on the device."""
         verdicts = [v for *_, v in self._pending]
-        fetched = iter(host_values(*(v for v in verdicts if isinstance(v, Tensor))))
-        return [x for v in verdicts for x in (v if isinstance(v, list) else next(fetched))]
+        on_device = [v for v in verdicts if isinstance(v, Tensor)]
+        fetched = iter(host_values(all_reduce_max(torch.cat(on_device)))[0] if on_device else [])
+        out: list[float] = []
+        for v in verdicts:
+            out += v if isinstance(v, list) else [next(fetched) for _ in range(VERDICT_SIZE)]
+        return out
 
     def _act(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, step: StepGradients
@@ -244,32 +369,96 @@ class LossSpikeGuard(GradwatchCallback):
             self._done = "its update was dropped"
 
     def _handle(self, trainer: pl.Trainer, values: list[float]) -> None:
-        """Record the spikes among the steps read now (``values``: four per step, in order)."""
+        """Record the spikes, level shifts and dropped batches among the steps read now (``values``: a verdict per
+        step, in order)."""
         pending, self._pending = self._pending, []
         for i, (step, epoch, batch_idx, _) in enumerate(pending):
-            spike, z, loss, median = values[4 * i : 4 * i + 4]
-            if spike > 0:
+            verdict = values[VERDICT_SIZE * i : VERDICT_SIZE * (i + 1)]
+            if verdict[V_DROP] > 0:
+                self.skipped_batches += 1
+            elif verdict[V_SPIKE] > 0:
                 done = self._done if step == trainer.global_step else ("skipped" if self.action != "log" else "logged")
-                self._record(trainer, (step, epoch, batch_idx), [spike, z, loss, median], done)
+                self._record(trainer, (step, epoch, batch_idx), verdict, done)
+            elif verdict[V_SHIFT] > 0:
+                self._level_shift(trainer, step, verdict)
         self._done = "logged"
 
-    def _record(self, trainer: pl.Trainer, where: tuple[int, int, int], values: list[float], done: str) -> None:
+    def _record(self, trainer: pl.Trainer, where: tuple[int, int, int], verdict: list[float], done: str) -> None:
         step, epoch, batch_idx = where
-        _, z, loss, median = values
-        self.spikes.append(
-            {"step": step, "epoch": epoch, "batch_idx": batch_idx, "loss": loss, "median": median, "z": z}
-        )
-        recent = [s for s in self.spikes if s["step"] > step - 100]
-        severity = "warning" if len(recent) >= 3 else "info"  # an isolated spike the run recovers from: worth knowing
+        z, loss, median, fingerprint = verdict[V_Z], verdict[V_LOSS], verdict[V_MEDIAN], verdict[V_PRINT]
+        spike = {"step": step, "epoch": epoch, "batch_idx": batch_idx, "loss": loss, "median": median, "z": z}
+        if math.isfinite(fingerprint):
+            spike["fingerprint"] = fingerprint
+        self.spikes.append(spike)
+        episode = self._episode
+        if episode is None or step - episode["last"] > self.window:  # a new episode
+            episode = self._episode = {"first": step, "last": step, "count": 0, "shifts": 0, "gaps": 0, "alert": None}
+        episode["gaps"] += int(episode["count"] > 0 and step - episode["last"] > 1)
+        episode["count"] += 1
+        episode["last"] = step
+        episode["z"] = max(z, episode.get("z", z))
+        # isolated spikes the run recovers from are worth knowing; spikes that keep coming (three not in one run) or a
+        # loss that keeps climbing (level shift after level shift) need action
+        warning = (episode["count"] >= 3 and episode["gaps"] >= 1) or episode["shifts"] >= 2
+        count, first = episode["count"], episode["first"]
+        span = f"at step {step}" if count == 1 else f"{count} spikes from step {first} to {step}, the latest"
         finding = (
-            f"Loss spike at step {step} (batch {batch_idx} of epoch {epoch}): the loss {loss:.4g} is {z:.3g} robust "
-            f"standard deviations above its recent median {median:.4g}; {done}. {len(recent)} spike(s) in the last 100 "
-            "steps, recorded in gradwatch_spikes.json (pass it as skip_batches when resuming)."
+            f"Loss spike {span} (batch {batch_idx} of epoch {epoch}): the loss {loss:.4g} is {z:.3g} robust standard "
+            f"deviations above its recent median {median:.4g}; {done}. Recorded in gradwatch_spikes.json (pass it as "
+            "skip_batches when resuming)."
         )
-        message = with_remedy(AlertKind.LOSS_SPIKE, finding) if severity == "warning" else finding
-        onset = step if step < trainer.global_step else None
+        self._report_episode(trainer, episode, finding, z, warning)
+        self._write_spikes(trainer)
+
+    def _level_shift(self, trainer: pl.Trainer, step: int, verdict: list[float]) -> None:
+        n = self.level_shift_after
+        finding = (
+            f"Level shift at step {step}: the loss stayed above its recent median ({verdict[V_MEDIAN]:.4g}) for {n} "
+            f"steps in a row, now {verdict[V_LOSS]:.4g}; LossSpikeGuard takes it as the loss's new level (a change "
+            "of data or curriculum) and judges later steps against it"
+            + ("; updates are no longer dropped." if self.action != "log" else ".")
+        )
+        episode = self._episode
+        if episode is not None and step - episode["last"] <= self.window:
+            episode["shifts"] += 1
+            episode["last"] = step
+            if episode["shifts"] >= 2:  # one level after another: a loss that keeps climbing
+                finding = (
+                    f"The loss keeps climbing: {episode['shifts']} level shifts and {episode['count']} spikes since "
+                    f"step {episode['first']} (the latest level {verdict[V_LOSS]:.4g} at step {step}). Training may "
+                    "be diverging."
+                )
+                self._report_episode(trainer, episode, finding, verdict[V_Z], warning=True)
+                return
+            if episode["gaps"] == 0 and episode["alert"] is not None:  # the episode was this run: it was a level shift
+                self.alerts.remove(episode["alert"])
+                episode["alert"] = None
+        else:
+            episode = self._episode = {"first": step, "last": step, "count": 0, "shifts": 1, "gaps": 0, "alert": None}
+        self._report_episode(trainer, episode, finding, verdict[V_Z], warning=False)
+
+    def _report_episode(
+        self, trainer: pl.Trainer, episode: dict[str, Any], finding: str, z: float, warning: bool
+    ) -> None:
+        """The episode's one alert: emitted at its onset, then kept up to date in place (step, count, message); it is
+        emitted again, replacing its record, only when it becomes a warning."""
+        old: Alert | None = episode["alert"]
+        severity = "warning" if warning else "info"
+        message = with_remedy(AlertKind.LOSS_SPIKE, finding) if warning else finding
+        first = episode["first"]
+        onset = first if first < trainer.global_step else None
         alert = Alert(trainer.global_step, AlertKind.LOSS_SPIKE, "loss", z, self.z_threshold, message, severity, onset)  # type: ignore[arg-type]
-        self._emit_alert(trainer, alert)
+        episode["alert"] = alert
+        if old is None or (warning and old.severity != "warning"):
+            if old is not None and old in self.alerts:
+                self.alerts.remove(old)
+            self._emit_alert(trainer, alert)
+        elif old in self.alerts:
+            self.alerts[self.alerts.index(old)] = alert  # the same condition: its record follows it, silently
+        else:
+            episode["alert"] = old
+
+    def _write_spikes(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
             directory = log_dir(trainer)
             os.makedirs(directory, exist_ok=True)
@@ -297,9 +486,44 @@ class LossSpikeGuard(GradwatchCallback):
         self.spikes = list(state.get("spikes", []))
         self.skipped_batches = int(state.get("skipped_batches", 0))
         window = state.get("window")
-        if window is not None and window["losses"].numel() == self.window:
-            self._losses, self._count = window["losses"], window["count"]
+        if window is not None:  # another window size keeps the newest losses that fit, in order
+            self._losses, self._count = _resized_window(window["losses"], window["count"], self.window)
         return []
+
+
+def _resized_window(losses: Tensor, count: Tensor | int, size: int) -> tuple[Tensor, Tensor]:
+    """A saved ring buffer ``losses`` holding ``count`` pushes, as a ring of ``size`` slots holding the newest values
+    that fit, in order, with the same count (so the warm-up is not repeated). A larger window than the saved one is
+    filled by cycling the saved values (their median and spread stay), until new losses overwrite them."""
+    saved, total = losses.detach().to("cpu", torch.float32).reshape(-1), int(count)
+    old = saved.numel()
+    if old == size:
+        return saved.clone(), torch.tensor(total, dtype=torch.int64)
+    held = min(total, old)
+    start = total % old if total > old else 0
+    ordered = torch.cat([saved[start:], saved[:start]])[:held] if held else saved[:0]  # oldest first
+    filled = min(total, size)
+    out = torch.zeros(size)
+    if held:
+        values = ordered[(torch.arange(filled) - filled) % held]  # the newest last; cycled when fewer were held
+        out[(torch.arange(filled) + total - filled) % size] = values
+    return out, torch.tensor(total, dtype=torch.int64)
+
+
+def _single_process() -> bool:
+    return not distributed()
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    """The batch's first non-empty tensor (inputs come first in a tuple, a list or a dict), or ``None``."""
+    if isinstance(batch, Tensor):
+        return batch if batch.numel() else None
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _window_tensors(
@@ -334,14 +558,17 @@ def _force_scaler_skip(
         first.add_(torch.where(spike, float("inf"), 0.0).to(first.device, first.dtype))
 
 
-def _load_batches(path: str | os.PathLike[str] | None) -> set[tuple[int, int]]:
+def _load_batches(path: str | os.PathLike[str] | None) -> tuple[set[tuple[int, int]], list[tuple[int, float]]]:
+    """The batches a ``gradwatch_spikes.json`` lists: by fingerprint where it has one, else by (epoch, batch_idx)."""
     if path is None:
-        return set()
+        return set(), []
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"`skip_batches` must be a path to a gradwatch_spikes.json or None, got {path!r}.")
     try:
         with open(path) as f:
             spikes = json.load(f)["spikes"]
-        return {(int(s["epoch"]), int(s["batch_idx"])) for s in spikes}
+        positions = {(int(s["epoch"]), int(s["batch_idx"])) for s in spikes if s.get("fingerprint") is None}
+        prints = [(int(s["epoch"]), float(s["fingerprint"])) for s in spikes if s.get("fingerprint") is not None]
+        return positions, prints
     except (OSError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"`skip_batches` must be a readable gradwatch_spikes.json, got {path!r}: {err}") from err

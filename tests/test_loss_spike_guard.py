@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
+from torch.utils.data import DataLoader
 
 from lightning_gradwatch import LossSpikeGuard, NaNGuard
 from lightning_gradwatch import _step as step_module
-from lightning_gradwatch.functional.spikes import robust_zscore, robust_zscore_of_floats
+from lightning_gradwatch.functional.spikes import is_spike, robust_zscore, robust_zscore_of_floats
+from lightning_gradwatch.loss_spike_guard import _resized_window
 from lightning_gradwatch.testing import HostReadCounter
 from tests.distributed import run_ddp_script
-from tests.models import Classifier, mlp, trainer_kwargs
+from tests.models import Classifier, classification_data, mlp, trainer_kwargs
 from tests.test_nan_guard import Snapshots, same
 
 SPIKE = 70
@@ -111,10 +113,123 @@ def test_the_host_window_matches_the_device_window(tmp_path: Path, monkeypatch: 
     )  # 90 steps, 2 spikes left out
 
 
-def test_repeated_spikes_are_a_warning(tmp_path: Path) -> None:
+def test_repeated_spikes_are_one_episode_and_one_warning(tmp_path: Path) -> None:
     guard = LossSpikeGuard(action="skip")
     fit(tmp_path, Spiking(spike_steps=(60, 64, 68)), [guard])
-    assert [a.severity for a in guard.alerts] == ["info", "info", "warning"]
+    [alert] = guard.alerts  # one episode: alerted once, its record kept up to date
+    assert alert.severity == "warning" and alert.step == 68 and alert.began == 60 and "3 spikes" in alert.message
+    assert [s["step"] for s in guard.spikes] == [60, 64, 68]
+
+
+def test_a_divergence_is_one_alert_with_its_count(tmp_path: Path) -> None:
+    """Dense spikes (every other step for 40 steps) are one persistent condition: one alert, not one per spike."""
+    guard = LossSpikeGuard()
+    steps = tuple(range(50, 90, 2))
+    fit(tmp_path, Spiking(spike_steps=steps), [guard])
+    [alert] = guard.alerts
+    assert alert.severity == "warning" and alert.began == 50 and alert.step == 88
+    assert f"{len(steps)} spikes from step 50 to 88" in alert.message
+    recorded = json.loads((tmp_path / "tb" / "version_0" / "gradwatch_spikes.json").read_text())
+    assert [s["step"] for s in recorded["spikes"]] == [s["step"] for s in guard.spikes] == list(steps)
+
+
+SHIFT = 60
+
+
+class NewRegime(Classifier):
+    """The data change at step ``SHIFT``: half the labels become noise, and the loss settles at a higher level."""
+
+    def __init__(self) -> None:
+        super().__init__(mlp(2), lr=1e-2, optimizer="adam")
+        self.noise = torch.Generator().manual_seed(7)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step >= SHIFT:
+            noisy = torch.rand(len(y), generator=self.noise) < 0.5
+            y = torch.where(noisy, torch.randint(0, 4, y.shape, generator=self.noise), y)
+        return F.cross_entropy(self(x), y)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host-path", "device-path"])
+def test_a_lasting_change_of_level_is_taken_as_the_new_level(
+    tmp_path: Path, host: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+    guard, snaps = LossSpikeGuard(action="skip", window=32, warmup_steps=20, level_shift_after=10), Snapshots()
+    fit(tmp_path, NewRegime(), [NaNGuard(), guard, snaps], max_steps=120)
+    shifts = [a for a in guard.alerts if "level shift" in a.message.lower()]
+    assert len(shifts) == 1 and shifts[0].kind == "loss_spike" and shifts[0].severity == "info"
+    assert len(guard.alerts) <= 2 and len(guard.spikes) < 20  # not a warning per step
+    assert SHIFT <= shifts[0].step < SHIFT + 30
+    # training goes on in the new regime: the updates land again
+    assert not same(snaps.weights[110], snaps.weights[119])
+
+
+class Memorized(Classifier):
+    """Two fixed batches, the second a little harder: the loss goes to ~1e-5 and alternates 1.2e-5 / 3.4e-5
+    (a healthy run). With ``bad_step``, that step's batch has every label wrong: a real spike."""
+
+    def __init__(self, bad_step: int | None = None) -> None:
+        data = classification_data(64)
+        data.tensors[0][32:] *= 0.6
+        super().__init__(mlp(2, width=64), data=data, lr=0.01, optimizer="adam")
+        self.bad_step = bad_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step == self.bad_step:
+            y = (y + 1) % 4
+        return F.cross_entropy(self(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=32, shuffle=False)
+
+
+@pytest.mark.parametrize("bad_step", [None, 280], ids=["healthy", "real-spike"])
+def test_a_tiny_loss_is_not_a_spiking_loss(tmp_path: Path, bad_step: int | None) -> None:
+    torch.manual_seed(0)
+    guard = LossSpikeGuard(action="skip", window=32, warmup_steps=20)
+    fit(tmp_path, Memorized(bad_step), [guard], max_steps=300, log_every_n_steps=50)
+    assert [s["step"] for s in guard.spikes] == ([] if bad_step is None else [bad_step])
+    assert len(guard.alerts) == (0 if bad_step is None else 1)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host-path", "device-path"])
+def test_the_absolute_floor_is_the_same_on_both_paths(host: bool) -> None:
+    """``min_delta`` in the float and the tensor math: a relative jump near zero is no spike, 0.3 -> 3 is."""
+    window = [0.3 + 0.001 * i for i in range(20)]
+    tiny = [1.2e-5 + 1e-8 * i for i in range(20)]
+    for values, value, expected in ((window, 3.0, True), (tiny, 3.4e-5, False), (tiny, 3e-3, False)):
+        if host:
+            z, median, _ = robust_zscore_of_floats(values, value)
+            got = is_spike(z, value, median, 6.0, 0.1)
+        else:
+            t = torch.tensor(values + [0.0] * 12)
+            z_t, median_t, _ = robust_zscore(t, torch.tensor(len(values)), torch.tensor(value))
+            z, got = float(z_t), bool(is_spike(z_t, torch.tensor(value), median_t, 6.0, 0.1))
+        assert z > 6 and got is expected  # every one of them is far out by the z-score alone
+
+
+@pytest.mark.parametrize("new_window", [8, 32])
+def test_a_resume_with_another_window_keeps_the_loss_history(tmp_path: Path, new_window: int) -> None:
+    first = LossSpikeGuard(window=16, warmup_steps=10)
+    trainer = fit(tmp_path / "a", Spiking(spike_steps=()), [first], max_steps=40)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    resumed = LossSpikeGuard(window=new_window, warmup_steps=10)
+    model = Spiking(spike_steps=(44,))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed], max_steps=50, log_every_n_steps=10))
+    trainer.fit(model, ckpt_path=str(tmp_path / "a.ckpt"))
+    assert [s["step"] for s in resumed.spikes] == [44]  # the window came along: no second warm-up
+    saved = first._extra_state()["window"]
+    total = int(saved["count"])
+    losses, count = _resized_window(saved["losses"], saved["count"], new_window)
+    ring = saved["losses"].tolist()
+    oldest_first = ring[total % 16 :] + ring[: total % 16]
+    kept = min(16, new_window)
+    start = total % new_window if total >= new_window else 0
+    chronological = losses.tolist()[start:] + losses.tolist()[:start]
+    assert int(count) == total and chronological[-kept:] == pytest.approx(oldest_first[-kept:])  # newest, in order
 
 
 def test_skip_drops_the_update_exactly(tmp_path: Path) -> None:
@@ -181,11 +296,19 @@ def test_ddp_a_spike_on_one_rank_is_skipped_on_both(tmp_path: Path) -> None:
     assert rank0["moved_at_spike"] is False and rank1["moved_at_spike"] is False
 
 
+def test_ddp_log_mode_records_a_one_rank_spike_alike_on_every_rank_and_in_the_file(tmp_path: Path) -> None:
+    rank0, rank1 = run_ddp_script("ddp_loss_spike.py", tmp_path, "log")
+    assert rank0["spikes"] == rank1["spikes"] == rank0["file"] == [SPIKE]
+    assert rank0["moved_at_spike"] is True and rank1["moved_at_spike"] is True  # log: the update landed
+
+
 def test_bad_arguments() -> None:
     for kwargs, argument in (
         ({"action": "halt"}, "action"),
         ({"window": 2}, "window"),
         ({"skip_batches": 3}, "skip_batches"),
+        ({"min_delta": 0}, "min_delta"),
+        ({"level_shift_after": 2}, "level_shift_after"),
     ):
         with pytest.raises(ValueError, match=f"`{argument}`"):
             LossSpikeGuard(**kwargs)

@@ -2,6 +2,8 @@
 
 :func:`robust_zscore` works on a device ring buffer; :func:`robust_zscore_of_floats` is the same definition on
 Python floats, for the CPU's host path (a dozen tensor operations per step cost more than the sort of a short list).
+:func:`is_spike` judges a z-score and the loss's absolute excess over the median, on either. :func:`batch_fingerprint`
+identifies a batch by its content, so a recorded spike's batch is found again after the data order changed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["robust_zscore", "robust_zscore_of_floats"]
+from lightning_gradwatch.functional._scalars import Flag, Scalar
+
+__all__ = [
+    "batch_fingerprint",
+    "fingerprint_probe",
+    "is_spike",
+    "robust_zscore",
+    "robust_zscore_of_floats",
+    "same_fingerprint",
+]
 
 #: The MAD of a normal distribution is 0.6745 sigma: 1.4826 * MAD estimates sigma, unmoved by the outliers.
 MAD_TO_SIGMA = 1.4826
@@ -58,3 +69,37 @@ def robust_zscore_of_floats(
 def _lower_median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     return ordered[(len(ordered) - 1) // 2]
+
+
+def is_spike(z: Scalar, loss: Scalar, median: Scalar, z_threshold: float, min_delta: float) -> Flag:
+    """Whether ``loss`` is a spike: more than ``z_threshold`` robust standard deviations above ``median`` *and* more
+    than ``min_delta`` above it in absolute terms, and finite. The absolute floor keeps a loss near zero quiet: from
+    1e-5 to 3e-5, or the fp16 rounding of a tiny loss, is hundreds of robust deviations but no spike. Floats in,
+    a bool out (the host path); 0-dim tensors in, a bool tensor out (the device path)."""
+    if isinstance(loss, Tensor):
+        return (z > z_threshold) & (loss - median > min_delta) & torch.isfinite(loss)
+    return bool(z > z_threshold and loss - median > min_delta and math.isfinite(loss))
+
+
+def fingerprint_probe(numel: int, device: torch.device, samples: int = 64) -> tuple[Tensor, Tensor]:
+    """The positions :func:`batch_fingerprint` reads in a tensor of ``numel`` elements (``samples`` spread evenly
+    over all of it: every sequence or image of a batch counts, not only the first) and their weights."""
+    count = max(1, min(samples, numel))
+    index = torch.linspace(0, max(numel - 1, 0), count, device=device).round().long()
+    weights = 1.0 + torch.arange(count, device=device, dtype=torch.float32) * 0.6180339887
+    return index, weights
+
+
+def batch_fingerprint(x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    """A cheap fingerprint of a batch's tensor ``x``: a weighted sum of the elements at ``index``
+    (:func:`fingerprint_probe`), float32, 0-dim, on ``x``'s device; no host sync. Equal batches give equal values;
+    different data practically never do."""
+    return (x.detach().reshape(-1)[index].to(torch.float32) * weights).sum()
+
+
+def same_fingerprint(a: Scalar, b: Scalar, rel: float = 1e-6) -> Flag:
+    """Whether two fingerprints (or a fingerprint and a tensor of them: any) are equal up to float32 rounding."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        a_t, b_t = torch.as_tensor(a), torch.as_tensor(b)
+        return ((a_t - b_t).abs() <= rel * torch.maximum(a_t.abs(), torch.ones_like(a_t))).any()
+    return abs(a - b) <= rel * max(abs(a), 1.0)

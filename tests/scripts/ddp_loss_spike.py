@@ -1,5 +1,9 @@
-"""2-process DDP: the loss spikes on rank 1 only; LossSpikeGuard(action="skip") must skip the step on both ranks."""
+"""2-process DDP: the loss spikes on rank 1 only; LossSpikeGuard(action="skip") must skip the step on both ranks,
+and in every action (``log`` too, given as the first argument after the folder) both ranks and the spikes file
+written by rank 0 record the same spikes."""
 
+import json
+import os
 import sys
 from typing import Any
 
@@ -8,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_gradwatch import LossSpikeGuard
+from lightning_gradwatch._reporting import log_dir
 from tests.distributed import ddp_strategy, report
 from tests.models import trainer_kwargs
 from tests.test_loss_spike_guard import SPIKE, Spiking
@@ -38,11 +43,17 @@ if __name__ == "__main__":
     out_dir = sys.argv[1]
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    guard, moved = LossSpikeGuard(action="skip"), Moved()
+    action = sys.argv[2] if len(sys.argv) > 2 else "skip"
+    guard, moved = LossSpikeGuard(action=action), Moved()
     model = OneRank(spike_steps=())
     kwargs = trainer_kwargs(out_dir, strategy=ddp_strategy(), devices=2, max_steps=SPIKE + 3, callbacks=[guard, moved])
     trainer = pl.Trainer(**{**kwargs, "log_every_n_steps": 10})
     trainer.fit(model)
+    written = None  # the spikes file, as rank 0 wrote it
+    spikes_file = os.path.join(log_dir(trainer), "gradwatch_spikes.json") if trainer.is_global_zero else ""
+    if spikes_file and os.path.exists(spikes_file):
+        with open(spikes_file) as f:
+            written = [s["step"] for s in json.load(f)["spikes"]]
     report(
         out_dir,
         trainer.global_rank,
@@ -50,5 +61,6 @@ if __name__ == "__main__":
             "spikes": [s["step"] for s in guard.spikes],
             "moved_at_spike": moved.moved,
             "weights": [float(p.sum()) for p in model.parameters()],
+            "file": written,
         },
     )
