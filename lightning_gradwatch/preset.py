@@ -152,7 +152,9 @@ class GradWatch(_Bundle):
         clipping: the clipping mode: zscore, percentile, agc, or null for no clipping.
         activations: watch for dead ReLU units and saturated sigmoid/tanh outputs.
         report: print the health report at the end of the run and save it as gradwatch_report.md and .json in
-            the logger's version folder.
+            the logger's version folder. Every finding is also printed when it happens and logged to TensorBoard
+            (the charts in its Custom Scalars tab, the findings in Text); docs: README.md and docs/ in the
+            repository.
         log_every_n_steps: how often every callback logs and judges; null follows the Trainer's
             log_every_n_steps.
         spikes: what to do on a loss spike: log, skip, rollback, or null to leave loss spikes unwatched.

@@ -131,7 +131,7 @@ def test_callback_help_reads_as_plain_text(tmp_path: Path) -> None:
     for argument in ("nan_action", "clipping", "activations", "report", "log_every_n_steps", "spikes"):
         assert f"--trainer.callbacks.{argument}" in text
     assert "halt (stop, saving a" in text and "or null for no" in text
-    assert "gradwatch_report.md" in text  # where the report goes
+    assert "gradwatch_report.md" in text and "Custom Scalars" in text and "docs/" in text  # where to look
     assert "NanAction" not in text and "ClipMode" not in text  # no private aliases
 
 
