@@ -17,7 +17,7 @@ from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._setup_rules import EARLY_STEPS, Coverage, ResetWatch, learning_rate_verdict
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._step import StepGradients, host_is_free
-from lightning_gradwatch._types import PositiveFloat, PositiveInt
+from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
 from lightning_gradwatch._validation import check_number, check_patterns
 from lightning_gradwatch.alerts import Alert, AlertKind
 from lightning_gradwatch.functional.dynamics import snapshot_for_update, update_norms
@@ -71,10 +71,10 @@ class SetupCheck(GradwatchCallback):
 
     def __init__(
         self,
-        no_gradient_after_steps: PositiveInt | None = 20,
+        no_gradient_after_steps: PositiveInt | Null = 20,
         ignore: list[str] | None = None,
-        update_ratio_high: PositiveFloat = 0.1,
-        log_every_n_steps: PositiveInt | None = None,
+        update_ratio_high: FinitePositiveFloat = 0.1,
+        log_every_n_steps: PositiveInt | Null = None,
     ) -> None:
         super().__init__()
         positive_int: dict[str, Any] = {"ge": 1, "integer": True, "optional": True}
