@@ -128,7 +128,8 @@ class GradWatch(_Bundle):
     """Every gradwatch guard and monitor in one Lightning callback, with coordinated defaults.
 
     ``Trainer(callbacks=[GradWatch()])`` adds, in this order: NaNGuard (NaN/Inf in the loss, gradients, buffers or
-    weights: halt, skip or roll back), GradientNormLogger (global and per-layer gradient norms; vanishing,
+    weights: halt, skip or roll back), SetupCheck (mistakes in the training code: a learning rate far too high,
+    parameters that get no gradient or are in no optimizer), GradientNormLogger (global and per-layer gradient norms; vanishing,
     exploding and stopped layers), LossSpikeGuard, DeadNeuronCallback and SaturationCallback, AdaptiveClipping
     (clipping at a threshold learned from the run) and HealthReport (the diagnosis at the end of the run).
 
