@@ -285,9 +285,8 @@ class LossSpikeGuard(GradwatchCallback):
         """This step's verdict (``V_*``), on the device."""
         if not isinstance(self._losses, Tensor) or self._losses.device != loss.device:
             self._losses, self._count = _window_tensors(self._losses, self._count, self.window, loss.device)
-            self._run = torch.as_tensor(int(self._run) if not isinstance(self._run, Tensor) else self._run).to(
-                loss.device
-            )
+        if not isinstance(self._recent, Tensor) or self._recent.device != loss.device:
+            self._run = torch.zeros((), dtype=torch.int64, device=loss.device)  # a run of spikes starts afresh
             self._recent = torch.zeros(self.level_shift_after, device=loss.device)
         assert isinstance(self._count, Tensor) and isinstance(self._run, Tensor)
         z, median, _ = robust_zscore(self._losses, self._count, loss)
@@ -305,8 +304,8 @@ class LossSpikeGuard(GradwatchCallback):
         """:meth:`_judge` on the host, with the window as a list."""
         if not isinstance(self._losses, list):
             self._losses, self._count = _window_floats(self._losses, self._count, self.window)
-            self._run = int(self._run)
-            self._recent = [0.0] * self.level_shift_after
+        if not isinstance(self._recent, list):
+            self._run, self._recent = 0, [0.0] * self.level_shift_after
         count = int(self._count)
         z, median, _ = robust_zscore_of_floats(self._losses[: min(count, self.window)], loss)
         raw = count >= self.warmup_steps and bool(is_spike(z, loss, median, self.z_threshold, self.min_delta))
@@ -488,6 +487,7 @@ class LossSpikeGuard(GradwatchCallback):
         window = state.get("window")
         if window is not None:  # another window size keeps the newest losses that fit, in order
             self._losses, self._count = _resized_window(window["losses"], window["count"], self.window)
+            self._run, self._recent = 0, None
         return []
 
 

@@ -290,6 +290,43 @@ def test_the_recorded_batches_are_skipped_on_resume(tmp_path: Path) -> None:
     assert resumed.skipped_batches == 1 and same(snaps.weights[SPIKE], snaps.weights[SPIKE + 1])
 
 
+class BadBatch(Classifier):
+    """A fixed data order (an ordinary DataLoader, not resumable mid-epoch) with one bad batch: data batch
+    ``BAD`` (its inputs 30 times too large) spikes the loss wherever it comes."""
+
+    def __init__(self) -> None:
+        data = classification_data(512)
+        data.tensors[0][BAD * 16 : (BAD + 1) * 16] *= 30.0
+        super().__init__(mlp(2), data=data, lr=1e-2, optimizer="adam", batch_size=16)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=16, shuffle=False)
+
+
+BAD = 24
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host-path", "device-path"])
+def test_skip_batches_after_a_mid_epoch_resume_drops_the_spiking_batch(
+    tmp_path: Path, host: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed at step 16 of a 32-batch epoch, Lightning replays the epoch's data from its start while batch_idx goes
+    on from 16: (epoch 0, batch 24) is then a clean batch, and the bad one comes at step 32 + 24. The fingerprint
+    finds it there."""
+    monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+    first = LossSpikeGuard(action="skip", window=16, warmup_steps=10)
+    every_16 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=16, save_top_k=-1)
+    fit(tmp_path / "a", BadBatch(), [first, every_16], max_steps=32, enable_checkpointing=True)
+    assert [(s["step"], s["batch_idx"]) for s in first.spikes] == [(BAD, BAD)] and "fingerprint" in first.spikes[0]
+    spikes = tmp_path / "a" / "tb" / "version_0" / "gradwatch_spikes.json"
+    resumed, snaps = LossSpikeGuard(action="skip", window=16, warmup_steps=10, skip_batches=spikes), Snapshots()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed, snaps], max_steps=64))
+    trainer.fit(BadBatch(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=16.ckpt"))
+    assert resumed.skipped_batches == 1 and resumed.spikes == []  # the bad batch dropped, no spike came back
+    assert same(snaps.weights[32 + BAD], snaps.weights[32 + BAD + 1])  # where it really came
+    assert not same(snaps.weights[BAD], snaps.weights[BAD + 1])  # the clean batch at (epoch 0, 24) was kept
+
+
 def test_ddp_a_spike_on_one_rank_is_skipped_on_both(tmp_path: Path) -> None:
     rank0, rank1 = run_ddp_script("ddp_loss_spike.py", tmp_path)
     assert rank0["weights"] == rank1["weights"] and rank0["spikes"] == rank1["spikes"] == [SPIKE]
