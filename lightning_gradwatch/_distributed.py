@@ -146,7 +146,11 @@ _PARTIAL_OPS = {"sum": "SUM", "avg": "SUM", "max": "MAX", "min": "MIN"}
 
 
 def partial_dims(t: Tensor) -> list[tuple[Any, Any]]:
-    """``(Partial placement, process group)`` of each mesh dimension along which DTensor ``t`` holds summands."""
+    """``(Partial placement, process group)`` of each mesh dimension along which DTensor ``t`` holds summands
+    (asked of every gradient on every step of a DTensor model: the usual answer, none, costs no group look-up)."""
+    placements = getattr(t, "placements", None)
+    if placements is None or not any(placement.is_partial() for placement in placements):
+        return []
     return [(placement, g) for placement, g in _mesh_dims(t) if placement.is_partial()]
 
 
