@@ -146,6 +146,7 @@ class LossSpikeGuard(GradwatchCallback):
         self._done = "logged"  # what this step's action did, for its record
         self._batch: tuple[int, int] = (0, 0)
         self._episode: dict[str, Any] | None = None  # the open spike episode: first/last step, count, alert
+        self._shifts: dict[str, Any] | None = None  # the last level shifts, as an episode
         self._probes: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
         self._prints_on: tuple[torch.device, Tensor] | None = None
         self._active = True
@@ -162,7 +163,7 @@ class LossSpikeGuard(GradwatchCallback):
         super().on_fit_start(trainer, pl_module)
         self._active = pl_module.automatic_optimization
         self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
-        self._episode = None
+        self._episode = self._shifts = None
         if not self._active:
             rank_zero_warn("LossSpikeGuard is idle: it watches automatic optimization only (one loss per step).")
 
@@ -389,16 +390,20 @@ class LossSpikeGuard(GradwatchCallback):
         if math.isfinite(fingerprint):
             spike["fingerprint"] = fingerprint
         self.spikes.append(spike)
+        self._write_spikes(trainer)
+        shifts = self._shifts
+        if shifts is not None and shifts["count"] >= 2 and step - shifts["last"] <= self.window:
+            shifts["last"] = step  # a step of the climb already alerted: its warning stands for it
+            return
         episode = self._episode
         if episode is None or step - episode["last"] > self.window:  # a new episode
-            episode = self._episode = {"first": step, "last": step, "count": 0, "shifts": 0, "gaps": 0, "alert": None}
+            episode = self._episode = {"first": step, "last": step, "count": 0, "gaps": 0, "alert": None}
         episode["gaps"] += int(episode["count"] > 0 and step - episode["last"] > 1)
         episode["count"] += 1
         episode["last"] = step
-        episode["z"] = max(z, episode.get("z", z))
-        # isolated spikes the run recovers from are worth knowing; spikes that keep coming (three not in one run) or a
-        # loss that keeps climbing (level shift after level shift) need action
-        warning = (episode["count"] >= 3 and episode["gaps"] >= 1) or episode["shifts"] >= 2
+        # isolated spikes the run recovers from are worth knowing; spikes that keep coming (three, not all in one
+        # run: a run of them is a level shift in the making) need action
+        warning = episode["count"] >= 3 and episode["gaps"] >= 1
         count, first = episode["count"], episode["first"]
         span = f"at step {step}" if count == 1 else f"{count} spikes from step {first} to {step}, the latest"
         finding = (
@@ -406,40 +411,36 @@ class LossSpikeGuard(GradwatchCallback):
             f"deviations above its recent median {median:.4g}; {done}. Recorded in gradwatch_spikes.json (pass it as "
             "skip_batches when resuming)."
         )
-        self._report_episode(trainer, episode, finding, z, warning)
-        self._write_spikes(trainer)
+        self._report(trainer, episode, finding, z, warning)
 
     def _level_shift(self, trainer: pl.Trainer, step: int, verdict: list[float]) -> None:
-        n = self.level_shift_after
+        """The loss settled at a new level: the run of spikes that led here was that shift (if the run was the whole
+        episode, its alert gives way to this one); one level after another within ``window`` steps is a loss that
+        keeps climbing, a warning."""
+        episode, self._episode = self._episode, None  # the spikes' episode ends with the shift
+        if episode is not None and episode["gaps"] == 0 and episode["alert"] in self.alerts:
+            self.alerts.remove(episode["alert"])
+        n, level, median = self.level_shift_after, verdict[V_LOSS], verdict[V_MEDIAN]
+        shifts = self._shifts
+        if shifts is not None and step - shifts["last"] <= self.window:
+            shifts["count"] += 1
+            shifts["last"] = step
+            finding = (
+                f"The loss keeps climbing: {shifts['count']} level shifts from step {shifts['first']} to {step} (each "
+                f"{n} spikes in a row; the latest level {level:.4g}, up from {median:.4g}). Training may be diverging."
+            )
+            self._report(trainer, shifts, finding, verdict[V_Z], warning=True)
+            return
+        self._shifts = {"first": step, "last": step, "count": 1, "alert": None}
         finding = (
-            f"Level shift at step {step}: the loss stayed above its recent median ({verdict[V_MEDIAN]:.4g}) for {n} "
-            f"steps in a row, now {verdict[V_LOSS]:.4g}; LossSpikeGuard takes it as the loss's new level (a change "
-            "of data or curriculum) and judges later steps against it"
-            + ("; updates are no longer dropped." if self.action != "log" else ".")
+            f"Level shift at step {step}: the loss stayed above its recent median ({median:.4g}) for {n} steps in a "
+            f"row, now {level:.4g}; LossSpikeGuard takes it as the loss's new level (a change of data or curriculum) "
+            "and judges later steps against it" + ("; updates are no longer dropped." if self.action != "log" else ".")
         )
-        episode = self._episode
-        if episode is not None and step - episode["last"] <= self.window:
-            episode["shifts"] += 1
-            episode["last"] = step
-            if episode["shifts"] >= 2:  # one level after another: a loss that keeps climbing
-                finding = (
-                    f"The loss keeps climbing: {episode['shifts']} level shifts and {episode['count']} spikes since "
-                    f"step {episode['first']} (the latest level {verdict[V_LOSS]:.4g} at step {step}). Training may "
-                    "be diverging."
-                )
-                self._report_episode(trainer, episode, finding, verdict[V_Z], warning=True)
-                return
-            if episode["gaps"] == 0 and episode["alert"] is not None:  # the episode was this run: it was a level shift
-                self.alerts.remove(episode["alert"])
-                episode["alert"] = None
-        else:
-            episode = self._episode = {"first": step, "last": step, "count": 0, "shifts": 1, "gaps": 0, "alert": None}
-        self._report_episode(trainer, episode, finding, verdict[V_Z], warning=False)
+        self._report(trainer, self._shifts, finding, verdict[V_Z], warning=False)
 
-    def _report_episode(
-        self, trainer: pl.Trainer, episode: dict[str, Any], finding: str, z: float, warning: bool
-    ) -> None:
-        """The episode's one alert: emitted at its onset, then kept up to date in place (step, count, message); it is
+    def _report(self, trainer: pl.Trainer, episode: dict[str, Any], finding: str, z: float, warning: bool) -> None:
+        """An episode's one alert: emitted at its onset, then kept up to date in place (step, count, message); it is
         emitted again, replacing its record, only when it becomes a warning."""
         old: Alert | None = episode["alert"]
         severity = "warning" if warning else "info"

@@ -133,6 +133,23 @@ def test_a_divergence_is_one_alert_with_its_count(tmp_path: Path) -> None:
     assert [s["step"] for s in recorded["spikes"]] == [s["step"] for s in guard.spikes] == list(steps)
 
 
+class Climbing(Spiking):
+    """From step 50 the loss doubles every 12 steps: a level that never holds."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        return loss * 2.0 ** ((self.global_step - 50) // 12 + 1) if self.global_step >= 50 else loss
+
+
+def test_a_loss_that_keeps_climbing_is_one_warning(tmp_path: Path) -> None:
+    guard = LossSpikeGuard()
+    fit(tmp_path, Climbing(spike_steps=()), [guard])
+    [alert] = guard.alerts  # level after level: not a level shift to accept quietly but one warning, kept up to date
+    assert alert.severity == "warning" and "keeps climbing: 3 level shifts from step 59 to 83" in alert.message
+    assert len(guard.spikes) == 31  # every spike still recorded
+
+
 SHIFT = 60
 
 
