@@ -13,7 +13,8 @@
 - Update-to-weight ratio: far above the healthy band (around 1e-3) at consecutive logging steps, the learning rate
   is too high; exactly zero while the layer has a gradient, the layer is frozen.
 - Underflow (fp16): a layer's fraction of exactly-zero gradient elements jumps while the loss scale has fallen far
-  below its best: small gradients flush to zero in half precision.
+  below its best; or, with fp16 gradients and no loss scaling at all, most of a layer's gradient elements are
+  exactly zero: small gradients flush to zero in half precision.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class GradientReading:
     update_ratios: list[float] | None = None  # the previous step's ||delta w|| / ||w|| per layer, when measured
     loss_scale: float | None = None  # the GradScaler's scale (16-mixed)
     loss_improving: bool | None = None  # the training loss fell over the last steps (None: unknown)
+    half_unscaled: bool = False  # fp16 gradients without a GradScaler (16-true, or a model cast to half)
 
 
 @dataclass(frozen=True)
@@ -264,12 +266,14 @@ class UnderflowRule:
     """fp16: a layer's exactly-zero fraction jumps by ``jump`` since the previous logging step while the loss scale
     is ``scale_drop`` times below the largest seen."""
 
-    def __init__(self, jump: float = 0.2, scale_drop: float = 256.0) -> None:
-        self.jump, self.scale_drop = jump, scale_drop
+    def __init__(self, jump: float = 0.2, scale_drop: float = 256.0, unscaled_zeros: float = 0.5) -> None:
+        self.jump, self.scale_drop, self.unscaled_zeros = jump, scale_drop, unscaled_zeros
         self._previous: dict[str, float] = {}
         self._best_scale = 0.0
 
     def check(self, r: GradientReading) -> list[Verdict]:
+        if r.zero_fraction is not None and r.half_unscaled:
+            return self._unscaled(r)
         if r.zero_fraction is None or r.loss_scale is None:
             return []
         self._best_scale = max(self._best_scale, r.loss_scale)
@@ -286,6 +290,22 @@ class UnderflowRule:
                 )
                 verdicts.append(Verdict(AlertKind.GRADIENT_UNDERFLOW, name, name, zeros, before + self.jump, finding))
         return verdicts
+
+    def _unscaled(self, r: GradientReading) -> list[Verdict]:
+        """fp16 without loss scaling: nothing keeps small gradients above half precision's smallest numbers, so
+        the layers where most gradient elements are exactly zero have lost them (one alert, for the worst)."""
+        assert r.zero_fraction is not None
+        flushed = [(z, n) for n, z in zip(r.names, r.zero_fraction, strict=True) if z >= self.unscaled_zeros]
+        if not flushed:
+            return []
+        zeros, name = max(flushed)
+        finding = (
+            f"Gradient underflow at step {r.step}: the gradients are float16 and nothing scales the loss (precision "
+            f"'16-true' or a model cast to half), and {len(flushed)} of {len(r.names)} layers have most of their "
+            f"gradient elements exactly zero ('{name}': {zeros:.0%}): small gradients flush to zero in half precision. "
+            "Use precision='16-mixed' (float32 weights with a GradScaler) or bf16."
+        )
+        return [Verdict(AlertKind.GRADIENT_UNDERFLOW, "unscaled", name, zeros, self.unscaled_zeros, finding)]
 
 
 @dataclass
@@ -343,6 +363,10 @@ class IntervalTally:
             if norm > 0:
                 self.last_nonzero[layer] = float(step)
 
+    def last_nonzero_steps(self) -> list[float]:
+        """``last_nonzero`` on the host (a transfer on the device path: only when the layers change)."""
+        return _floats(self.last_nonzero)
+
     def tensors(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """``peak``, ``peak_step`` and ``last_nonzero`` as tensors, for the logging step's one transfer."""
         return _tensor(self.peak, device), _tensor(self.peak_step, device), _tensor(self.last_nonzero, device)
@@ -391,10 +415,21 @@ class Diagnosis:
                 finding = f"{vanishing.finding} {len(still)} of them no longer move at all: {names}."
                 vanishing = replace(vanishing, finding=finding)
         out.append((AlertKind.VANISHING_GRADIENT, "", vanishing))
-        found = {(v.kind, v.key): v for v in self.stopped.check(r) + updates + self.underflow.check(r)}
+        stopped, underflow = self.stopped.check(r), self.underflow.check(r)
+        unscaled = next((v for v in underflow if v.key == "unscaled"), None)
+        if unscaled is not None:  # layers whose gradient flushed to zero in fp16 stop: the same problem
+            flushed = {n for n, z in zip(r.names, r.zero_fraction or [], strict=True) if z >= 0.5}
+            also = [v.name for v in stopped if v.name in flushed]
+            stopped = [v for v in stopped if v.name not in flushed]
+            if also:
+                names = ", ".join(f"'{n}'" for n in also)
+                underflow = [replace(unscaled, finding=f"{unscaled.finding} Stopped by it: {names}.")] + [
+                    v for v in underflow if v is not unscaled
+                ]
+        found = {(v.kind, v.key): v for v in stopped + updates + underflow}
         keys = [(AlertKind.STOPPED_LAYER, n) for n in r.names]
         keys += [(AlertKind.UPDATE_RATIO, "high"), (AlertKind.UPDATE_RATIO, "high severe")]
         keys += [(AlertKind.UPDATE_RATIO, f"frozen {n}") for n in r.names]
-        keys += [(AlertKind.GRADIENT_UNDERFLOW, n) for n in r.names]
+        keys += [(AlertKind.GRADIENT_UNDERFLOW, n) for n in r.names] + [(AlertKind.GRADIENT_UNDERFLOW, "unscaled")]
         out += [(kind, key, found.get((kind, key))) for kind, key in keys]
         return out

@@ -6,9 +6,9 @@
 - Parameters left out of the optimizer: they receive gradients (``requires_grad`` and used in ``forward``) but no
   optimizer holds them, so they never move; their gradients are never zeroed and pile up.
 - Parameters that never receive a gradient: an optimizer holds them and they require grad, yet after some steps
-  their ``.grad`` is still ``None``: a ``.detach()`` or a ``no_grad`` block cuts them off from the loss (or they are
-  unused). Cut off at the input end, or a large part of the model, is a warning; a small branch elsewhere (a
-  pooler a classifier does not use) is worth knowing.
+  their ``.grad`` is still ``None``. Their module runs in forward (watched with a forward hook for one step,
+  halfway): a ``.detach()`` or a ``no_grad`` block cuts them off from the loss, a warning; it never runs: a spare
+  branch (a pooler a classifier does not use), worth knowing.
 - Gradients never reset: the gradient an optimizer steps with still holds the one it stepped with before, i.e.
   nothing zeroed it in between (manual optimization without ``zero_grad()``). Seen from the gradient tensors
   themselves: the same storage, and its version counter moved by exactly the number of accumulations autograd made
@@ -95,6 +95,8 @@ class Coverage:
     def __post_init__(self) -> None:
         self.received: set[int] = set()  # ids of optimizer parameters seen with a gradient
         self.steps = 0
+        self.called: set[str] | None = None  # modules seen running in forward, once watched
+        self._handles: list[Any] = []
 
     def _ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(layer_of(name), p) for p in self.ignore)
@@ -120,32 +122,68 @@ class Coverage:
         self.steps += 1
         self.received.update(id(p) for p in params if p.grad is not None)
 
+    def missing(self, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[tuple[str, nn.Parameter]]:
+        """Parameters an optimizer holds, with ``requires_grad``, that have had no gradient on any step so far."""
+        held = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+        return [
+            (clean_name(n), p)
+            for n, p in module.named_parameters()
+            if p.requires_grad and id(p) in held and id(p) not in self.received and not self._ignored(clean_name(n))
+        ]
+
+    def watch_calls(self, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Halfway to the verdict: note, for one step, whether the modules owning the parameters without gradient
+        run in forward at all (an unused branch does not; a layer cut off by a detach does)."""
+        self.stop_watching()
+        missing = {id(p) for _, p in self.missing(module, optimizers)}
+        self.called = set()
+        for name, child in module.named_modules():
+            if any(id(p) in missing for p in child.parameters(recurse=False)):
+                self._handles.append(child.register_forward_pre_hook(_mark_called(self.called, clean_name(name))))
+
+    def stop_watching(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def no_gradient(self, step: int, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Alert | None:
         if self.no_gradient_after is None or self.steps < self.no_gradient_after:
             return None
-        trained = [(clean_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
-        held = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
-        names = [n for n, p in trained if id(p) in held and id(p) not in self.received and not self._ignored(n)]
-        if not names:
+        self.stop_watching()
+        named = self.missing(module, optimizers)
+        if not named:
             return None
-        missing = set(names)
-        total = sum(p.numel() for _, p in trained) or 1
-        share = sum(p.numel() for n, p in trained if n in missing) / total
-        prefix = trained[0][0] in missing  # cut off at the input end: a detach or no_grad, not a spare branch
-        severity = "warning" if prefix or share >= 0.25 else "info"
-        layers = _layers(names)
-        finding = (
-            f"{len(names)} parameter(s) in an optimizer have not received a gradient in {self.steps} steps: "
-            f"{_some(names)} (layers {_some(layers)}; {share:.0%} of the trained weights). "
-            + (
-                "Something between them and the loss stops the gradient (a .detach(), a torch.no_grad() block, .data "
-                "or .item()), or they are not used in forward."
-                if severity == "warning"
-                else "They are not used in forward (a branch the task does not need?); if they should learn, look "
-                "for a .detach() or a torch.no_grad() block between them and the loss."
+        names = [n for n, _ in named]
+        trained = sum(p.numel() for p in module.parameters() if p.requires_grad) or 1
+        share = sum(p.numel() for _, p in named) / trained
+        # a layer that runs in forward yet gets no gradient is cut off (a detach, no_grad); one that never runs is a
+        # spare branch (a pooler a classifier does not use): worth knowing
+        cut = [n for n in names if self.called is None or layer_of(n) in self.called]
+        layers = _layers(cut or names)
+        if cut:
+            finding = (
+                f"{len(cut)} parameter(s) in an optimizer run in forward but have not received a gradient in "
+                f"{self.steps} steps: {_some(cut)} (layers {_some(layers)}; {share:.0%} of the trained weights). "
+                "Something between them and the loss stops the gradient: a .detach(), a torch.no_grad() block, .data "
+                "or .item()."
             )
-        )
-        return alert(step, AlertKind.NO_GRADIENT, layers[0], share, 0.25, finding, severity)
+            unused = [n for n in names if n not in cut]
+            if unused:
+                finding += f" Never used in forward: {_some(unused)}."
+        else:
+            finding = (
+                f"{len(names)} parameter(s) in an optimizer are never used in forward and have not received a "
+                f"gradient in {self.steps} steps: {_some(names)} (layers {_some(layers)}; {share:.0%} of the trained "
+                "weights): a branch the task does not need? Freeze it, or leave it out with SetupCheck(ignore=[...])."
+            )
+        return alert(step, AlertKind.NO_GRADIENT, layers[0], share, 0.0, finding, "warning" if cut else "info")
+
+
+def _mark_called(called: set[str], name: str) -> Callable[..., None]:
+    def mark(*_: Any) -> None:
+        called.add(name)
+
+    return mark
 
 
 class ResetWatch:

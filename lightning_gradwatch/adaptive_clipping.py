@@ -156,7 +156,6 @@ class AdaptiveClipping(GradwatchCallback):
         self._intervals: dict[int, ClipInterval] = {}
         self._interval_start: dict[int, int] = {}  # the first step of each optimizer's current logging interval
         self._loaded: dict[int, dict[str, Any]] = {}  # a checkpoint's state, adopted at the optimizer's next step
-        self._unit_clipped: dict[int, list[bool]] = {}  # agc: which parameters are clipped unit-wise
         self._spiky_intervals: dict[int, int] = {}  # consecutive logging intervals with spikes, per optimizer
         self._warned_trainer_clipping = False
 
@@ -177,7 +176,6 @@ class AdaptiveClipping(GradwatchCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._unit_clipped.clear()
         clip_val = trainer.gradient_clip_val
         if clip_val is not None and clip_val > 0 and not self._warned_trainer_clipping:
             self._warned_trainer_clipping = True
@@ -262,9 +260,11 @@ class AdaptiveClipping(GradwatchCallback):
 
     def _clip_units(self, index: int, step: StepGradients, valid: Flag) -> Scalar:
         assert isinstance(self.rule, AGCRule)
-        mask = self._unit_clipped.get(index)
-        if mask is None:
-            mask = self._unit_clipped[index] = self.rule.unit_clipped(step.params, step.index.names)
+        rule = self.rule
+        # which parameters are clipped unit-wise, rebuilt with the index when the optimizer's groups change
+        mask = step.index.derived(
+            ("agc_unit_clipped", id(self)), lambda: rule.unit_clipped(step.params, step.index.names)
+        )
         chosen = [k for k, i in enumerate(step.positions) if mask[i]]
         weights = [local_tensor(step.params[step.positions[k]].detach()) for k in chosen]
         return self.rule.clip_units(weights, [step.grads[k] for k in chosen], step.unscale, valid)

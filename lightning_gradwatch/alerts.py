@@ -122,8 +122,9 @@ ALERT_KIND_INFO: dict[str, AlertKindInfo] = {
     ),
     AlertKind.GRADIENT_UNDERFLOW: AlertKindInfo(
         "Gradient underflow (fp16)",
-        "bf16 instead of fp16, or keep the loss scale up (find what overflows and forces it down: an unnormalised "
-        "activation, a large loss term)",
+        "precision='16-mixed' (float32 weights and a GradScaler) or bf16 instead of pure fp16; with a GradScaler, "
+        "keep the loss scale up (find what overflows and forces it down: an unnormalised activation, a large loss "
+        "term)",
     ),
     AlertKind.LOSS_SPIKE: AlertKindInfo(
         "Loss spikes",

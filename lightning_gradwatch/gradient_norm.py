@@ -151,6 +151,7 @@ class GradientNormLogger(GradwatchCallback):
         self._loaded_history: dict[str, list[float]] = {}  # a checkpoint's norm history, until its rule exists
         self._updates: dict[str, UpdateTracker] = {}
         self._tallies: dict[str, IntervalTally] = {}  # per optimizer suffix, on the device, for the current interval
+        self._tally_layers: dict[str, list[str]] = {}  # the layers each tally counts, in order
 
     @property
     def _history(self) -> dict[str, list[float]]:
@@ -169,6 +170,7 @@ class GradientNormLogger(GradwatchCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._tallies.clear()
+        self._tally_layers.clear()
         super().on_fit_start(trainer, pl_module)
 
     @override
@@ -185,9 +187,14 @@ class GradientNormLogger(GradwatchCallback):
         suffix = self._optimizer_suffix(trainer, step.optimizer)
         on_host = step.host_is_free  # a CPU: the interval's tally is a few floats, folded without a tensor op
         tally = self._tallies.get(suffix)
-        if tally is None or tally.layers != len(groups.group_names) or tally.on_host != on_host:
-            last = tally.last_nonzero if tally is not None and tally.layers == len(groups.group_names) else None
-            tally = self._tallies[suffix] = IntervalTally.zeros(len(groups.group_names), step.device, last, on_host)
+        names = groups.group_names
+        if tally is None or self._tally_layers.get(suffix) != names or tally.on_host != on_host:
+            last = None  # the layers changed (a group added mid-run): each keeps its last non-zero step by name
+            if tally is not None:
+                known = dict(zip(self._tally_layers.get(suffix, []), tally.last_nonzero_steps(), strict=True))
+                last = [known.get(n, -1.0) for n in names]
+            tally = self._tallies[suffix] = IntervalTally.zeros(len(names), step.device, last, on_host)
+            self._tally_layers[suffix] = list(names)
         if on_host:
             global_norm_now = float(step.global_norm(self.norm_type))  # the shared pass, read for free
             overflow_now = self._overflow_flag(step, global_norm_now) > 0
@@ -269,6 +276,7 @@ class GradientNormLogger(GradwatchCallback):
             update_ratios=[extra["update_to_weight"][g] for g in present] if "update_to_weight" in extra else None,
             loss_scale=loss_scale if scaler is not None else None,
             loss_improving=history.improving() if history is not None else None,
+            half_unscaled=scaler is None and any(g.dtype == torch.float16 for g in step.grads),
         )
         self._judge(trainer, reading, suffix)
         self._draw_flow(trainer, reading, suffix)

@@ -62,12 +62,22 @@ CONSEQUENCES: dict[str, frozenset[str]] = {
         }
     ),
     AlertKind.GRADIENTS_NOT_RESET: frozenset(
-        {AlertKind.EXPLODING_GRADIENT, AlertKind.GRADIENT_SPIKE, AlertKind.DEAD_NEURONS, AlertKind.UPDATE_RATIO}
+        {
+            AlertKind.EXPLODING_GRADIENT,
+            AlertKind.GRADIENT_SPIKE,
+            AlertKind.DEAD_NEURONS,
+            AlertKind.UPDATE_RATIO,
+            AlertKind.LEARNING_RATE,
+            AlertKind.LOSS_SPIKE,
+        }
     ),
     AlertKind.EXPLODING_GRADIENT: frozenset({AlertKind.STOPPED_LAYER, AlertKind.DEAD_NEURONS, AlertKind.UPDATE_RATIO}),
     AlertKind.GRADIENT_SPIKE: frozenset({AlertKind.STOPPED_LAYER, AlertKind.DEAD_NEURONS}),
     AlertKind.VANISHING_GRADIENT: frozenset({AlertKind.STOPPED_LAYER, AlertKind.UPDATE_RATIO}),
     AlertKind.NOT_IN_OPTIMIZER: frozenset({AlertKind.UPDATE_RATIO}),
+    AlertKind.GRADIENT_UNDERFLOW: frozenset(
+        {AlertKind.STOPPED_LAYER, AlertKind.UPDATE_RATIO, AlertKind.VANISHING_GRADIENT, AlertKind.DEAD_NEURONS}
+    ),
     AlertKind.NO_GRADIENT: frozenset({AlertKind.UPDATE_RATIO, AlertKind.STOPPED_LAYER}),
 }
 

@@ -87,6 +87,8 @@ class NaNGuard(GradwatchCallback):
             many times.
         min_loss_scale: fp16 only: a loss scale below this floor is a collapse.
         max_consecutive_overflows: fp16 only: this many overflow-skipped steps in a row is a collapse.
+        max_consecutive_faults: with ``"skip"``, this many faulty steps in a row is a stuck run: it halts (skipping
+            is for the odd bad batch; a run whose every step is faulty goes nowhere).
         amp_check_every_n_steps: fp16 only: read the device-side counters every this many steps.
         log_every_n_steps: log the counters every this many steps; ``None`` follows the Trainer.
         save_checkpoint_on_halt: on halt, save the last good state next to the ModelCheckpoint's files.
@@ -114,6 +116,7 @@ class NaNGuard(GradwatchCallback):
         max_rollbacks: PositiveInt = 3,
         min_loss_scale: FinitePositiveFloat = 1.0,
         max_consecutive_overflows: PositiveInt = 30,
+        max_consecutive_faults: PositiveInt = 20,
         amp_check_every_n_steps: PositiveInt = 10,
         log_every_n_steps: PositiveInt | Null = None,
         save_checkpoint_on_halt: bool = True,
@@ -130,6 +133,7 @@ class NaNGuard(GradwatchCallback):
         self.max_consecutive_overflows = check_number(
             "max_consecutive_overflows", max_consecutive_overflows, **positive_int
         )
+        self.max_consecutive_faults = check_number("max_consecutive_faults", max_consecutive_faults, **positive_int)
         self.amp_check_every_n_steps = check_number("amp_check_every_n_steps", amp_check_every_n_steps, **positive_int)
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, optional=True, **positive_int)
         self.save_checkpoint_on_halt = check_bool("save_checkpoint_on_halt", save_checkpoint_on_halt)
@@ -145,6 +149,7 @@ class NaNGuard(GradwatchCallback):
         self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
         self._halt_pending: str | None = None
         self._halted = False
+        self._faults_in_a_row = 0
         self._batches: list[tuple[Any, int]] = []
         self._batches_step = -1
 
@@ -275,6 +280,7 @@ class NaNGuard(GradwatchCallback):
             step, loss_bad, state, lambda flags: read.read(trainer.global_step, flags)
         )
         if not (loss_is_bad or grads_are_bad or state_is_bad):
+            self._faults_in_a_row = 0
             self._clear_condition(AlertKind.NON_FINITE, "")
             self._shadow.refresh(pl_module)  # checked finite: the buffers to go back to if the next batch poisons them
             if self.action == "rollback":  # a due snapshot's state was just checked finite: safe to keep
@@ -301,10 +307,12 @@ class NaNGuard(GradwatchCallback):
         unrepaired = non_finite_names(judged_buffers(pl_module)) if fault.buffers else []
         if not step.repeat:
             self.totals.fault_steps += 1
+            self._faults_in_a_row += 1
         action = self.action
+        stuck = action == "skip" and self._faults_in_a_row >= self.max_consecutive_faults
         if action == "rollback":
             action = self._rollback(pl_module, step, optimizer)
-        elif fault.poisoned_state or unrepaired:
+        elif fault.poisoned_state or unrepaired or stuck:
             action = "halt"  # skipping cannot repair weights, buffers or optimizer state already non-finite
         done = {
             "halt": "the update was dropped and training stops",
@@ -329,7 +337,25 @@ class NaNGuard(GradwatchCallback):
         if diverged is not None and not fault.weights:
             cause = "divergence"
         self._alert_non_finite(trainer, fault, finding, cause=cause)
-        if action == "halt":
+        if stuck:
+            finding = (
+                f"Training is stuck at step {trainer.global_step}: the last {self._faults_in_a_row} steps were all "
+                f"faulty ({fault.text}) and their updates dropped, so the run goes nowhere; training stops."
+            )
+            self._emit_alert(
+                trainer,
+                Alert(
+                    trainer.global_step,
+                    AlertKind.NON_FINITE,
+                    fault.first_layer,
+                    float(self._faults_in_a_row),
+                    float(self.max_consecutive_faults),
+                    with_remedy(AlertKind.NON_FINITE, finding),
+                    cause=cause,
+                ),
+            )
+            self._halt(trainer, f"stuck: {self._faults_in_a_row} faulty steps in a row")
+        elif action == "halt":
             self._halt(trainer, f"non-finite values ({fault.text})")
         self._log_counters(trainer)
 

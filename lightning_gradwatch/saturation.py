@@ -138,6 +138,12 @@ class SaturationCallback(ActivationCallback):
             f"Saturated {' and '.join(kinds)} after '{layer.name}' at step {step}: {fraction:.0%} of its outputs lie "
             f"within {self.margin:g} of {' or '.join(_BOUNDS[k] for k in kinds)} over the last {window} sampled "
             f"batches (threshold {self.threshold:.0%}), where their gradient all but vanishes."
+            + (
+                " The first layer has been saturated since the first batches were measured: the inputs are probably "
+                "not normalised (pixels in 0-255, raw physical units): scale them to [0, 1] or standardise them."
+                if layer.name == self._names[0] and self._lowest.get(layer.name, 0.0) > self.threshold
+                else ""
+            )
         )
 
     @override

@@ -36,9 +36,9 @@ class SetupCheck(GradwatchCallback):
     - ``not_in_optimizer``: parameters that receive gradients but belong to no optimizer (``configure_optimizers``
       passed only part of the model): they never learn, and their gradients pile up.
     - ``no_gradient``: parameters in an optimizer, with ``requires_grad``, whose gradient is still ``None`` after
-      ``no_gradient_after_steps`` steps: a ``.detach()`` or a ``torch.no_grad()`` block cuts them off from the loss.
-      A warning when they are the model's input end or a quarter of its weights; a small spare branch (a pooler a
-      classifier does not use) is ``info``. ``ignore`` leaves named layers out.
+      ``no_gradient_after_steps`` steps. A warning when their module runs in forward (a ``.detach()`` or a
+      ``torch.no_grad()`` block cuts them off from the loss); ``info`` when it never runs (a spare branch, such as
+      a pooler a classifier does not use). ``ignore`` leaves named layers out.
     - ``gradients_not_reset``: an optimizer steps with gradients that still hold those of its previous step (manual
       optimization without ``zero_grad()``), checked on its first steps.
 
@@ -107,11 +107,13 @@ class SetupCheck(GradwatchCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resets.detach()
+        self._coverage.stop_watching()
         super().on_train_end(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._resets.detach()
+        self._coverage.stop_watching()
         super().on_exception(trainer, pl_module, exception)
 
     @override
@@ -144,6 +146,8 @@ class SetupCheck(GradwatchCallback):
             self._emit(trainer, AlertKind.NOT_IN_OPTIMIZER, "", found)
         if not step.dropped:
             self._coverage.observe(step.params)
+            if self.no_gradient_after_steps is not None and self._coverage.steps == self.no_gradient_after_steps // 2:
+                self._coverage.watch_calls(pl_module, trainer.optimizers)
             if self._coverage.steps == self.no_gradient_after_steps or self._should_log(
                 trainer, self.log_every_n_steps
             ):
@@ -162,7 +166,8 @@ class SetupCheck(GradwatchCallback):
         if self._stepped_at is not None:
             step, self._stepped_at = self._stepped_at, None
             history = self._history(trainer, step)
-            if history is not None:
+            explained = any(a.kind == AlertKind.GRADIENTS_NOT_RESET for a in self.alerts)  # its growth says it all
+            if history is not None and not explained:
                 ratios = [float(r) for r in self._ratios] if host_is_free(self._device) else history[1]
                 verdict = learning_rate_verdict(step, history[0], ratios, self.update_ratio_high)
                 self._emit(trainer, AlertKind.LEARNING_RATE, "", verdict)

@@ -14,10 +14,12 @@ def alive_units(pre_activation: Tensor, unit_dim: int) -> Tensor:
     """Which units had a positive pre-activation for at least one sample/position: a bool vector over units.
 
     A rectifier's unit whose pre-activation is ``<= 0`` everywhere outputs 0 and passes no gradient: it is dead
-    on this batch. ``unit_dim`` is the feature axis (``-1`` for Linear, ``1`` for Conv and BatchNorm).
+    on this batch. ``unit_dim`` is the feature axis (``-1`` for Linear, ``1`` for Conv and BatchNorm). A unit whose
+    pre-activation holds NaN counts as alive: a non-finite batch says nothing about whether it died.
     """
     x = pre_activation.detach().movedim(unit_dim, -1)
-    return x.reshape(-1, x.shape[-1]).amax(dim=0) > 0
+    peak = x.reshape(-1, x.shape[-1]).amax(dim=0)
+    return (peak > 0) | torch.isnan(peak)
 
 
 def saturation_bound(kind: str, margin: float) -> float:
