@@ -30,13 +30,14 @@ MAX_CHARTS = 24
 def layer_charts(names: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Split layer names (in model order) into charts of related, consecutive layers: ``(title, names)`` each.
 
-    Layers are grouped by their module path (``encoder.*`` apart from ``decoder.*``); a group with more lines
-    than a chart holds is split at the next level down (``encoder.layers.0`` apart from ``encoder.layers.1``),
-    and small neighbouring groups inside one module share a chart. Layers of different top-level modules share a
-    chart only where the model has too many of them for ``MAX_CHARTS`` charts, so every title reads the same way:
-    the module the chart's layers share, then its first and last layer (``hidden: 8 … 15``; ``head`` alone). A
-    chart holds at most ``max(CHART_LINES, ceil(n / MAX_CHARTS))`` lines, so no metric gets more than about
-    ``MAX_CHARTS`` charts.
+    Each top-level module keeps to its own charts, so every title reads the same way: the module the chart's layers
+    share, then its first and last layer (``hidden: 0 … 7``, ``hidden: 8 … 15``), or a layer's own name
+    (``head``); top-level layers that are not modules (``fc1``, ``fc2``) share a chart (``fc1 … fc2``). Within a
+    module, layers are grouped by their path (``encoder.*`` apart from ``decoder.*``); a group with more lines than
+    a chart holds is split at the next level down (``encoder.layers.0`` apart from ``encoder.layers.1``), and small
+    neighbouring groups share a chart. Only a model with more than ``MAX_CHARTS`` top-level groups has them share
+    charts. A chart holds at most ``max(CHART_LINES, ceil(n / MAX_CHARTS))`` lines, so no metric gets more than
+    about ``MAX_CHARTS`` charts.
     """
     names = list(names)
     if not names:
@@ -58,10 +59,7 @@ def layer_charts(names: Sequence[str]) -> list[tuple[str, list[str]]]:
                 children.append([name])
         if len(children) == 1:
             return split(group, depth + 1)  # a prefix every layer here shares (``net.``): look one level down
-        pieces = [piece for child in children for piece in split(child, depth + 1)]
-        if depth == 0:  # top-level modules keep to their own charts, unless there are too many of them
-            return pieces if len(pieces) <= MAX_CHARTS else pack(pieces, len(group))
-        return pack(pieces, len(group))
+        return pack([piece for child in children for piece in split(child, depth + 1)], len(group))
 
     def pack(pieces: list[list[str]], total: int) -> list[list[str]]:
         # balanced: 21 layers make charts of 7, 7 and 7 rather than 10, 10 and 1
@@ -74,7 +72,27 @@ def layer_charts(names: Sequence[str]) -> list[tuple[str, list[str]]]:
                 charts.append(list(piece))
         return charts
 
-    return [(_chart_title(chart), chart) for chart in split(names, 0)]
+    def top_level(group: list[str]) -> list[list[str]] | None:
+        """Each top-level module's own charts, its top-level plain layers together; None where a model has one
+        top-level module, or more groups than ``MAX_CHARTS``."""
+        runs: list[list[str]] = []
+        for name in group:  # consecutive runs of one top-level name
+            if runs and runs[-1][0].split(".")[0] == name.split(".")[0]:
+                runs[-1].append(name)
+            else:
+                runs.append([name])
+        if len(runs) == 1:
+            return None
+        charts: list[list[str]] = []
+        for run in runs:
+            plain = all("." not in name for name in run)
+            if plain and charts and all("." not in n for n in charts[-1]) and len(charts[-1]) + len(run) <= limit:
+                charts[-1].extend(run)  # plain layers next to each other (fc1, fc2) share a chart
+            else:
+                charts.extend([run] if plain else split(run, 0))
+        return charts if len(charts) <= MAX_CHARTS else None
+
+    return [(_chart_title(chart), chart) for chart in top_level(names) or split(names, 0)]
 
 
 def _chart_title(names: list[str]) -> str:
