@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
 from lightning_gradwatch._gradient_flow import GradientFlow, matplotlib_pyplot
 from lightning_gradwatch._gradient_rules import (
     Diagnosis,
@@ -25,9 +25,10 @@ from lightning_gradwatch._gradient_rules import (
 )
 from lightning_gradwatch._layout import exact_tags, layer_charts
 from lightning_gradwatch._loss_trace import fetch_with_history
+from lightning_gradwatch._norm_ring import NormRing, combine_on_host, write_recent
 from lightning_gradwatch._params import ParamGroups, group_of, optimizer_index
 from lightning_gradwatch._precision import grad_scaler
-from lightning_gradwatch._reporting import logger_step, tensorboard_writers
+from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import AtLeastFiveInt, AtLeastOne, GreaterThanOne, Null, PositiveFloat, PositiveInt
 from lightning_gradwatch._update_ratio import UpdateTracker
@@ -152,6 +153,8 @@ class GradientNormLogger(GradwatchCallback):
         self._updates: dict[str, UpdateTracker] = {}
         self._tallies: dict[str, IntervalTally] = {}  # per optimizer suffix, on the device, for the current interval
         self._tally_layers: dict[str, list[str]] = {}  # the layers each tally counts, in order
+        self._rings: dict[str, NormRing] = {}  # the last steps' layer norms, written only if the run fails
+        self._last_logged: dict[str, int] = {}  # per optimizer suffix, the last step whose norms were logged
 
     @property
     def _history(self) -> dict[str, list[float]]:
@@ -169,6 +172,8 @@ class GradientNormLogger(GradwatchCallback):
     # -- hooks -----------------------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rings.clear()
+        self._last_logged.clear()
         self._tallies.clear()
         self._tally_layers.clear()
         super().on_fit_start(trainer, pl_module)
@@ -181,8 +186,12 @@ class GradientNormLogger(GradwatchCallback):
         optimizer: torch.optim.Optimizer,
         step: StepGradients,
     ) -> None:
-        if not step.grads or step.repeat:
-            return  # the guard dropped this update, or a closure optimizer re-evaluates a step already seen
+        if step.repeat:
+            return  # a closure optimizer re-evaluates a step already seen
+        if not step.grads:  # the guard dropped this update: a logging step still logs what was finite
+            if self._should_log(trainer, self.log_every_n_steps) and step.has_norms(self.norm_type):
+                self._log_finite(trainer, step)
+            return
         groups = step.index.grouping(self.group_by)
         suffix = self._optimizer_suffix(trainer, step.optimizer)
         on_host = step.host_is_free  # a CPU: the interval's tally is a few floats, folded without a tensor op
@@ -200,6 +209,10 @@ class GradientNormLogger(GradwatchCallback):
             overflow_now = self._overflow_flag(step, global_norm_now) > 0
             norms = step.param_norms_on_host(self.norm_type)
             tally.fold_on_host(trainer.global_step, global_norm_now, norms, groups.group_of_param, overflow_now)
+            on_layers = combine_on_host(norms, groups.group_of_param, len(names), self.norm_type)
+            self._rings.setdefault(suffix, NormRing()).push(
+                names, groups.group_numels, logger_step(trainer), trainer.global_step, on_layers
+            )
         if self.histogram_every_n_steps is not None and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0:
             self._write_histograms(trainer, groups, step)
         logs = self._should_log(trainer, self.log_every_n_steps)
@@ -209,12 +222,52 @@ class GradientNormLogger(GradwatchCallback):
             overflow = self._overflow_flag(step, global_norm)
             if not on_host:
                 tally.fold(trainer.global_step, global_norm, layer_norms, overflow)  # every step, on the device
+                ring = self._rings.setdefault(suffix, NormRing())  # kept for a failed run's charts
+                ring.push(names, groups.group_numels, logger_step(trainer), trainer.global_step, layer_norms)
             if logs:
                 self._log_norms(trainer, groups, step, layer_norms, global_norm, overflow, suffix)
         if self.log_update_to_weight and self._logs_next_step(trainer, self.log_every_n_steps):
             self._updates.setdefault(suffix, UpdateTracker()).snapshot(step)  # compared at the logging step
 
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if any(getattr(cb, "stopped_this_fit", False) for cb in gradwatch_callbacks(trainer)):
+            self._write_evidence(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._write_evidence(trainer)
+        super().on_exception(trainer, pl_module, exception)
+
     # -- internals -------------------------------------------------------------------------------------------
+    def _write_evidence(self, trainer: pl.Trainer) -> None:
+        """A failed run: the last steps' norms not logged yet go to the loggers at their own steps, and into the
+        gradient-flow picture (TensorBoard and the report), so that the charts exist exactly when they are needed."""
+        for suffix, ring in self._rings.items():
+            recent = ring.read(self._last_logged.get(suffix, -1))
+            if recent is None:
+                continue
+            write_recent(trainer, recent, suffix, self.norm_type)
+            self._last_logged[suffix] = recent.steps[-1]
+            flow = self._flows.setdefault(suffix, GradientFlow())
+            for row in range(max(0, len(recent.steps) - 3), len(recent.steps)):
+                flow.add(recent.steps[row], recent.names, recent.rms(row))
+            figure = flow.figure()
+            if figure is not None:
+                for writer in tensorboard_writers(trainer):
+                    writer.add_figure(f"gradwatch/gradient_flow{suffix}", figure, recent.logger_steps[-1], close=False)
+                matplotlib_pyplot().close(figure)
+
+    def _log_finite(self, trainer: pl.Trainer, step: StepGradients) -> None:
+        """A logging step whose update the guard dropped: its finite per-layer norms are still logged."""
+        groups = step.index.grouping(self.group_by)
+        (values,) = host_values(groups.combine(step.param_norms(self.norm_type), self.norm_type))
+        metrics = {
+            f"gradwatch/grad_norm/{n}": v for n, v in zip(groups.group_names, values, strict=True) if math.isfinite(v)
+        }
+        self._log_metrics(trainer, metrics)
+
     def _log_norms(
         self,
         trainer: pl.Trainer,
@@ -278,6 +331,7 @@ class GradientNormLogger(GradwatchCallback):
             loss_improving=history.improving() if history is not None else None,
             half_unscaled=scaler is None and any(g.dtype == torch.float16 for g in step.grads),
         )
+        self._last_logged[suffix] = now
         self._judge(trainer, reading, suffix)
         self._draw_flow(trainer, reading, suffix)
 
