@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -139,7 +140,8 @@ class LossSpikeGuard(GradwatchCallback):
         self._run: Tensor | int = 0
         self._recent: Tensor | list[float] | None = None
         self._loss: Tensor | float | None = None  # this step's loss, summed over its micro-batches
-        self._print: Tensor | float | None = None  # the fingerprint of this step's (first) batch
+        self._print: Tensor | float | None = None  # the fingerprint of this step's (first) batch, when taken
+        self._tensor: Tensor | None = None  # this step's first batch tensor (a reference)
         self._drop: Tensor | bool = False  # this step's batch is one of skip_batches (found by its fingerprint)
         self._verdict: Tensor | list[float] | None = None  # this step's verdict (V_* above)
         self._pending: list[tuple[int, int, int, Tensor | list[float]]] = []  # (step, epoch, batch_idx, verdict)
@@ -148,6 +150,7 @@ class LossSpikeGuard(GradwatchCallback):
         self._episode: dict[str, Any] | None = None  # the open spike episode: first/last step, count, alert
         self._shifts: dict[str, Any] | None = None  # the last level shifts, as an episode
         self._probes: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+        self._consts: _Constants | None = None
         self._prints_on: tuple[torch.device, Tensor] | None = None
         self._active = True
         self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
@@ -174,9 +177,14 @@ class LossSpikeGuard(GradwatchCallback):
         first = self._loss is None  # the step's first micro-batch
         if first:
             self._batch = (trainer.current_epoch, batch_idx)
+            self._print = self._tensor = None
         tensor = _first_tensor(batch)
         if tensor is None or not self._active:
             return
+        if first:
+            self._tensor = tensor  # a reference, no copy: fingerprinted when a spike is recorded at this step
+        if not (self._skip_prints or (first and not self._verdict_read_at_step(trainer, tensor.device))):
+            return  # the fingerprint is taken only if needed: to match skip_batches, or for a verdict read later
         fingerprint = self._fingerprint(tensor)
         if first:
             self._print = fingerprint
@@ -187,6 +195,18 @@ class LossSpikeGuard(GradwatchCallback):
             else:
                 found = any(same_fingerprint(fingerprint, p) for _, p in self._skip_prints)
                 self._drop = found or (bool(self._drop) and not first)
+
+    def _verdict_read_at_step(self, trainer: pl.Trainer, device: torch.device) -> bool:
+        """Whether this step's verdict reaches the host at the step in one process (decided on the host, riding on
+        NaNGuard's per-step read, or read for the action), so that a spike's batch can be fingerprinted then, on the
+        slow path; otherwise (a read at the logging step, several ranks whose verdicts are reduced) the fingerprint
+        travels in the verdict, taken on the device every step."""
+        if distributed():
+            return False
+        if host_is_free(device):
+            return True
+        per_step = self.action != "log" or any(cb.reads_every_step for cb in gradwatch_callbacks(trainer))
+        return per_step and grad_scaler(trainer) is None
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -295,11 +315,17 @@ class LossSpikeGuard(GradwatchCallback):
         assert isinstance(raw, Tensor)
         shift = raw & (self._run + 1 >= self.level_shift_after)
         spike = raw & ~shift
-        fingerprint = self._print if isinstance(self._print, Tensor) else torch.zeros((), device=loss.device)
-        fingerprint = torch.where(raw, fingerprint.to(loss.device), float("-inf"))  # the spiking rank's, after max
-        drop = self._drop if isinstance(self._drop, Tensor) else torch.full((), bool(self._drop), device=loss.device)
-        flags = [spike.float(), shift.float(), drop.to(loss.device).float()]
-        return torch.stack([*flags, z, loss.to(torch.float32), median, fingerprint])
+        c = self._constants(loss.device)
+        # the fingerprint of the spiking rank (after the max over ranks), or -inf where none was taken
+        fingerprint = torch.where(raw, self._print, c.neg_inf) if isinstance(self._print, Tensor) else c.neg_inf
+        drop = self._drop.float() if isinstance(self._drop, Tensor) else c.one if self._drop else c.zero
+        return torch.stack([spike.float(), shift.float(), drop, z, loss.to(torch.float32), median, fingerprint])
+
+    def _constants(self, device: torch.device) -> _Constants:
+        c = self._consts
+        if c is None or c.zero.device != device:
+            c = self._consts = _Constants.on(device, self.window, self.level_shift_after)
+        return c
 
     def _judge_on_host(self, loss: float) -> list[float]:
         """:meth:`_judge` on the host, with the window as a list."""
@@ -338,15 +364,15 @@ class LossSpikeGuard(GradwatchCallback):
         assert isinstance(self._losses, Tensor) and isinstance(self._count, Tensor)
         assert isinstance(self._run, Tensor) and isinstance(self._recent, Tensor)
         spike, shift, drop, loss = verdict[V_SPIKE] > 0, verdict[V_SHIFT] > 0, verdict[V_DROP] > 0, verdict[V_LOSS]
-        slot = self._run % n
-        recent = self._recent.index_put((slot.reshape(1),), loss.reshape(1).to(self._recent.dtype))
-        self._recent = torch.where(spike | shift, recent, self._recent)
+        c = self._constants(loss.device)
+        at_slot = (c.slots == self._run % n) & (spike | shift)
+        self._recent = torch.where(at_slot, loss.to(self._recent.dtype), self._recent)
         valid = ~(spike | shift | drop) & torch.isfinite(loss)
         losses, count = ring_push(self._losses, self._count, loss, valid)
-        refill = self._recent[(torch.arange(self.window, device=loss.device) - self.window + self._run + 1) % n]
+        refill = self._recent[(c.refill + self._run) % n]  # the run, newest last, cycled over the window
         self._losses = torch.where(shift, refill, losses)
-        self._count = torch.where(shift, torch.full_like(count, self.window), count)
-        self._run = torch.where(spike, self._run + 1, torch.where(drop, self._run, torch.zeros_like(self._run)))
+        self._count = torch.where(shift, c.full, count)
+        self._run = torch.where(spike, self._run + 1, torch.where(drop, self._run, c.zero_count))
 
     def _pending_values(self) -> list[float]:
         """The verdicts not read yet, on the host, flat: one reduction over ranks (max, so that every rank records
@@ -386,6 +412,8 @@ class LossSpikeGuard(GradwatchCallback):
     def _record(self, trainer: pl.Trainer, where: tuple[int, int, int], verdict: list[float], done: str) -> None:
         step, epoch, batch_idx = where
         z, loss, median, fingerprint = verdict[V_Z], verdict[V_LOSS], verdict[V_MEDIAN], verdict[V_PRINT]
+        if not math.isfinite(fingerprint) and step == trainer.global_step and self._tensor is not None:
+            fingerprint = float(self._fingerprint(self._tensor))  # the spike's own batch, read now (a spike step)
         spike = {"step": step, "epoch": epoch, "batch_idx": batch_idx, "loss": loss, "median": median, "z": z}
         if math.isfinite(fingerprint):
             spike["fingerprint"] = fingerprint
@@ -490,6 +518,35 @@ class LossSpikeGuard(GradwatchCallback):
             self._losses, self._count = _resized_window(window["losses"], window["count"], self.window)
             self._run, self._recent = 0, None
         return []
+
+
+@dataclass(frozen=True)
+class _Constants:
+    """The device path's constant tensors, made once per device (no allocation or copy per step)."""
+
+    zero: Tensor
+    one: Tensor
+    neg_inf: Tensor
+    zero_count: Tensor
+    full: Tensor  # the window's size, as a count
+    slots: Tensor  # 0 .. level_shift_after - 1
+    refill: Tensor  # window slot j takes the run's value (j - window + 1 + run) mod level_shift_after
+
+    @classmethod
+    def on(cls, device: torch.device, window: int, run: int) -> _Constants:
+        def scalar(v: float) -> Tensor:
+            return torch.tensor(v, dtype=torch.float32, device=device)
+
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        return cls(
+            zero=scalar(0.0),
+            one=scalar(1.0),
+            neg_inf=scalar(float("-inf")),
+            zero_count=count,
+            full=count + window,
+            slots=torch.arange(run, device=device),
+            refill=torch.arange(window, device=device) - window + 1 + run * window,  # kept non-negative
+        )
 
 
 def _resized_window(losses: Tensor, count: Tensor | int, size: int) -> tuple[Tensor, Tensor]:
