@@ -363,11 +363,13 @@ class LossSpikeGuard(GradwatchCallback):
             return
         assert isinstance(self._losses, Tensor) and isinstance(self._count, Tensor)
         assert isinstance(self._run, Tensor) and isinstance(self._recent, Tensor)
-        spike, shift, drop, loss = verdict[V_SPIKE] > 0, verdict[V_SHIFT] > 0, verdict[V_DROP] > 0, verdict[V_LOSS]
+        flags = verdict[: V_DROP + 1] > 0
+        spike, shift, drop = flags.unbind()
+        loss = verdict[V_LOSS]
         c = self._constants(loss.device)
-        at_slot = (c.slots == self._run % n) & (spike | shift)
+        at_slot = (c.slots == self._run % n) & flags[: V_SHIFT + 1].any()  # a spike or a shift: part of the run
         self._recent = torch.where(at_slot, loss.to(self._recent.dtype), self._recent)
-        valid = ~(spike | shift | drop) & torch.isfinite(loss)
+        valid = ~flags.any() & torch.isfinite(loss)
         losses, count = ring_push(self._losses, self._count, loss, valid)
         refill = self._recent[(c.refill + self._run) % n]  # the run, newest last, cycled over the window
         self._losses = torch.where(shift, refill, losses)
