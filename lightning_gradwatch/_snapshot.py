@@ -123,7 +123,7 @@ class Snapshot:
         if not _same_params(self.params, params):
             raise RuntimeError(
                 f"The rollback snapshot holds {len(self.params)} other parameters than the {len(params)} it was asked "
-                "to restore (another optimizer's, or the model's parameters were replaced): refusing to write one set "
+                "to restore (another optimizer's, or its parameters changed since): refusing to write one set "
                 "of weights into another."
             )
         buffers = dict(module.named_buffers())
@@ -163,19 +163,17 @@ def owned_buffers(
     trained = set(mine)
     for optimizer in others:
         trained.update(id(p) for group in optimizer.param_groups for p in group["params"])
-    owners: dict[str, set[int]] = {}  # module name -> ids of its parameters held by some optimizer
-    for name, sub in module.named_modules():
-        owners[name] = {id(p) for p in sub.parameters() if id(p) in trained}
+    held: dict[str, set[int]] = {}  # module name -> ids of the trained parameters in it (its own and below)
+    for name, p in module.named_parameters():
+        if id(p) in trained:
+            path = name.split(".")[:-1]
+            for depth in range(len(path) + 1):
+                held.setdefault(".".join(path[:depth]), set()).add(id(p))
     out = []
     for name, buffer in module.named_buffers():
         path = name.split(".")[:-1]
-        for depth in range(len(path), -1, -1):
-            held = owners.get(".".join(path[:depth]), set())
-            if held:
-                if held & mine:
-                    out.append((name, buffer))
-                break
-        else:
+        owner = next((held[k] for k in (".".join(path[:d]) for d in range(len(path), -1, -1)) if k in held), None)
+        if owner is None or owner & mine:
             out.append((name, buffer))
     return out
 
@@ -275,7 +273,8 @@ class Rollbacks:
         slot = self._slots.get(optimizer)
         if slot is None:
             slot = self._slots[optimizer] = _Slot()
-        if self._due(slot):
+        stale = slot.snapshot is not None and not _same_params(slot.snapshot.params, params)
+        if self._due(slot) or stale:  # stale: the optimizer's parameters changed (a backbone unfrozen): take anew
             if not (checked and was_due) and not _state_is_finite(module, optimizer):
                 return  # a NaN must never become the state to go back to: keep the last snapshot
             others = [o for o in [*_trainer_optimizers(module), *self._slots] if o is not optimizer]

@@ -136,3 +136,37 @@ def test_a_spike_rollback_never_restores_a_nan_that_nan_guard_repaired(tmp_path:
     assert nan_guard.rollbacks == 1  # the NaN found at the step-49 check and repaired
     assert [s["step"] for s in spike_guard.spikes] == [SPIKE] and "rolled back" in spike_guard.alerts[0].message
     assert all_finite(model)  # the spike's rollback went to a finite snapshot, not the one of steps 42-49
+
+
+# -- an optimizer that gains parameters mid-run ----------------------------------------------------------------------
+class FineTuned(Classifier):
+    """The first layer frozen for the first epoch (16 steps), then unfrozen into a new parameter group; the loss is
+    NaN at step 18, before the next snapshot is due."""
+
+    def __init__(self) -> None:
+        super().__init__(mlp(2), lr=1e-2, optimizer="adam")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step == 18 else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class Unfreeze(pl.callbacks.BaseFinetuning):
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(pl_module.net[0])
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.net[0], optimizer, lr=1e-2)
+
+
+def test_a_snapshot_follows_the_optimizer_when_it_gains_parameters(tmp_path: Path) -> None:
+    guard, model = NaNGuard(action="rollback", snapshot_every_n_steps=10), FineTuned()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[Unfreeze(), guard], max_steps=26))
+    trainer.fit(model)  # the snapshot taken before the unfreezing no longer fits: a new one is taken at once
+    assert trainer.global_step == 26 and guard.rollbacks == 1 and all_finite(model)
+    snapshot = guard._rollbacks.snapshot(trainer.optimizers[0])
+    assert snapshot is not None and snapshot.params[0] is model.net[0].weight
