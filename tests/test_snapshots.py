@@ -39,6 +39,7 @@ class GanLike(pl.LightningModule):
         torch.manual_seed(2)
         self.disc = twin()
         self.after: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.gen_statistics: dict[int, list[torch.Tensor]] = {}
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch
@@ -54,6 +55,7 @@ class GanLike(pl.LightningModule):
         self.manual_backward(loss_b)
         opt_b.step()
         self.after[batch_idx] = (_copy(self.gen), _copy(self.disc))
+        self.gen_statistics[batch_idx] = [b.detach().clone() for b in self.gen.buffers() if b.is_floating_point()]
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
@@ -85,8 +87,9 @@ def test_each_optimizer_rolls_back_to_its_own_snapshot(tmp_path: Path) -> None:
     # the discriminator went back to one of its own earlier states (its snapshot, taken before a clean update)
     assert any(same(disc_after, model.after[i][1]) for i in range(NAN_BATCH))
     assert not any(same(disc_after, model.after[i][0]) for i in range(NAN_BATCH))  # never the generator's weights
-    # the generator's step of that batch stands: its weights moved on from the batch before
+    # the generator's step of that batch stands: its weights and BatchNorm statistics moved on from the batch before
     assert not same(gen_after, model.after[NAN_BATCH - 1][0])
+    assert not same(model.gen_statistics[NAN_BATCH], model.gen_statistics[NAN_BATCH - 1])
 
 
 def test_a_restore_into_other_parameters_raises() -> None:
