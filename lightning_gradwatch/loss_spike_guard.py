@@ -142,6 +142,7 @@ class LossSpikeGuard(GradwatchCallback):
         self._loss: Tensor | float | None = None  # this step's loss, summed over its micro-batches
         self._print: Tensor | float | None = None  # the fingerprint of this step's (first) batch, when taken
         self._tensor: Tensor | None = None  # this step's first batch tensor (a reference)
+        self._replayed_epoch: int | None = None  # an epoch a mid-epoch resume replays from its start (-1: none)
         self._drop: Tensor | bool = False  # this step's batch is one of skip_batches (found by its fingerprint)
         self._verdict: Tensor | list[float] | None = None  # this step's verdict (V_* above)
         self._pending: list[tuple[int, int, int, Tensor | list[float]]] = []  # (step, epoch, batch_idx, verdict)
@@ -166,7 +167,7 @@ class LossSpikeGuard(GradwatchCallback):
         super().on_fit_start(trainer, pl_module)
         self._active = pl_module.automatic_optimization
         self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
-        self._episode = self._shifts = None
+        self._episode = self._shifts = self._replayed_epoch = None
         if not self._active:
             rank_zero_warn("LossSpikeGuard is idle: it watches automatic optimization only (one loss per step).")
 
@@ -178,6 +179,8 @@ class LossSpikeGuard(GradwatchCallback):
         if first:
             self._batch = (trainer.current_epoch, batch_idx)
             self._print = self._tensor = None
+            if self._replayed_epoch is None:
+                self._replayed_epoch = self._epoch_replayed_from_start(trainer, batch_idx)
         tensor = _first_tensor(batch)
         if tensor is None or not self._active:
             return
@@ -195,6 +198,25 @@ class LossSpikeGuard(GradwatchCallback):
             else:
                 found = any(same_fingerprint(fingerprint, p) for _, p in self._skip_prints)
                 self._drop = found or (bool(self._drop) and not first)
+
+    def _epoch_replayed_from_start(self, trainer: pl.Trainer, batch_idx: int) -> int:
+        """At the fit's first batch: the epoch whose positions are off (-1 if none). Resumed mid-epoch, a loader that
+        cannot resume (no ``state_dict``) replays the epoch's data from its start while ``batch_idx`` goes on: a
+        batch listed by position only (a file without fingerprints) would name another one there."""
+        loader = getattr(trainer.fit_loop, "_combined_loader", None)
+        loaders = list(getattr(loader, "flattened", None) or [])
+        resumable = bool(loaders) and all(hasattr(d, "state_dict") and hasattr(d, "load_state_dict") for d in loaders)
+        if batch_idx == 0 or resumable:
+            return -1
+        epoch = trainer.current_epoch
+        if any(e == epoch for e, _ in self._skip_positions):
+            rank_zero_warn(
+                f"LossSpikeGuard resumed mid-epoch (at batch {batch_idx} of epoch {epoch}) with a DataLoader that "
+                "cannot resume: the epoch's data start again from its first batch while batch_idx goes on, so the "
+                f"batches skip_batches lists by position only in epoch {epoch} name other batches there; they are not "
+                "dropped in this epoch (files written now carry a fingerprint of each batch, found wherever it comes)."
+            )
+        return epoch
 
     def _verdict_read_at_step(self, trainer: pl.Trainer, device: torch.device) -> bool:
         """Whether this step's verdict reaches the host at the step in one process (decided on the host, riding on
@@ -246,7 +268,7 @@ class LossSpikeGuard(GradwatchCallback):
         if step.repeat or not step.grads or verdict is None:
             return
         epoch, batch_idx = self._batch
-        if (epoch, batch_idx) in self._skip_positions:  # listed without a fingerprint (an older file): by position
+        if (epoch, batch_idx) in self._skip_positions and epoch != self._replayed_epoch:  # an older file: by position
             step.drop()
             self.skipped_batches += 1
             return

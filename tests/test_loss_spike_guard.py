@@ -344,6 +344,21 @@ def test_skip_batches_after_a_mid_epoch_resume_drops_the_spiking_batch(
     assert not same(snaps.weights[BAD], snaps.weights[BAD + 1])  # the clean batch at (epoch 0, 24) was kept
 
 
+def test_a_file_without_fingerprints_is_not_applied_by_position_in_a_replayed_epoch(tmp_path: Path) -> None:
+    """An older gradwatch_spikes.json lists batches by position only: in the epoch a mid-epoch resume replays from
+    its start, those positions name clean batches: warned, not dropped."""
+    first = LossSpikeGuard(action="skip", window=16, warmup_steps=10)
+    every_16 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=16, save_top_k=-1)
+    fit(tmp_path / "a", BadBatch(), [first, every_16], max_steps=32, enable_checkpointing=True)
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps({"spikes": [{k: v for k, v in s.items() if k != "fingerprint"} for s in first.spikes]}))
+    resumed, snaps = LossSpikeGuard(action="skip", window=16, warmup_steps=10, skip_batches=older), Snapshots()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed, snaps], max_steps=40))
+    with pytest.warns(UserWarning, match="resumed mid-epoch"):
+        trainer.fit(BadBatch(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=16.ckpt"))
+    assert resumed.skipped_batches == 0 and not same(snaps.weights[BAD], snaps.weights[BAD + 1])  # kept
+
+
 def test_ddp_a_spike_on_one_rank_is_skipped_on_both(tmp_path: Path) -> None:
     rank0, rank1 = run_ddp_script("ddp_loss_spike.py", tmp_path)
     assert rank0["weights"] == rank1["weights"] and rank0["spikes"] == rank1["spikes"] == [SPIKE]
