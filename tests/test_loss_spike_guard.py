@@ -369,6 +369,15 @@ def test_ddp_log_mode_records_a_one_rank_spike_alike_on_every_rank_and_in_the_fi
     rank0, rank1 = run_ddp_script("ddp_loss_spike.py", tmp_path, "log")
     assert rank0["spikes"] == rank1["spikes"] == rank0["file"] == [SPIKE]
     assert rank0["moved_at_spike"] is True and rank1["moved_at_spike"] is True  # log: the update landed
+    # rerun with that file: rank 1's batch at the spike, found by its fingerprint, is dropped on both ranks
+    spikes = next((tmp_path / "tb").glob("version_*")) / "gradwatch_spikes.json"
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    rank0, rank1 = run_ddp_script("ddp_loss_spike.py", rerun, "log", str(spikes))
+    assert rank0["skipped_batches"] == rank1["skipped_batches"] == 1 and rank0["spikes"] == rank1["spikes"] == []
+    assert (
+        rank0["moved_at_spike"] is False and rank1["moved_at_spike"] is False and rank0["weights"] == rank1["weights"]
+    )
 
 
 def test_bad_arguments() -> None:

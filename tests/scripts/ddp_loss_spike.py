@@ -1,6 +1,7 @@
 """2-process DDP: the loss spikes on rank 1 only; LossSpikeGuard(action="skip") must skip the step on both ranks,
 and in every action (``log`` too, given as the first argument after the folder) both ranks and the spikes file
-written by rank 0 record the same spikes."""
+written by rank 0 record the same spikes. Given that file (second argument after the action), a rerun without the
+spike drops rank 1's recorded batch, found by its fingerprint, on both ranks."""
 
 import json
 import os
@@ -19,10 +20,12 @@ from tests.test_loss_spike_guard import SPIKE, Spiking
 
 
 class OneRank(Spiking):
+    inject = True
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self(x), y)
-        spike = self.global_step == SPIKE and self.global_rank == 1
+        spike = self.inject and self.global_step == SPIKE and self.global_rank == 1
         return loss * 50.0 if spike else loss
 
 
@@ -44,8 +47,10 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     pl.seed_everything(0)
     action = sys.argv[2] if len(sys.argv) > 2 else "skip"
-    guard, moved = LossSpikeGuard(action=action), Moved()
+    skip_batches = sys.argv[3] if len(sys.argv) > 3 else None  # a rerun with the first run's file: no spike made
+    guard, moved = LossSpikeGuard(action=action, skip_batches=skip_batches), Moved()
     model = OneRank(spike_steps=())
+    model.inject = skip_batches is None
     kwargs = trainer_kwargs(out_dir, strategy=ddp_strategy(), devices=2, max_steps=SPIKE + 3, callbacks=[guard, moved])
     trainer = pl.Trainer(**{**kwargs, "log_every_n_steps": 10})
     trainer.fit(model)
@@ -62,5 +67,6 @@ if __name__ == "__main__":
             "moved_at_spike": moved.moved,
             "weights": [float(p.sum()) for p in model.parameters()],
             "file": written,
+            "skipped_batches": guard.skipped_batches,
         },
     )
