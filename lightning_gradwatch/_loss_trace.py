@@ -132,6 +132,14 @@ class LossTrace:
                 self._first.append(math.nan)
             self._first[step] = self._ring[slot] if isinstance(self._ring, list) else self._ring[slot].clone()
 
+    def may_diverge(self, factor: float) -> bool:
+        """On the host path: whether the latest step's loss is at least ``factor`` times the first one's (or either
+        is unknown), a cheap test before building the history; always True on the device path."""
+        if not isinstance(self._ring, list) or not self._first:
+            return True
+        latest, first = self._ring[self._ring_last % RECENT], float(self._first[0])
+        return not (math.isfinite(latest) and math.isfinite(first) and first > 0) or latest >= factor * first
+
     def device_values(self) -> list[Tensor]:
         """What :meth:`host` needs, as device tensors to ride on a caller's transfer (empty on the host path)."""
         if not isinstance(self._ring, Tensor):

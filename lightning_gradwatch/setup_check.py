@@ -14,7 +14,13 @@ from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._loss_trace import LossHistory, loss_trace
 from lightning_gradwatch._params import local_tensor, optimizer_index
 from lightning_gradwatch._reporting import host_values
-from lightning_gradwatch._setup_rules import EARLY_STEPS, Coverage, ResetWatch, learning_rate_verdict
+from lightning_gradwatch._setup_rules import (
+    DIVERGENCE_FACTOR,
+    EARLY_STEPS,
+    Coverage,
+    ResetWatch,
+    learning_rate_verdict,
+)
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
@@ -202,6 +208,8 @@ class SetupCheck(GradwatchCallback):
         CPU, or delivered with the step's shared read; on a logging step without a reader, one transfer of its own."""
         trace = loss_trace(trainer)
         if host_is_free(self._device):
+            if step >= EARLY_STEPS and not trace.may_diverge(DIVERGENCE_FACTOR):
+                return None  # nothing to judge: spare building the history on every step
             return trace.host(), []
         if step != self._posted_at:
             return None
