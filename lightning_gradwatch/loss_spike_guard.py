@@ -130,7 +130,8 @@ class LossSpikeGuard(GradwatchCallback):
         self.max_rollbacks = check_number("max_rollbacks", max_rollbacks, ge=1, integer=True)
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
         self._skip_positions, self._skip_prints = _load_batches(skip_batches)
-        self.skip_batches = self._skip_positions | {(int(e), -1) for e, _ in self._skip_prints}  # kept for reading
+        # every batch listed, as (epoch, batch_idx) where it was recorded (those with a fingerprint are found by it)
+        self.skip_batches = self._skip_positions | {(e, i) for e, i, _ in self._skip_prints}
         self.spikes: list[dict[str, Any]] = []  # every spike found: step, epoch, batch_idx, loss, median, z, print
         self.skipped_batches = 0
         # the window (a ring buffer) and how many it holds: on the device, or a list on the CPU's host path
@@ -196,7 +197,7 @@ class LossSpikeGuard(GradwatchCallback):
                 match = same_fingerprint(fingerprint, self._prints_tensor(fingerprint.device))
                 self._drop = match if first or not isinstance(self._drop, Tensor) else self._drop | match
             else:
-                found = any(same_fingerprint(fingerprint, p) for _, p in self._skip_prints)
+                found = any(same_fingerprint(fingerprint, p) for *_, p in self._skip_prints)
                 self._drop = found or (bool(self._drop) and not first)
 
     def _epoch_replayed_from_start(self, trainer: pl.Trainer, batch_idx: int) -> int:
@@ -320,7 +321,7 @@ class LossSpikeGuard(GradwatchCallback):
 
     def _prints_tensor(self, device: torch.device) -> Tensor:
         if self._prints_on is None or self._prints_on[0] != device:
-            values = torch.tensor([p for _, p in self._skip_prints], dtype=torch.float32, device=device)
+            values = torch.tensor([p for *_, p in self._skip_prints], dtype=torch.float32, device=device)
             self._prints_on = (device, values)
         return self._prints_on[1]
 
@@ -640,7 +641,9 @@ def _force_scaler_skip(
         first.add_(torch.where(spike, float("inf"), 0.0).to(first.device, first.dtype))
 
 
-def _load_batches(path: str | os.PathLike[str] | None) -> tuple[set[tuple[int, int]], list[tuple[int, float]]]:
+def _load_batches(
+    path: str | os.PathLike[str] | None,
+) -> tuple[set[tuple[int, int]], list[tuple[int, int, float]]]:
     """The batches a ``gradwatch_spikes.json`` lists: by fingerprint where it has one, else by (epoch, batch_idx)."""
     if path is None:
         return set(), []
@@ -650,7 +653,11 @@ def _load_batches(path: str | os.PathLike[str] | None) -> tuple[set[tuple[int, i
         with open(path) as f:
             spikes = json.load(f)["spikes"]
         positions = {(int(s["epoch"]), int(s["batch_idx"])) for s in spikes if s.get("fingerprint") is None}
-        prints = [(int(s["epoch"]), float(s["fingerprint"])) for s in spikes if s.get("fingerprint") is not None]
+        prints = [
+            (int(s["epoch"]), int(s["batch_idx"]), float(s["fingerprint"]))
+            for s in spikes
+            if s.get("fingerprint") is not None
+        ]
         return positions, prints
     except (OSError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"`skip_batches` must be a readable gradwatch_spikes.json, got {path!r}: {err}") from err
