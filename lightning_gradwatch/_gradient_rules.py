@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -362,6 +363,22 @@ class IntervalTally:
         for layer, norm in zip(layer_of_param, param_norms, strict=True):
             if norm > 0:
                 self.last_nonzero[layer] = float(step)
+
+    def state(self) -> dict[str, Any]:
+        """Plain values for a checkpoint (a host read on the device path: only when saving)."""
+        peak, peak_step, last = self.tensors(torch.device("cpu"))
+        return {"peak": float(peak), "peak_step": float(peak_step), "last_nonzero": last.tolist()}
+
+    @classmethod
+    def restored(cls, state: dict[str, Any], device: torch.device, on_host: bool) -> IntervalTally:
+        last = [float(v) for v in state["last_nonzero"]]
+        tally = cls.zeros(len(last), device, last, on_host)
+        if on_host:
+            tally.peak, tally.peak_step = float(state["peak"]), float(state["peak_step"])
+        else:
+            tally.peak = torch.tensor(float(state["peak"]), device=device)
+            tally.peak_step = torch.tensor(float(state["peak_step"]), device=device)
+        return tally
 
     def last_nonzero_steps(self) -> list[float]:
         """``last_nonzero`` on the host (a transfer on the device path: only when the layers change)."""

@@ -150,6 +150,7 @@ class GradientNormLogger(GradwatchCallback):
         self._stopped = StoppedRule(self.stop_after_steps)
         self._diagnoses: dict[str, Diagnosis] = {}  # per optimizer suffix
         self._loaded_history: dict[str, list[float]] = {}  # a checkpoint's norm history, until its rule exists
+        self._loaded_intervals: dict[str, dict[str, Any]] = {}  # a checkpoint's unfinished intervals
         self._updates: dict[str, UpdateTracker] = {}
         self._tallies: dict[str, IntervalTally] = {}  # per optimizer suffix, on the device, for the current interval
         self._tally_layers: dict[str, list[str]] = {}  # the layers each tally counts, in order
@@ -203,6 +204,9 @@ class GradientNormLogger(GradwatchCallback):
                 known = dict(zip(self._tally_layers.get(suffix, []), tally.last_nonzero_steps(), strict=True))
                 last = [known.get(n, -1.0) for n in names]
             tally = self._tallies[suffix] = IntervalTally.zeros(len(names), step.device, last, on_host)
+            loaded = self._loaded_intervals.pop(suffix, None)
+            if loaded is not None and loaded.get("layers") == names:  # a checkpoint's unfinished interval
+                tally = self._tallies[suffix] = IntervalTally.restored(loaded, step.device, on_host)
             self._tally_layers[suffix] = list(names)
         if on_host:
             global_norm_now = float(step.global_norm(self.norm_type))  # the shared pass, read for free
@@ -233,6 +237,7 @@ class GradientNormLogger(GradwatchCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if any(getattr(cb, "stopped_this_fit", False) for cb in gradwatch_callbacks(trainer)):
             self._write_evidence(trainer)
+        self._judge_unfinished_intervals(trainer)
         super().on_train_end(trainer, pl_module)
 
     @override
@@ -258,6 +263,28 @@ class GradientNormLogger(GradwatchCallback):
                 for writer in tensorboard_writers(trainer):
                     writer.add_figure(f"gradwatch/gradient_flow{suffix}", figure, recent.logger_steps[-1], close=False)
                 matplotlib_pyplot().close(figure)
+
+    def _judge_unfinished_intervals(self, trainer: pl.Trainer) -> None:
+        """An explosion after the last logging step is judged when training ends (its peak, and the step of it)."""
+        for suffix, tally in self._tallies.items():
+            peak, peak_step = (float(v) for v in tally.tensors(torch.device("cpu"))[:2])
+            if peak <= 0 or peak_step <= self._last_logged.get(suffix, -1) or suffix not in self._diagnoses:
+                continue
+            reading = GradientReading(
+                step=trainer.global_step,
+                names=[],
+                norms=[],
+                active_rms=[],
+                silent_steps=[],
+                global_norm=peak,
+                peak=peak,
+                peak_step=int(peak_step),
+                norm_label="inf" if math.isinf(self.norm_type) else f"{self.norm_type:g}",
+            )
+            verdict = self._diagnoses[suffix].exploding.check(reading, "(the model)")
+            if verdict is not None:
+                key = suffix + ("|warning" if verdict.key == "warning" else "|info")
+                self._set_condition(trainer, verdict.kind, key, True, lambda v=verdict, at=reading.step: v.alert(at))
 
     def _log_finite(self, trainer: pl.Trainer, step: StepGradients) -> None:
         """A logging step whose update the guard dropped: its finite per-layer norms are still logged."""
@@ -439,7 +466,12 @@ class GradientNormLogger(GradwatchCallback):
 
     @override
     def _extra_state(self) -> dict[str, Any]:
-        return {"norm_history": self._history}
+        # the unfinished interval too: an explosion just before a checkpoint is reported after resuming from it
+        intervals = {
+            suffix: {"layers": list(self._tally_layers.get(suffix, [])), **tally.state()}
+            for suffix, tally in self._tallies.items()
+        }
+        return {"norm_history": self._history, "intervals": intervals}
 
     @override
     def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
@@ -448,4 +480,6 @@ class GradientNormLogger(GradwatchCallback):
         if "norm_type" in changed:  # norms of another p are not comparable: the relative rule starts afresh
             return ["the global-norm history of the relative exploding rule"] if state.get("norm_history") else []
         self._loaded_history = {str(k): [float(x) for x in v] for k, v in state.get("norm_history", {}).items()}
+        self._loaded_intervals = {str(k): dict(v) for k, v in state.get("intervals", {}).items()}
+        self._tallies.clear()
         return []
