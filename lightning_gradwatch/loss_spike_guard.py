@@ -233,6 +233,7 @@ class LossSpikeGuard(GradwatchCallback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        super().on_before_backward(trainer, pl_module, loss)
         if not (self._active and trainer.training):
             return
         device_value = unscaled_loss(trainer, loss)  # the loss is scaled under fp16

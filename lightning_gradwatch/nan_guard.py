@@ -270,7 +270,7 @@ class NaNGuard(GradwatchCallback):
         step: StepGradients,
         loss_bad: Tensor | bool,
     ) -> None:
-        snapshot_due = self.action == "rollback" and self._rollbacks.due
+        snapshot_due = self.action == "rollback" and self._rollbacks.due_for(optimizer)
         weights_due = snapshot_due or self._due(trainer, self.check_params_every_n_steps)
         # buffers every step (they are small, and a NaN there is invisible until evaluation); weights at the
         # cadence; optimizer state before a snapshot
