@@ -31,7 +31,7 @@ from lightning_gradwatch._activation_probe import (
     compiled_modules,
     probe_for,
 )
-from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
 from lightning_gradwatch._loss_trend import SampledLoss, improved, window_loss
 from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._shared_read import shared_read
@@ -154,7 +154,9 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
             or (self.log_every_n_steps is None and trainer.log_every_n_steps == 0)
         )
         delivered = shared_read(trainer).take(self, self._step_at_start) if stepped else None
-        if delivered is not None:
+        if _guard_halted(trainer):
+            pass  # the run ends on a faulty batch: a verdict on it would be dated after the halt, and say nothing
+        elif delivered is not None:
             self._judge(trainer, delivered, log_now)
         elif log_now and self._layers and self._samples >= self.window:
             posted = self._posted[1] if self._posted and self._posted[0] == self._step_at_start else None
@@ -165,7 +167,12 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # new samples since the last verdict (a run shorter than a window: at least MIN_SAMPLES): judge them now
-        if self._layers and self._samples > self._judged_at and self._samples >= min(self.window, MIN_SAMPLES):
+        if (
+            self._layers
+            and self._samples > self._judged_at
+            and self._samples >= min(self.window, MIN_SAMPLES)
+            and not _guard_halted(trainer)
+        ):
             self._judge(trainer, host_values(self._verdict_tensor())[0], log=True)
         super().on_train_end(trainer, pl_module)
 
@@ -309,3 +316,8 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         if "layers" in state and all(k in state for k in self.tally_keys):
             self._loaded = {k: state[k] for k in self.tally_keys}
         return []
+
+
+def _guard_halted(trainer: pl.Trainer) -> bool:
+    """Whether a guard stopped this fit (the same on every rank: its decisions are reduced)."""
+    return any(getattr(cb, "stopped_this_fit", False) for cb in gradwatch_callbacks(trainer))

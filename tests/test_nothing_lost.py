@@ -13,9 +13,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_gradwatch import GradientNormLogger, HealthReport, NaNGuard
+from lightning_gradwatch import GradientNormLogger, GradWatch, HealthReport, NaNGuard
 from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.health_report import render_markdown, summarize
+from tests import failure_models as fm
 from tests.models import Classifier, mlp, trainer_kwargs
 from tests.test_preset import NaNAt
 
@@ -123,3 +124,24 @@ def test_a_layer_name_with_a_bar_keeps_the_report_table_whole() -> None:
     table = [line for line in render_markdown(summarize([alert]), 10).splitlines() if line.startswith("| ")]
     header, row = table[0], table[-1]
     assert row.replace("\\|", "").count("|") == header.count("|")
+
+
+class NaNGradientAt(Callback):
+    """A NaN in one gradient at ``step`` (the forward pass, and so the activations, stay finite)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == self.step:
+            pl_module.net.fc1.weight.grad[0, 0] = float("nan")
+
+
+def test_no_finding_is_dated_after_the_halt(tmp_path: Path) -> None:
+    # a layer dead from the start, judged at the end of step 25 (dated 26): the step the guard halts on
+    watch = GradWatch()
+    fm.fit(fm.dead_layer_mlp(), 60, [watch, NaNGradientAt(25)], tmp_path)
+    guard = watch.gradwatch_callbacks[0]
+    assert guard.halt_step == 25 and max(a.step for a in watch.alerts) <= 25
+    report = json.loads(next(tmp_path.rglob("gradwatch_report.json")).read_text())
+    assert report["stopped_at"] == 25 and all(f["last_step"] <= 25 for f in report["findings"])
