@@ -73,14 +73,15 @@ def test_condition_alerts_once_per_onset_and_state_round_trips(tmp_path: Any, gr
 
     for step, firing in [(0, True), (1, True), (2, False), (3, True), (4, True)]:
         cb._set_condition(trainer, "saturation", "layer", firing, make(step))
-    assert [a.step for a in cb.alerts] == [0, 3]
-    assert len(gradwatch_log.records) == 2
+    # cleared for less than REARM_STEPS steps (the trainer has not moved): the same episode, seen twice
+    assert [(a.step, a.count) for a in cb.alerts] == [(0, 2)]
+    assert len(gradwatch_log.records) == 1
 
     restored = GradientNormLogger()
     restored.load_state_dict(cb.state_dict())
     assert restored.alerts == cb.alerts
     restored._set_condition(trainer, "saturation", "layer", True, make(5))  # still active: no repeat
-    assert len(restored.alerts) == 2
+    assert len(restored.alerts) == 1
 
 
 def test_alert_is_frozen_and_round_trips() -> None:
