@@ -310,7 +310,10 @@ class NaNGuard(GradwatchCallback):
             self._faults_in_a_row += 1
         action = self.action
         stuck = action == "skip" and self._faults_in_a_row >= self.max_consecutive_faults
-        if action == "rollback":
+        held = set(step.index.names)
+        if action == "rollback" and any(name not in held for name in fault.weights):
+            action = "halt"  # a weight no optimizer holds is in no snapshot: a rollback cannot repair it
+        elif action == "rollback":
             action = self._rollback(pl_module, step, optimizer)
         elif fault.poisoned_state or unrepaired or stuck:
             action = "halt"  # skipping cannot repair weights, buffers or optimizer state already non-finite
