@@ -98,10 +98,9 @@ class LossTrace:
         self.reset()
 
     def reset(self) -> None:
-        self._step = -1  # the step being recorded
+        self._step = -1  # the step being recorded: the last one written into the ring (steps only grow in a fit)
         self._first: list[Any] = []  # floats, or 0-dim device tensors
         self._ring: Tensor | list[float] | None = None
-        self._ring_last = -1  # the last step written into the ring
         self._recorded = 0  # steps recorded
 
     @property
@@ -126,7 +125,6 @@ class LossTrace:
             self._step = step
             self._ring[slot] = value
             self._recorded += 1
-        self._ring_last = max(self._ring_last, step)
         if step < FIRST:
             while len(self._first) <= step:
                 self._first.append(math.nan)
@@ -137,7 +135,7 @@ class LossTrace:
         is unknown), a cheap test before building the history; always True on the device path."""
         if not isinstance(self._ring, list) or not self._first:
             return True
-        latest, first = self._ring[self._ring_last % RECENT], float(self._first[0])
+        latest, first = self._ring[self._step % RECENT], float(self._first[0])
         return not (math.isfinite(latest) and math.isfinite(first) and first > 0) or latest >= factor * first
 
     def device_values(self) -> list[Tensor]:
@@ -158,9 +156,9 @@ class LossTrace:
             if fetched is None:
                 fetched = [t.tolist() for t in self.device_values()]
             first, ring = fetched
-        start = (self._ring_last + 1) % RECENT  # the oldest slot
+        start = (self._step + 1) % RECENT  # the oldest slot
         ordered = ring[start:] + ring[:start]
-        return LossHistory(first, ordered[-min(self.steps, RECENT) :], self._ring_last)
+        return LossHistory(first, ordered[-min(self.steps, RECENT) :], self._step)
 
 
 def fetch_with_history(trainer: Any, *tensors: Tensor) -> tuple[list[list[float]], LossHistory | None]:
