@@ -200,7 +200,8 @@ def next_token(net: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
 
 
 def demo_next_token(net: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
-    """``lightning.pytorch.demos.LightningTransformer.training_step``: the model returns log-probabilities."""
+    """``lightning.pytorch.demos.LightningTransformer.training_step`` (:class:`DemoTransformer`): the model returns
+    log-probabilities."""
     tokens = batch[0]
     inputs, target = tokens[:, :-1], tokens[:, 1:]
     return F.nll_loss(net(inputs, target), target.reshape(-1))
@@ -296,6 +297,41 @@ class EncoderHead(nn.Module):
             if self.cut == "detach":
                 h = h.detach()
         return self.head(h)
+
+
+class DemoTransformer(nn.Module):
+    """The shape of ``lightning.pytorch.demos.Transformer`` (an ``nn.Transformer`` encoder-decoder language model
+    returning log-probabilities), defined here: the demo's positional encoding changed between Lightning 2.4 and
+    2.6, and the scenario must make the same mistake with the same numbers on every Lightning we support."""
+
+    def __init__(self, vocab_size: int, width: int, heads: int, hidden: int, layers: int, max_len: int = 512) -> None:
+        super().__init__()
+        position = torch.arange(max_len).unsqueeze(1)
+        frequency = torch.exp(torch.arange(0, width, 2) * (-math.log(10000.0) / width))
+        table = torch.zeros(max_len, width)
+        table[:, 0::2], table[:, 1::2] = torch.sin(position * frequency), torch.cos(position * frequency)
+        self.register_buffer("positions", table, persistent=False)
+        self.embedding = nn.Embedding(vocab_size, width)
+        self.transformer = nn.Transformer(
+            d_model=width,
+            nhead=heads,
+            num_encoder_layers=layers,
+            num_decoder_layers=layers,
+            dim_feedforward=hidden,
+            dropout=0.0,
+            batch_first=True,
+        )
+        self.decoder = nn.Linear(width, vocab_size)
+        self.width, self.vocab_size = width, vocab_size
+
+    def forward(self, inputs: Tensor, target: Tensor) -> Tensor:
+        t = inputs.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(t, device=inputs.device)
+        scale, positions = math.sqrt(self.width), self.positions[:t]
+        src = self.embedding(inputs) * scale + positions
+        tgt = self.embedding(target) * scale + positions
+        out = self.decoder(self.transformer(src, tgt, tgt_mask=causal))
+        return F.log_softmax(out, dim=-1).view(-1, self.vocab_size)
 
 
 def deep_mlp(depth: int, width: int, act: type[nn.Module], init_std: float | None, features: int = 16) -> nn.Sequential:
@@ -419,12 +455,10 @@ def _lr_too_high_adam(broken: bool, variant: str) -> tuple[MistakeModule, DataLo
 
 
 def _lr_too_high_sgd(broken: bool, variant: str) -> tuple[MistakeModule, DataLoader, dict[str, Any], int, str]:
-    from lightning.pytorch.demos import Transformer
-
-    net = Transformer(vocab_size=1000, ninp=32, nhead=2, nhid=64, nlayers=2, dropout=0.0)
+    net = DemoTransformer(vocab_size=1000, width=32, heads=2, hidden=64, layers=2)
     data = markov_tokens(2048, vocab=1000, seq_len=21)
-    module = MistakeModule(net, demo_next_token, sgd(10.0 if broken else 0.1))
-    what = "SGD at lr 10 (100x the demo's 0.1)" if broken else "SGD at lr 0.1 (the demo's)"
+    module = MistakeModule(net, demo_next_token, sgd(15.0 if broken else 0.1))
+    what = "SGD at lr 15 (150x the demo's 0.1)" if broken else "SGD at lr 0.1 (the demo's)"
     return module, _loader(data, 16), {}, 100, what
 
 
