@@ -12,6 +12,7 @@ from lightning_gradwatch.noise_scale import GradientNoiseScale
 from lightning_gradwatch.preset import GradWatch, default_callbacks
 from lightning_gradwatch.saturation import SaturationCallback
 from lightning_gradwatch.setup_check import SetupCheck
+from lightning_gradwatch.through_time import GradientsThroughTime
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "GradientGeometry",
     "GradientNoiseScale",
     "GradientNormLogger",
+    "GradientsThroughTime",
     "HealthReport",
     "LossSpikeGuard",
     "NaNGuard",

@@ -179,6 +179,10 @@ class GradwatchCallback(Callback):
         """Pictures this callback draws for the health report, saved into ``directory``: ``(title, file name)``."""
         return []
 
+    def _report_lines(self, trainer: pl.Trainer) -> list[str]:
+        """Measurements this callback adds to the health report, one Markdown line each (not findings)."""
+        return []
+
     # -- the step dispatcher ---------------------------------------------------------------------------------
     def _before_optimizer_step(
         self,

@@ -35,18 +35,20 @@ __all__ = [
 NULL_SPELLINGS = ("null", "None", "none")
 
 if TYPE_CHECKING:
-    PositiveFloat = float
-    FinitePositiveFloat = float
-    PositiveInt = int
-    NonNegativeInt = int
-    AtLeastThreeInt = int
-    AtLeastFiveInt = int
-    OpenUnitInterval = float
-    UnitFraction = float
-    OpenHalfUnit = float
-    GreaterThanOne = float
-    AtLeastOne = float
-    Null = None
+    from typing import TypeAlias
+
+    PositiveFloat: TypeAlias = float
+    FinitePositiveFloat: TypeAlias = float
+    PositiveInt: TypeAlias = int
+    NonNegativeInt: TypeAlias = int
+    AtLeastThreeInt: TypeAlias = int
+    AtLeastFiveInt: TypeAlias = int
+    OpenUnitInterval: TypeAlias = float
+    UnitFraction: TypeAlias = float
+    OpenHalfUnit: TypeAlias = float
+    GreaterThanOne: TypeAlias = float
+    AtLeastOne: TypeAlias = float
+    Null: TypeAlias = None
 else:
     try:
         from jsonargparse.typing import (

@@ -49,6 +49,8 @@ class AlertKind:
     NOT_IN_OPTIMIZER = "not_in_optimizer"
     NO_GRADIENT = "no_gradient"
     GRADIENTS_NOT_RESET = "gradients_not_reset"
+    VANISHING_THROUGH_TIME = "vanishing_through_time"
+    EXPLODING_THROUGH_TIME = "exploding_through_time"
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,18 @@ ALERT_KIND_INFO: dict[str, AlertKindInfo] = {
         "Gradients never reset",
         "call optimizer.zero_grad() once per optimizer step in manual optimization (after step(), or before the "
         "backward passes of the next one); for gradient accumulation, zero after the step that applies them",
+    ),
+    AlertKind.VANISHING_THROUGH_TIME: AlertKindInfo(
+        "Vanishing gradients through time",
+        "a gated cell (nn.LSTM or nn.GRU instead of nn.RNN; an LSTM's forget-gate bias initialised to 1), an "
+        "orthogonal or identity initialisation of the recurrent weight, shorter sequences or truncation, or "
+        "attention over the past steps",
+    ),
+    AlertKind.EXPLODING_THROUGH_TIME: AlertKindInfo(
+        "Exploding gradients through time",
+        "clip gradients (AdaptiveClipping or Trainer(gradient_clip_val=...)), an orthogonal initialisation of the "
+        "recurrent weight (spectral radius 1), a gated cell (nn.LSTM or nn.GRU), a lower learning rate, shorter "
+        "truncation",
     ),
 }
 

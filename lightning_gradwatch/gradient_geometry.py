@@ -19,6 +19,7 @@ from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._distributed import all_reduce_sum, is_sharded
 from lightning_gradwatch._geometry import ActivationSample, Blocks, find_blocks, probe_geometry
 from lightning_gradwatch._layout import exact_tags, layer_charts
+from lightning_gradwatch._probe_batch import first_rows
 from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
 from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, Null, OpenUnitInterval, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_bool, check_number, check_patterns
@@ -187,7 +188,7 @@ class GradientGeometry(GradwatchCallback):
         self._pending = False
         if self._probe_batch is None:
             n = self.probe_size
-            self._probe_batch = _first_rows(batch, n)
+            self._probe_batch = first_rows(batch, n)
         try:
             self._probe(trainer, pl_module)
         except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:  # a model we cannot probe
@@ -344,15 +345,3 @@ class GradientGeometry(GradwatchCallback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=UserWarning)
-
-
-def _first_rows(batch: Any, n: int) -> Any:
-    """A copy of the first ``n`` rows of every tensor in ``batch`` (tensors, lists, tuples and dicts of them)."""
-    if isinstance(batch, Tensor):
-        return batch[:n].detach().clone() if batch.dim() else batch
-    if isinstance(batch, dict):
-        return type(batch)({k: _first_rows(v, n) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)):
-        rows = [_first_rows(v, n) for v in batch]
-        return type(batch)(*rows) if hasattr(batch, "_fields") else type(batch)(rows)
-    return batch

@@ -139,7 +139,11 @@ def _cell(text: str) -> str:
 
 
 def render_markdown(
-    findings: list[Finding], steps: int, stopped: str = "", pictures: list[tuple[str, str]] | None = None
+    findings: list[Finding],
+    steps: int,
+    stopped: str = "",
+    pictures: list[tuple[str, str]] | None = None,
+    measurements: list[str] | None = None,
 ) -> str:
     """A short human-readable diagnosis; a healthy run gets one line (and its notes, if any, below it)."""
     problems = [f for f in findings if f.severity == "warning" and not f.consequence_of]
@@ -175,6 +179,9 @@ def render_markdown(
     if problems:
         lines += ["", "Details (first alert of each):", ""]
         lines += [f"- step {f.first_step}, {f.kind}: {f.message}" for f in problems]
+    if measurements:
+        lines += ["", "Measured:", ""]
+        lines += [f"- {line}" for line in measurements]
     for title, path in pictures or []:
         lines += ["", f"![{title}]({path})"]
     return "\n".join(lines) + "\n"
@@ -241,7 +248,8 @@ class HealthReport(GradwatchCallback):
         directory = self.dirpath or log_dir(trainer)
         os.makedirs(directory, exist_ok=True)
         pictures = [item for cb in peers for item in cb._report_pictures(trainer, directory)]
-        text = render_markdown(self.findings, trainer.global_step, stopped, pictures)
+        measurements = [line for cb in peers for line in cb._report_lines(trainer)]
+        text = render_markdown(self.findings, trainer.global_step, stopped, pictures, measurements)
         md_path = os.path.join(directory, "gradwatch_report.md")
         json_path = os.path.join(directory, "gradwatch_report.json")
         with open(md_path, "w") as f:
@@ -255,6 +263,7 @@ class HealthReport(GradwatchCallback):
                     "stopped_at": halts[0][0] if stopped else None,
                     "findings": [asdict(f) for f in self.findings],
                     "pictures": [path for _, path in pictures],
+                    **({"measured": measurements} if measurements else {}),
                 },
                 f,
                 indent=2,

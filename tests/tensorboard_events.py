@@ -7,7 +7,7 @@ from typing import Any
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-_EVERYTHING = {"scalars": 0, "tensors": 0, "histograms": 0}
+_EVERYTHING = {"scalars": 0, "tensors": 0, "histograms": 0, "images": 0}
 
 
 def load(logdir: str | Path) -> EventAccumulator:
@@ -30,6 +30,12 @@ def texts(logdir: str | Path) -> dict[str, list[tuple[int, str]]]:
                 (e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)
             ]
     return out
+
+
+def images(logdir: str | Path) -> dict[str, list[int]]:
+    """The steps at which each image tag was written."""
+    acc = load(logdir)
+    return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
 
 
 def layouts(logdir: str | Path) -> list[dict[str, Any]]:

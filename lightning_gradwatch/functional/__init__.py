@@ -46,6 +46,7 @@ from lightning_gradwatch.functional.norms import (
     total_norm,
     validate_norm_type,
 )
+from lightning_gradwatch.functional.through_time import decay_per_step, lag_sensitivity, memory_horizon
 
 __all__ = [
     "alive_units",
@@ -84,4 +85,7 @@ __all__ = [
     "update_norms",
     "update_ratios",
     "zero_fractions",
+    "decay_per_step",
+    "lag_sensitivity",
+    "memory_horizon",
 ]
