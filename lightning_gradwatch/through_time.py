@@ -60,6 +60,11 @@ class LossLevel:
     median: float | None
     start: float | None
 
+    @property
+    def learned(self) -> bool:
+        """Whether the loss is clearly below where the run started (``False`` when either is unknown)."""
+        return self.median is not None and self.start is not None and self.median < self.start * (1 - LEARNED_MARGIN)
+
     @classmethod
     def of(cls, history: LossHistory | None) -> LossLevel:
         recent = [v for v in (history.recent[-LOSS_SPAN:] if history else []) if math.isfinite(v)]
@@ -87,7 +92,9 @@ class GradientsThroughTime(GradwatchCallback):
       (three at least) over ``patience_steps`` steps, not reaching further back than at the earlier ones, while the loss has not improved and is
       still near where the run started. A gated cell on a plateau reaches further back at each probe as it learns
       to remember; a converged language model that needs only a short context has learned: both are silent.
-    - ``exploding_through_time``: the sensitivity at some lag ``exploding_factor`` times that at lag 0 or more.
+    - ``exploding_through_time``: the sensitivity at some lag ``exploding_factor`` times that at lag 0 or more, in
+      a run whose loss is not clearly below where it started (a gated cell that learns to keep an early input is
+      more sensitive to it than to the last one, by design, while its loss falls).
 
     A recurrence written as a Python loop over a cell is probed with ``recurrences={"name": probe}``, where
     ``probe(module, batch)`` returns the input sequence (batch first) and a function running the recurrence on it.
@@ -288,7 +295,7 @@ class GradientsThroughTime(GradwatchCallback):
             if math.isfinite(r.decay):
                 metrics[f"gradwatch/through_time/decay_per_step/{r.name}"] = r.decay
             self.state.readings[r.name] = {"step": step, **asdict(r), "profiles": []}
-            exploding = self._judge_exploding(trainer, step, r)
+            exploding = self._judge_exploding(trainer, step, r, loss)
             short = not exploding and r.horizon < self.short_fraction * r.length
             self._judge_vanishing(trainer, step, r, loss, short)
         self._log_metrics(trainer, metrics)
@@ -296,8 +303,11 @@ class GradientsThroughTime(GradwatchCallback):
         if self.pictures:
             write_profiles(trainer, self._history, step)
 
-    def _judge_exploding(self, trainer: pl.Trainer, step: int, r: HorizonReading) -> bool:
-        exploding = not math.isfinite(r.peak) or r.peak >= self.exploding_factor
+    def _judge_exploding(self, trainer: pl.Trainer, step: int, r: HorizonReading, loss: LossLevel) -> bool:
+        """The sensitivity growing with the lag, in a run that has not learned: a gated cell that learns to keep an
+        early input and ignore later ones (a GRU carrying the first step) is more sensitive to the past, by design,
+        while its loss falls."""
+        exploding = (not math.isfinite(r.peak) or r.peak >= self.exploding_factor) and not loss.learned
         finding = (
             f"Exploding gradients through time in '{r.name}' at step {step}: the sensitivity of its last output to "
             f"the input {r.peak_lag} steps back is {r.peak:.3g}x that to the last input (threshold "
@@ -324,7 +334,7 @@ class GradientsThroughTime(GradwatchCallback):
             streak.clear()
         known = [(int(at), value) for at, value, _ in streak if not math.isnan(value)]
         flat = len(known) >= 2 and known[-1][1] >= known[0][1] * (1 - IMPROVING_MARGIN)
-        unlearned = loss.start is None or (bool(known) and known[-1][1] >= loss.start * (1 - LEARNED_MARGIN))
+        unlearned = bool(known) and not loss.learned
         reaching = len(streak) >= 2 and streak[-1][2] >= max(h for _, _, h in streak[:-1])
         lasted = len(streak) >= MIN_PROBES and streak[-1][0] - streak[0][0] >= self.patience_steps
         firing = short and lasted and flat and unlearned and not reaching

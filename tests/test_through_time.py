@@ -213,7 +213,13 @@ def test_a_model_without_recurrent_modules_leaves_it_idle_saying_so_once(
 
 @pytest.mark.parametrize(
     ("argument", "value"),
-    [("every_n_steps", 0), ("threshold", 1.0), ("short_fraction", 0.0), ("exploding_factor", 1.0), ("patience_steps", 0)],
+    [
+        ("every_n_steps", 0),
+        ("threshold", 1.0),
+        ("short_fraction", 0.0),
+        ("exploding_factor", 1.0),
+        ("patience_steps", 0),
+    ],
 )
 def test_bad_arguments_name_the_argument(argument: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"`{argument}`"):
@@ -240,3 +246,44 @@ def test_a_resumed_run_keeps_its_streak_of_short_horizons(tmp_path: Path) -> Non
         400,
         500,
     ]
+
+
+def test_a_gru_learning_to_carry_the_first_step_is_not_exploding(tmp_path: Path) -> None:
+    """Leaving its plateau, the GRU of tests/mistakes becomes 11x more sensitive to the first of 12 steps than to the
+    last: what the task asks for, while its loss falls. (It was alerted as exploding through time.)"""
+    from tests.mistakes import scenarios as sc
+
+    scenario = sc.build("gru_plateau", broken=False)
+    watch = GradientsThroughTime(every_n_steps=25)
+    sc.fit(scenario, [watch], tmp_path)
+    assert warnings_of(watch) == []
+    assert watch.state.readings["net.gru"]["horizon"] == 12  # it reaches the first step
+
+
+class LanguageModel(pl.LightningModule):
+    """A 2-layer LSTM language model of a Markov chain: it needs one step of context, learns it, and is healthy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.lstm, self.head = nn.Embedding(64, 32), nn.LSTM(32, 64, num_layers=2), nn.Linear(64, 64)
+
+    def training_step(self, batch: tuple[Tensor], batch_idx: int) -> Tensor:
+        tokens = batch[0].t()  # time first, as the classic word-language-model example
+        out, _ = self.lstm(self.embed(tokens[:-1]))
+        return F.cross_entropy(self.head(out).flatten(0, 1), tokens[1:].flatten())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        from tests.mistakes.scenarios import markov_tokens
+
+        return DataLoader(markov_tokens(2048, vocab=64, seq_len=36), batch_size=32, shuffle=True)
+
+
+def test_a_healthy_lstm_language_model_stays_silent(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    watch = GradientsThroughTime()
+    fit(tmp_path, LanguageModel(), [watch], steps=700)
+    assert warnings_of(watch) == []
+    assert watch.state.readings["lstm"]["length"] == 35
