@@ -26,6 +26,9 @@ class HorizonReading:
     peak: float
     peak_lag: int
     profiles: list[list[float]] = field(default_factory=list)
+    #: ``peak`` is that of the product of the state Jacobians (how the recurrence amplifies a change of its state),
+    #: not of the input profile (measured so where the module runs in one direction)
+    peak_of_state: bool = False
 
 
 Probes = list[tuple[int, list[HorizonReading]]]

@@ -28,7 +28,12 @@ from lightning_gradwatch._through_time_report import HorizonReading, draw_profil
 from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
-from lightning_gradwatch.functional.through_time import decay_per_step, lag_sensitivity, memory_horizon
+from lightning_gradwatch.functional.through_time import (
+    decay_per_step,
+    lag_sensitivity,
+    memory_horizon,
+    state_sensitivity,
+)
 
 #: ``probe(module, batch) -> (inputs, run)``: the sequence a user-written recurrence reads, batch first, and the
 #: function that runs the recurrence on it and returns its outputs ``(batch, time, hidden)``.
@@ -92,9 +97,11 @@ class GradientsThroughTime(GradwatchCallback):
       (three at least) over ``patience_steps`` steps, not reaching further back than at the earlier ones, while the loss has not improved and is
       still near where the run started. A gated cell on a plateau reaches further back at each probe as it learns
       to remember; a converged language model that needs only a short context has learned: both are silent.
-    - ``exploding_through_time``: the sensitivity at some lag ``exploding_factor`` times that at lag 0 or more, in
+    - ``exploding_through_time``: the recurrence amplifies: a change of its state ``k`` steps back reaches the last
+      output ``exploding_factor`` times more than one a step back (the product of the state Jacobians, measured
+      one timestep at a time). For a bidirectional module or a cell loop the input profile's growth stands in, in
       a run whose loss is not clearly below where it started (a gated cell that learns to keep an early input is
-      more sensitive to it than to the last one, by design, while its loss falls).
+      more sensitive to it than to the last one, by design).
 
     A recurrence written as a Python loop over a cell is probed with ``recurrences={"name": probe}``, where
     ``probe(module, batch)`` returns the input sequence (batch first) and a function running the recurrence on it.
@@ -243,45 +250,59 @@ class GradientsThroughTime(GradwatchCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, captured: dict[str, Tensor], batch: Any
     ) -> None:
         started = time.perf_counter()
-        names, profiles = [], []
+        names: list[str] = []
+        profiles: list[list[Tensor]] = []  # per module: its directions' input profiles, then its state profile if any
+        stateful: list[bool] = []
         for name, inputs in captured.items():
+            directions, state = self._module_profiles(self._modules[name], inputs)
             names.append(name)
-            profiles.append(self._module_profiles(self._modules[name], inputs))
+            profiles.append(directions + ([state] if state is not None else []))
+            stateful.append(state is not None)
         for name, probe in self.recurrences.items():
             inputs, run = probe(pl_module, first_rows(batch, self.probe_size))
             names.append(name)
             profiles.append([lag_sensitivity(run, inputs, generator=self._generator())])
+            stateful.append(False)
         if not names:
             return
         # the probe's one transfer, the loss history riding on it
         fetched, history = fetch_with_history(trainer, *(p for per_module in profiles for p in per_module))
         readings, at = [], 0
-        for name, per_module in zip(names, profiles, strict=True):
-            directions = fetched[at : at + len(per_module)]
+        for name, per_module, has_state in zip(names, profiles, stateful, strict=True):
+            values = fetched[at : at + len(per_module)]
             at += len(per_module)
-            readings.append(_reading(name, directions, self.threshold))
+            directions, state = (values[:-1], values[-1]) if has_state else (values, None)
+            readings.append(_reading(name, directions, self.threshold, state))
         self._report(trainer, readings, LossLevel.of(history), time.perf_counter() - started)
 
-    def _module_profiles(self, module: nn.RNNBase, inputs: Tensor) -> list[Tensor]:
+    def _module_profiles(self, module: nn.RNNBase, inputs: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """Each direction's input profile, and (one direction only) the profile of the state Jacobians' product."""
         width = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
 
         def run(x: Tensor) -> Tensor:
             out = module(x if module.batch_first else x.transpose(0, 1))[0]
             return out if module.batch_first else out.transpose(0, 1)
 
+        def step(x: Tensor, state: Any) -> tuple[Tensor, Any]:
+            out, state = module(x if module.batch_first else x.transpose(0, 1), state)
+            return (out if module.batch_first else out.transpose(0, 1)), state
+
         training = module.training
         module.eval()  # no dropout between layers: the same function at every probe
         try:
             with torch.backends.cudnn.flags(enabled=False):  # cuDNN's RNN backward refuses eval mode
                 directions = [lag_sensitivity(run, inputs, output_slice=slice(0, width), generator=self._generator())]
+                state = None
                 if module.bidirectional:
                     backward = slice(width, 2 * width)
                     directions.append(
                         lag_sensitivity(run, inputs, reverse=True, output_slice=backward, generator=self._generator())
                     )
+                elif inputs.shape[1] > 1:
+                    state = state_sensitivity(step, inputs, output_slice=slice(0, width), generator=self._generator())
         finally:
             module.train(training)
-        return directions
+        return directions, state
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)  # on the CPU (drawn there, then moved): the same everywhere
@@ -304,14 +325,25 @@ class GradientsThroughTime(GradwatchCallback):
             write_profiles(trainer, self._history, step)
 
     def _judge_exploding(self, trainer: pl.Trainer, step: int, r: HorizonReading, loss: LossLevel) -> bool:
-        """The sensitivity growing with the lag, in a run that has not learned: a gated cell that learns to keep an
-        early input and ignore later ones (a GRU carrying the first step) is more sensitive to the past, by design,
-        while its loss falls."""
-        exploding = (not math.isfinite(r.peak) or r.peak >= self.exploding_factor) and not loss.learned
+        """The recurrence amplifying: the product of its state Jacobians growing past ``exploding_factor``. Where
+        only the input profile is measured (a bidirectional module, a cell loop), its growth counts only in a run
+        that has not learned: a gated cell that learns to let an early input in and keep it (a GRU carrying the
+        first step) is more sensitive to that input than to the last one, by design, while its loss falls."""
+        grows = not math.isfinite(r.peak) or r.peak >= self.exploding_factor
+        exploding = grows and (r.peak_of_state or not loss.learned)
+        if r.peak_of_state:
+            measured = (
+                f"a change of its state {r.peak_lag} steps before the end reaches the last output amplified "
+                f"{r.peak:.3g}x against one a step before (threshold {self.exploding_factor:g}): the product of "
+                "its recurrent Jacobians grows with the lag"
+            )
+        else:
+            measured = (
+                f"the sensitivity of its last output to the input {r.peak_lag} steps back is {r.peak:.3g}x that to "
+                f"the last input (threshold {self.exploding_factor:g})"
+            )
         finding = (
-            f"Exploding gradients through time in '{r.name}' at step {step}: the sensitivity of its last output to "
-            f"the input {r.peak_lag} steps back is {r.peak:.3g}x that to the last input (threshold "
-            f"{self.exploding_factor:g}); it grows {r.decay:.3g}x per timestep over {r.length} timesteps."
+            f"Exploding gradients through time in '{r.name}' at step {step}: {measured}, over {r.length} timesteps."
         )
         kind = AlertKind.EXPLODING_THROUGH_TIME
         self._set_condition(
@@ -426,11 +458,12 @@ def _batch_first(module: nn.Module, inputs: Any, rows: int) -> Tensor:
     return x[:rows].detach().clone()
 
 
-def _reading(name: str, directions: list[list[float]], threshold: float) -> HorizonReading:
+def _reading(name: str, directions: list[list[float]], threshold: float, state: list[float] | None) -> HorizonReading:
     profiles = [torch.tensor(p) for p in directions]
     horizons = [memory_horizon(p, threshold) for p in profiles]
     shortest = min(range(len(profiles)), key=lambda i: horizons[i])
-    tails = [p[1:] for p in profiles if p.numel() > 1]
+    # what amplifies: the state Jacobians' product where it was measured, else the input profile
+    tails = [torch.tensor(state)[1:]] if state is not None else [p[1:] for p in profiles if p.numel() > 1]
     peaks = [(float(t.nan_to_num(nan=math.inf).max()), int(t.nan_to_num(nan=math.inf).argmax()) + 1) for t in tails]
     peak, peak_lag = max(peaks, default=(0.0, 0))
     return HorizonReading(
@@ -440,5 +473,6 @@ def _reading(name: str, directions: list[list[float]], threshold: float) -> Hori
         decay=decay_per_step(profiles[shortest]),
         peak=peak,
         peak_lag=peak_lag,
+        peak_of_state=state is not None,
         profiles=[list(p) for p in directions],
     )

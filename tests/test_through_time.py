@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradientsThroughTime, HealthReport
-from lightning_gradwatch.functional import decay_per_step, lag_sensitivity, memory_horizon
+from lightning_gradwatch.functional import decay_per_step, lag_sensitivity, memory_horizon, state_sensitivity
 from tests.models import trainer_kwargs
 from tests.tensorboard_events import images, layouts, scalars
 
@@ -46,6 +46,18 @@ def test_a_linear_recurrence_has_the_analytic_profile_horizon_and_decay(reverse:
     assert memory_horizon(profile, 1e-3) == math.ceil(math.log(1e-3) / math.log(0.7))  # 20: 0.7**20 < 1e-3
     assert decay_per_step(profile) == pytest.approx(0.7, rel=1e-5)
     assert memory_horizon(lag_sensitivity(linear_recurrence(0.99), x), 1e-3) == 30  # never below: the whole sequence
+
+
+@pytest.mark.parametrize("a", [0.7, 1.3])
+def test_the_state_jacobians_product_of_a_linear_recurrence_is_a_to_the_k(a: float) -> None:
+    def step(x: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
+        h = a * (torch.zeros_like(x[:, 0]) if h is None else h) + x[:, 0]
+        return h[:, None], h
+
+    x = torch.randn(4, 20, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    profile = state_sensitivity(step, x)
+    expected = torch.tensor([1.0] + [a ** (k - 1) for k in range(1, 20)], dtype=torch.float64)
+    torch.testing.assert_close(profile.double(), expected, rtol=1e-5, atol=0)
 
 
 def test_the_probe_touches_no_gradient_and_rejects_outputs_without_time() -> None:

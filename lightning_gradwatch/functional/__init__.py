@@ -46,7 +46,12 @@ from lightning_gradwatch.functional.norms import (
     total_norm,
     validate_norm_type,
 )
-from lightning_gradwatch.functional.through_time import decay_per_step, lag_sensitivity, memory_horizon
+from lightning_gradwatch.functional.through_time import (
+    decay_per_step,
+    lag_sensitivity,
+    memory_horizon,
+    state_sensitivity,
+)
 
 __all__ = [
     "alive_units",
@@ -88,4 +93,5 @@ __all__ = [
     "decay_per_step",
     "lag_sensitivity",
     "memory_horizon",
+    "state_sensitivity",
 ]

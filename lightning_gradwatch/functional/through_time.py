@@ -13,11 +13,12 @@ changes, so a probe leaves the run as it was.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["decay_per_step", "lag_sensitivity", "memory_horizon"]
+__all__ = ["decay_per_step", "lag_sensitivity", "memory_horizon", "state_sensitivity"]
 
 
 def lag_sensitivity(
@@ -76,3 +77,54 @@ def decay_per_step(profile: Tensor, floor: float = 1e-30) -> float:
     if last == 0:
         return 0.0
     return float(profile[last] / profile[0]) ** (1.0 / last)
+
+
+def state_sensitivity(
+    step: Callable[[Tensor, Any], tuple[Tensor, Any]],
+    inputs: Tensor,
+    *,
+    output_slice: slice | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """How a change of the recurrent state ``k`` steps before the end reaches the last output: the norm of the
+    product of the state Jacobians (``W_h^T diag(f'(h))`` per step), for every lag ``k >= 1``, relative to lag 1.
+
+    Unlike :func:`lag_sensitivity` this leaves out how each input enters the state, so a gated cell that learns to
+    let an early input in and keep it (more sensitive to the first input than to the last, by design) is not
+    mistaken for a product of Jacobians that grows: above 1 the recurrence itself amplifies.
+
+    Args:
+        step: ``step(x_t, state) -> (output, state)`` runs one timestep (``x_t`` of shape ``(batch, 1, ...)``,
+            ``output`` of shape ``(batch, 1, hidden)``, ``state`` ``None`` at the start, a tensor or a tuple of
+            tensors, e.g. an LSTM's ``(h, c)``).
+        inputs: the probe sequence, batch first.
+        output_slice: the hidden units to project.
+        generator: for the random projection.
+
+    Returns:
+        A float32 tensor of length ``time``: element ``k`` is the norm (over the batch) of the gradient with respect
+        to the state after input ``time - 1 - k``, divided by that at lag 1; element 0 is 1.
+    """
+    x = inputs.detach().clone().requires_grad_(True)
+    states: list[tuple[Tensor, ...]] = []
+    with torch.enable_grad():
+        state: Any = None
+        for t in range(x.shape[1]):
+            out, state = step(x[:, t : t + 1], state)
+            if t < x.shape[1] - 1:
+                states.append(tuple(state) if isinstance(state, (tuple, list)) else (state,))
+        hidden = out[:, -1].reshape(out.shape[0], -1)
+        if output_slice is not None:
+            hidden = hidden[:, output_slice]
+        direction = torch.randn(hidden.shape[1], generator=generator, dtype=torch.float32).to(hidden)
+        flat = [s for group in states for s in group]
+        grads = torch.autograd.grad((hidden * direction).sum(), flat, allow_unused=True) if flat else ()
+    norms, at = [], 0
+    for group in states:
+        parts = [g for g in grads[at : at + len(group)] if g is not None]
+        at += len(group)
+        squares = [p.float().pow(2).sum() for p in parts]  # the whole batch's norm: only the ratio to lag 1 counts
+        norms.append(torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=x.device))
+    by_lag = torch.stack(norms[::-1]) if norms else torch.zeros(0, device=x.device)  # lag 1 first
+    one = torch.ones(1, device=x.device)
+    return torch.cat([one, by_lag / by_lag[0]]) if by_lag.numel() else one

@@ -69,3 +69,17 @@ def test_gradwatch_lets_the_gpt_minus_inf_causal_mask_buffer_be(tmp_path: Path) 
     assert result.task.trainer.global_step == case.max_steps, "\n".join(alert.message for alert in halts)
     assert [alert for alert in gradwatch.alerts if alert.severity == "warning"] == []
     assert torch.isneginf(result.task.net.h[0].attn.mask).any()  # the buffer was left as it was
+
+
+@pytest.mark.parametrize("name", ["lstm_lm_clipped", "gru_classifier"])
+def test_gradients_through_time_stays_silent_on_healthy_recurrent_models(name: str, tmp_path: Path) -> None:
+    """The recurrent real models (a word-language-model LSTM, a GRU classifier leaving its plateau), probed every 25
+    steps next to the preset: their horizons are measured, and nothing is alerted."""
+    from lightning_gradwatch import GradientsThroughTime
+
+    case = CASES_BY_NAME[name]
+    watch = GradientsThroughTime(every_n_steps=25)
+    result = fit(case, tmp_path, [GradWatch(), watch])
+    assert result.task.trainer.global_step == case.max_steps
+    assert watch.state.readings, "no recurrent module was probed"
+    assert [a for a in watch.alerts if a.severity == "warning"] == [], [a.message for a in watch.alerts]
