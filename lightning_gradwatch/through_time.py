@@ -23,7 +23,7 @@ from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trace import LossHistory, fetch_with_history
 from lightning_gradwatch._params import clean_name
 from lightning_gradwatch._probe_batch import first_rows
-from lightning_gradwatch._reporting import logger_step
+from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._through_time_report import HorizonReading, draw_profiles, write_profiles
 from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_number
@@ -99,7 +99,7 @@ class GradientsThroughTime(GradwatchCallback):
       to remember; a converged language model that needs only a short context has learned: both are silent.
     - ``exploding_through_time``: the recurrence amplifies: a change of its state ``k`` steps back reaches the last
       output ``exploding_factor`` times more than one a step back (the product of the state Jacobians, measured
-      one timestep at a time). For a bidirectional module or a cell loop the input profile's growth stands in, in
+      one timestep at a time, when the input profile grows that much). For a bidirectional module or a cell loop the input profile's growth stands in, in
       a run whose loss is not clearly below where it started (a gated cell that learns to keep an early input is
       more sensitive to it than to the last one, by design).
 
@@ -251,58 +251,67 @@ class GradientsThroughTime(GradwatchCallback):
     ) -> None:
         started = time.perf_counter()
         names: list[str] = []
-        profiles: list[list[Tensor]] = []  # per module: its directions' input profiles, then its state profile if any
-        stateful: list[bool] = []
+        profiles: list[list[Tensor]] = []  # per module: its directions' input profiles
         for name, inputs in captured.items():
-            directions, state = self._module_profiles(self._modules[name], inputs)
             names.append(name)
-            profiles.append(directions + ([state] if state is not None else []))
-            stateful.append(state is not None)
+            profiles.append(self._with_module(self._modules[name], lambda m, x=inputs: self._input_profiles(m, x)))
         for name, probe in self.recurrences.items():
             inputs, run = probe(pl_module, first_rows(batch, self.probe_size))
             names.append(name)
             profiles.append([lag_sensitivity(run, inputs, generator=self._generator())])
-            stateful.append(False)
         if not names:
             return
         # the probe's one transfer, the loss history riding on it
         fetched, history = fetch_with_history(trainer, *(p for per_module in profiles for p in per_module))
         readings, at = [], 0
-        for name, per_module, has_state in zip(names, profiles, stateful, strict=True):
-            values = fetched[at : at + len(per_module)]
+        for name, per_module in zip(names, profiles, strict=True):
+            directions = fetched[at : at + len(per_module)]
             at += len(per_module)
-            directions, state = (values[:-1], values[-1]) if has_state else (values, None)
-            readings.append(_reading(name, directions, self.threshold, state))
+            reading = _reading(name, directions, self.threshold, None)
+            module = self._modules.get(name) if name in captured else None
+            if module is not None and not module.bidirectional and reading.peak >= self.exploding_factor:
+                # the input profile grows: is it the recurrence that amplifies? (T sequential steps: only then)
+                state = self._with_module(module, lambda m, x=captured[name]: self._state_profile(m, x))
+                reading = _reading(name, directions, self.threshold, host_values(state)[0])
+            readings.append(reading)
         self._report(trainer, readings, LossLevel.of(history), time.perf_counter() - started)
 
-    def _module_profiles(self, module: nn.RNNBase, inputs: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        """Each direction's input profile, and (one direction only) the profile of the state Jacobians' product."""
-        width = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
+    @staticmethod
+    def _with_module(module: nn.RNNBase, measure: Callable[[nn.RNNBase], Any]) -> Any:
+        """``measure(module)`` in eval mode (no dropout between layers: the same function at every probe), its
+        training flag restored, without cuDNN (whose RNN backward refuses eval mode)."""
+        training = module.training
+        module.eval()
+        try:
+            with torch.backends.cudnn.flags(enabled=False):
+                return measure(module)
+        finally:
+            module.train(training)
+
+    def _input_profiles(self, module: nn.RNNBase, inputs: Tensor) -> list[Tensor]:
+        """Each direction's input profile (the backward direction from the first output)."""
+        width = _width(module)
 
         def run(x: Tensor) -> Tensor:
             out = module(x if module.batch_first else x.transpose(0, 1))[0]
             return out if module.batch_first else out.transpose(0, 1)
 
+        directions = [lag_sensitivity(run, inputs, output_slice=slice(0, width), generator=self._generator())]
+        if module.bidirectional:
+            backward = slice(width, 2 * width)
+            directions.append(
+                lag_sensitivity(run, inputs, reverse=True, output_slice=backward, generator=self._generator())
+            )
+        return directions
+
+    def _state_profile(self, module: nn.RNNBase, inputs: Tensor) -> Tensor:
+        """The product of the state Jacobians against the lag, the module run one timestep at a time."""
+
         def step(x: Tensor, state: Any) -> tuple[Tensor, Any]:
             out, state = module(x if module.batch_first else x.transpose(0, 1), state)
             return (out if module.batch_first else out.transpose(0, 1)), state
 
-        training = module.training
-        module.eval()  # no dropout between layers: the same function at every probe
-        try:
-            with torch.backends.cudnn.flags(enabled=False):  # cuDNN's RNN backward refuses eval mode
-                directions = [lag_sensitivity(run, inputs, output_slice=slice(0, width), generator=self._generator())]
-                state = None
-                if module.bidirectional:
-                    backward = slice(width, 2 * width)
-                    directions.append(
-                        lag_sensitivity(run, inputs, reverse=True, output_slice=backward, generator=self._generator())
-                    )
-                elif inputs.shape[1] > 1:
-                    state = state_sensitivity(step, inputs, output_slice=slice(0, width), generator=self._generator())
-        finally:
-            module.train(training)
-        return directions, state
+        return state_sensitivity(step, inputs, output_slice=slice(0, _width(module)), generator=self._generator())
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)  # on the CPU (drawn there, then moved): the same everywhere
@@ -444,6 +453,11 @@ class GradientsThroughTime(GradwatchCallback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=UserWarning)
+
+
+def _width(module: nn.RNNBase) -> int:
+    """The hidden units of one direction of a recurrent module's output."""
+    return module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
 
 
 def _batch_first(module: nn.Module, inputs: Any, rows: int) -> Tensor:
