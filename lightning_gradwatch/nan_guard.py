@@ -24,6 +24,7 @@ from lightning_gradwatch._nonfinite import (
     non_finite_names,
     screen_step,
 )
+from lightning_gradwatch._params import OptimizerParams
 from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._provenance import find_origin
 from lightning_gradwatch._reporting import logger_step, print_line
@@ -79,8 +80,8 @@ class NaNGuard(GradwatchCallback):
 
     Args:
         action: ``"halt"``, ``"skip"`` or ``"rollback"``.
-        check_params_every_n_steps: also check weights and float buffers every this many steps; ``None`` never
-            (they are still checked on every fault and before every snapshot).
+        check_params_every_n_steps: also check weights and optimizer state every this many steps; ``None`` never
+            (they are still checked at the first step of each fit, on every fault and before every snapshot).
         snapshot_every_n_steps: with ``"rollback"``, copy the state every this many clean steps (a copy of
             weights, buffers and optimizer state in device memory).
         max_rollbacks: with ``"rollback"``, halt when a fault would restore the same snapshot more than this
@@ -152,6 +153,8 @@ class NaNGuard(GradwatchCallback):
         self._faults_in_a_row = 0
         self._batches: list[tuple[Any, int]] = []
         self._batches_step = -1
+        self._also_rolled_back: list[int] = []  # the other optimizers the last rollback restored
+        self._screened_optimizers: set[int] = set()  # whose weights and state were checked this fit
 
     @property
     def fault_steps(self) -> int:
@@ -271,10 +274,13 @@ class NaNGuard(GradwatchCallback):
         loss_bad: Tensor | bool,
     ) -> None:
         snapshot_due = self.action == "rollback" and self._rollbacks.due_for(optimizer)
-        weights_due = snapshot_due or self._due(trainer, self.check_params_every_n_steps)
-        # buffers every step (they are small, and a NaN there is invisible until evaluation); weights at the
-        # cadence; optimizer state before a snapshot
-        state = self._state_tensors(pl_module, optimizer, step, weights=weights_due, optimizer_state=snapshot_due)
+        # the first step of a fit too: a checkpoint resumed from may hold a NaN weight or Adam moment
+        first = id(optimizer) not in self._screened_optimizers
+        self._screened_optimizers.add(id(optimizer))
+        state_due = snapshot_due or first or self._due(trainer, self.check_params_every_n_steps)
+        # buffers every step (they are small, and a NaN there is invisible until evaluation); weights and
+        # optimizer state at the cadence and before a snapshot
+        state = self._state_tensors(pl_module, optimizer, step, weights=state_due, optimizer_state=state_due)
         read = shared_read(trainer)
         loss_is_bad, grads_are_bad, state_is_bad = screen_step(
             step, loss_bad, state, lambda flags: read.read(trainer.global_step, flags)
@@ -310,11 +316,8 @@ class NaNGuard(GradwatchCallback):
             self._faults_in_a_row += 1
         action = self.action
         stuck = action == "skip" and self._faults_in_a_row >= self.max_consecutive_faults
-        held = set(step.index.names)
-        if action == "rollback" and any(name not in held for name in fault.weights):
-            action = "halt"  # a weight no optimizer holds is in no snapshot: a rollback cannot repair it
-        elif action == "rollback":
-            action = self._rollback(pl_module, step, optimizer)
+        if action == "rollback":
+            action = self._rollback(trainer, pl_module, step, optimizer, fault.weights)
         elif fault.poisoned_state or unrepaired or stuck:
             action = "halt"  # skipping cannot repair weights, buffers or optimizer state already non-finite
         done = {
@@ -322,6 +325,9 @@ class NaNGuard(GradwatchCallback):
             "skip": "the update was dropped",
             "rollback": f"weights and optimizer state were rolled back to the snapshot (rollback {self.rollbacks})",
         }[action]
+        if action == "rollback" and self._also_rolled_back:
+            others = ", ".join(str(i) for i in self._also_rolled_back)
+            done += f", and so were those of optimizer {others}, which steps the poisoned weights"
         if fault.buffers and action != "rollback":
             done += (
                 f"; the buffers {', '.join(unrepaired[:5])} were already non-finite before this step"
@@ -362,9 +368,35 @@ class NaNGuard(GradwatchCallback):
             self._halt(trainer, f"non-finite values ({fault.text})")
         self._log_counters(trainer)
 
-    def _rollback(self, pl_module: pl.LightningModule, step: StepGradients, optimizer: torch.optim.Optimizer) -> str:
+    def _rollback(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        step: StepGradients,
+        optimizer: torch.optim.Optimizer,
+        poisoned: list[str],
+    ) -> str:
+        """Restore ``optimizer``'s snapshot, and that of every other optimizer stepping a poisoned weight (a GAN's
+        discriminator weight poisons the generator's loss: only the discriminator's snapshot repairs it); ``"halt"``
+        when a poisoned weight is in no optimizer's snapshot (a frozen weight) or a snapshot cannot be restored."""
+        self._also_rolled_back = []
+        held = set(step.index.names)
+        holders: list[tuple[int, torch.optim.Optimizer, list[torch.nn.Parameter]]] = []
+        missing = {name for name in poisoned if name not in held}
+        for i, other in enumerate(trainer.optimizers):
+            if missing and other is not optimizer:
+                index = OptimizerParams.of(pl_module, other)
+                if missing & set(index.names):
+                    holders.append((i, other, index.params))
+                    missing -= set(index.names)
+        if missing:
+            return "halt"  # a weight no optimizer holds is in no snapshot: a rollback cannot repair it
         if not self._rollbacks.restore(pl_module, step.params, optimizer):
             return "halt"
+        for i, other, params in holders:
+            if not self._rollbacks.restore(pl_module, params, other):
+                return "halt"
+            self._also_rolled_back.append(i)
         self.totals.rollbacks += 1
         return "rollback"
 

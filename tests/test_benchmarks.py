@@ -102,3 +102,10 @@ def test_hook_profile_names_each_hook_of_the_preset(tmp_path: Path) -> None:
     timed = {line.split()[0] for line in out.splitlines()[1:]}
     assert {"NaNGuard._before_optimizer_step", "AdaptiveClipping._before_optimizer_step"} <= timed
     assert "LossSpikeGuard.on_before_backward" in timed and "GradientNormLogger._before_optimizer_step" in timed
+
+
+def test_guard_integrity_matrix_runs_and_a_gan_rollback_keeps_nothing_faulty(tmp_path: Path) -> None:
+    out = run_script(
+        "guard_integrity.py", "--setups", "two", "--faults", "nan_weight", "--actions", "rollback", tmp_path=tmp_path
+    )
+    assert "| two | nan_weight | NaNGuard rollback | 1/1 | 0 | went on" in out

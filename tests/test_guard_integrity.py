@@ -145,3 +145,68 @@ def test_an_inf_loss_halts_with_a_finite_checkpoint(tmp_path: Path, caplog: pyte
     assert guard.halt_step == 5 and guard.halt_checkpoint is not None
     assert all(torch.isfinite(t).all() for t in tensors_of(Path(guard.halt_checkpoint)))
     assert "NaNGuard stopped training at step 5" in caplog.text
+
+
+class Gan(pl.LightningModule):
+    """A GAN's two updates per batch: the generator's loss goes through the discriminator, so a NaN in a
+    discriminator weight first shows in the generator's (optimizer 0's) step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.gen = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        self.disc = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real = batch[0][:, :8]
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        fake = self.gen(torch.randn_like(real))
+        opt_g.zero_grad()
+        self.manual_backward(-self.disc(fake).mean())
+        opt_g.step()
+        opt_d.zero_grad()
+        self.manual_backward(self.disc(fake.detach()).mean() - self.disc(real).mean())
+        opt_d.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.gen.parameters(), lr=1e-3), torch.optim.Adam(self.disc.parameters(), lr=1e-3)]
+
+    def train_dataloader(self) -> Any:
+        from tests.models import classification_data
+
+        return torch.utils.data.DataLoader(classification_data(320), batch_size=32)
+
+
+def test_rollback_repairs_a_weight_of_the_other_optimizer_that_poisons_this_ones_step(tmp_path: Path) -> None:
+    """Optimizer 0's step finds the NaN in a weight only optimizer 1 holds: both are rolled back, training goes on
+    (it used to halt, as for a weight no optimizer holds)."""
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2)
+    poison = Inject(10, lambda trainer, module: module.disc[0].weight)  # global_step counts both optimizers' steps
+    model = Gan()
+    trainer = fit(tmp_path, model, [poison, guard], max_epochs=2, max_steps=-1)
+    assert guard.halt_step is None and guard.rollbacks == 1 and trainer.global_step == 40
+    assert "so were those of optimizer 1" in guard.alerts[0].message
+    assert all(torch.isfinite(t).all() for t in [*model.parameters()])
+    for optimizer in trainer.optimizers:
+        assert all(torch.isfinite(v).all() for s in optimizer.state.values() for v in s.values())
+
+
+def test_a_nan_moment_in_a_resumed_checkpoint_halts_before_any_update_lands(tmp_path: Path) -> None:
+    """The optimizer state is checked at a fit's first step: a NaN Adam moment saved in a checkpoint is named
+    before the update that would write it into the weights (it used to land, and halt a step later)."""
+    first = fit(tmp_path, Poisoned(optimizer="adam", lr=1e-3), [], max_steps=6)
+    path = tmp_path / "poisoned.ckpt"
+    first.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)
+    moments = state["optimizer_states"][0]["state"][0]
+    moments["exp_avg"].view(-1)[0] = float("nan")
+    torch.save(state, path)
+    guard = NaNGuard()  # check_params_every_n_steps=100: not due at step 6
+    model = Poisoned(optimizer="adam", lr=1e-3)
+    kwargs = trainer_kwargs(tmp_path / "resumed", callbacks=[guard], max_steps=12)
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(model, ckpt_path=str(path))
+    assert guard.halt_step == 6 and trainer.global_step == 7  # the step is counted, its update dropped
+    assert "(exp_avg)" in guard.alerts[0].message
+    assert finite(model)  # the update was dropped: the NaN moment never reached a weight
