@@ -6,9 +6,10 @@
 - Parameters left out of the optimizer: they receive gradients (``requires_grad`` and used in ``forward``) but no
   optimizer holds them, so they never move; their gradients are never zeroed and pile up.
 - Parameters that never receive a gradient: an optimizer holds them and they require grad, yet after some steps
-  their ``.grad`` is still ``None``. Their module runs in forward (watched with a forward hook for one step,
-  halfway): a ``.detach()`` or a ``no_grad`` block cuts them off from the loss, a warning; it never runs: a spare
-  branch (a pooler a classifier does not use), worth knowing.
+  their ``.grad`` is still ``None``. One forward pass's dataflow between modules is recorded halfway
+  (:class:`~lightning_gradwatch._dataflow.Dataflow`): their module runs and what it returns feeds a layer that
+  learns, so a ``.detach()`` or a ``no_grad`` block cuts them off from the loss, a warning; what it returns feeds
+  nothing that learns (a pooler a token classifier does not read), or it never runs (a spare branch): worth knowing.
 - Gradients never reset: the gradient an optimizer steps with still holds the one it stepped with before, i.e.
   nothing zeroed it in between (manual optimization without ``zero_grad()``). Seen from the gradient tensors
   themselves: the same storage, and its version counter moved by exactly the number of accumulations autograd made
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_gradwatch._dataflow import Dataflow
 from lightning_gradwatch._loss_trace import LossHistory
 from lightning_gradwatch._params import clean_name, layer_of
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
@@ -95,8 +97,7 @@ class Coverage:
     def __post_init__(self) -> None:
         self.received: set[int] = set()  # ids of optimizer parameters seen with a gradient
         self.steps = 0
-        self.called: set[str] | None = None  # modules seen running in forward, once watched
-        self._handles: list[Any] = []
+        self._flow: Dataflow | None = None  # one forward pass's dataflow between modules, recorded halfway
 
     def _ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(layer_of(name), p) for p in self.ignore)
@@ -121,6 +122,8 @@ class Coverage:
         """One optimizer step: note the parameters that have a gradient (host only: ``.grad`` is or is not None)."""
         self.steps += 1
         self.received.update(id(p) for p in params if p.grad is not None)
+        if self._flow is not None and self._flow.recorded:
+            self._flow.close()  # one forward pass recorded: enough
 
     def missing(self, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[tuple[str, nn.Parameter]]:
         """Parameters an optimizer holds, with ``requires_grad``, that have had no gradient on any step so far."""
@@ -131,20 +134,17 @@ class Coverage:
             if p.requires_grad and id(p) in held and id(p) not in self.received and not self._ignored(clean_name(n))
         ]
 
-    def watch_calls(self, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
-        """Halfway to the verdict: note, for one step, whether the modules owning the parameters without gradient
-        run in forward at all (an unused branch does not; a layer cut off by a detach does)."""
+    def watch_calls(self, module: nn.Module) -> None:
+        """Halfway to the verdict: record one forward pass's dataflow between modules, to tell whether the modules
+        owning the parameters without gradient run at all (an unused branch does not) and whether what they return
+        feeds a layer that learns (a layer cut off by a detach does; a pooler nobody reads does not)."""
         self.stop_watching()
-        missing = {id(p) for _, p in self.missing(module, optimizers)}
-        self.called = set()
-        for name, child in module.named_modules():
-            if any(id(p) in missing for p in child.parameters(recurse=False)):
-                self._handles.append(child.register_forward_pre_hook(_mark_called(self.called, clean_name(name))))
+        self._flow = Dataflow(module)
 
     def stop_watching(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Stop recording (the graph recorded so far is kept)."""
+        if self._flow is not None:
+            self._flow.close()
 
     def no_gradient(self, step: int, module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Alert | None:
         if self.no_gradient_after is None or self.steps < self.no_gradient_after:
@@ -156,10 +156,16 @@ class Coverage:
         names = [n for n, _ in named]
         trained = sum(p.numel() for p in module.parameters() if p.requires_grad) or 1
         share = sum(p.numel() for _, p in named) / trained
-        # a layer that runs in forward yet gets no gradient is cut off (a detach, no_grad); one that never runs is a
-        # spare branch (a pooler a classifier does not use): worth knowing
-        cut = [n for n in names if self.called is None or layer_of(n) in self.called]
+        flow = self._flow if self._flow is not None and self._flow.recorded else None
+        ran = [n for n in names if flow is None or layer_of(n) in flow.called]
+        learning = {layer_of(clean_name(n)) for n, p in module.named_parameters() if id(p) in self.received}
+        # a layer whose output feeds a layer that learns, yet gets no gradient, is cut off (a detach, no_grad): a
+        # detach cuts off everything before it, so one proven cut makes them all cut. One whose output feeds
+        # nothing that learns is a dead end (a pooler a token classifier never reads), one that never runs a spare
+        # branch: both worth knowing
+        cut = ran if ran and (flow is None or any(flow.reaches(layer_of(n), learning) for n in ran)) else []
         layers = _layers(cut or names)
+        unused = [n for n in names if n not in ran]
         if cut:
             finding = (
                 f"{len(cut)} parameter(s) in an optimizer run in forward but have not received a gradient in "
@@ -167,9 +173,17 @@ class Coverage:
                 "Something between them and the loss stops the gradient: a .detach(), a torch.no_grad() block, .data "
                 "or .item()."
             )
-            unused = [n for n in names if n not in cut]
             if unused:
                 finding += f" Never used in forward: {_some(unused)}."
+        elif ran:
+            finding = (
+                f"{len(names)} parameter(s) in an optimizer have not received a gradient in {self.steps} steps: "
+                f"{_some(ran)} run in forward, but what they return never reaches a layer that learns (an output the "
+                "task does not read, such as a pooler a token classifier does not use)"
+                + (f"; never used in forward: {_some(unused)}" if unused else "")
+                + f" (layers {_some(layers)}; {share:.0%} of the trained weights). Freeze them, or leave them out "
+                "with SetupCheck(ignore=[...])."
+            )
         else:
             finding = (
                 f"{len(names)} parameter(s) in an optimizer are never used in forward and have not received a "
@@ -177,13 +191,6 @@ class Coverage:
                 "weights): a branch the task does not need? Freeze it, or leave it out with SetupCheck(ignore=[...])."
             )
         return alert(step, AlertKind.NO_GRADIENT, layers[0], share, 0.0, finding, "warning" if cut else "info")
-
-
-def _mark_called(called: set[str], name: str) -> Callable[..., None]:
-    def mark(*_: Any) -> None:
-        called.add(name)
-
-    return mark
 
 
 class ResetWatch:

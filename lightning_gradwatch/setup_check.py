@@ -42,9 +42,10 @@ class SetupCheck(GradwatchCallback):
     - ``not_in_optimizer``: parameters that receive gradients but belong to no optimizer (``configure_optimizers``
       passed only part of the model): they never learn, and their gradients pile up.
     - ``no_gradient``: parameters in an optimizer, with ``requires_grad``, whose gradient is still ``None`` after
-      ``no_gradient_after_steps`` steps. A warning when their module runs in forward (a ``.detach()`` or a
-      ``torch.no_grad()`` block cuts them off from the loss); ``info`` when it never runs (a spare branch, such as
-      a pooler a classifier does not use). ``ignore`` leaves named layers out.
+      ``no_gradient_after_steps`` steps. A warning when their module runs in forward and what it returns feeds a
+      layer that learns (a ``.detach()`` or a ``torch.no_grad()`` block cuts them off from the loss); ``info`` when
+      it feeds nothing that learns (a pooler a token classifier does not read) or never runs (a spare branch).
+      ``ignore`` leaves named layers out.
     - ``gradients_not_reset``: an optimizer steps with gradients that still hold those of its previous step (manual
       optimization without ``zero_grad()``), checked on its first steps.
 
@@ -153,7 +154,7 @@ class SetupCheck(GradwatchCallback):
         if not step.dropped:
             self._coverage.observe(step.params)
             if self.no_gradient_after_steps is not None and self._coverage.steps == self.no_gradient_after_steps // 2:
-                self._coverage.watch_calls(pl_module, trainer.optimizers)
+                self._coverage.watch_calls(pl_module)
             if self._coverage.steps == self.no_gradient_after_steps or self._should_log(
                 trainer, self.log_every_n_steps
             ):

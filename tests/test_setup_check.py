@@ -71,6 +71,8 @@ class EncoderHead(pl.LightningModule):
         elif self.mistake == "no_grad":
             with torch.no_grad():
                 h = self.encoder[2](self.encoder[1](self.encoder[0](x)))
+        elif self.mistake == "dead_end":
+            torch.tanh(self.aux(h))  # computed and never read, like a pooler a token classifier ignores
         return self.head(h)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
@@ -153,6 +155,16 @@ def test_a_spare_branch_without_gradient_is_worth_knowing_not_a_warning(tmp_path
     silenced.gradwatch_callbacks[1]._bundled = True
     pl.Trainer(**trainer_kwargs(tmp_path / "ignored", callbacks=[silenced], max_steps=40)).fit(EncoderHead())
     assert not [a for a in silenced.alerts if a.kind == "no_gradient"]
+
+
+def test_a_layer_that_runs_but_feeds_nothing_that_learns_is_worth_knowing_not_a_warning(tmp_path: Path) -> None:
+    """A dead end (BERT's pooler under a token classifier) runs in forward and gets no gradient, as a layer cut off
+    by a detach does; but nothing that learns reads what it returns (it was a warning on a healthy BERT)."""
+    watch = fit(tmp_path, EncoderHead("dead_end"))
+    [alert] = [a for a in watch.alerts if a.kind == "no_gradient"]
+    assert alert.severity == "info" and alert.name == "aux"
+    assert "never reaches a layer that learns" in alert.message
+    assert warnings_of(watch.alerts) == []
 
 
 def test_gradients_never_reset_in_manual_optimization_are_named_and_zeroing_twins_are_silent(

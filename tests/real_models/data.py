@@ -71,6 +71,15 @@ def bag_of_words(n: int, seed: int, vocab: int = 64, seq_len: int = 32) -> Tenso
     return TensorDataset(tokens, torch.ones_like(tokens), y)
 
 
+def token_tags(n: int, seed: int, vocab: int = 64, seq_len: int = 32, tags: int = 3) -> TensorDataset:
+    """Random token sequences, each token tagged by its class (``token % tags``), flipped to the next class where
+    its predecessor is even: a token-classification task that needs the embedding and one attention step."""
+    tokens = torch.randint(1, vocab, (n, seq_len), generator=_gen(seed))
+    labels = tokens % tags
+    labels[:, 1:] = (labels[:, 1:] + (tokens[:, :-1] % 2 == 0).long()) % tags
+    return TensorDataset(tokens, labels)
+
+
 def first_step_sequences(
     n: int, seed: int, features: int = 8, seq_len: int = 24, num_classes: int = 4
 ) -> TensorDataset:

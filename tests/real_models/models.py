@@ -46,6 +46,10 @@ def hf_classify(net: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
     return net(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
 
 
+def hf_token_classify(net: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    return net(input_ids=batch[0], labels=batch[1]).loss
+
+
 def next_token(net: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
     tokens = batch[0]
     logits = net(tokens[:, :-1])
@@ -232,6 +236,27 @@ def bert_classifier() -> RealTask:
     return RealTask(BertForSequenceClassification(config), hf_classify, train, held_out, recipe, batch_size=32)
 
 
+def bert_token_classifier() -> RealTask:
+    from transformers import BertConfig, BertForTokenClassification
+    from transformers.models.bert.modeling_bert import BertPooler
+
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=SEQ,
+        num_labels=3,
+    )
+    net = BertForTokenClassification(config)
+    # a pooler that runs in forward and nobody reads, as with AutoModel plus a token head: it gets no gradient
+    net.bert.pooler = BertPooler(config)
+    recipe = Recipe("adamw", lr=1e-3, weight_decay=0.01, schedule="warmup_linear", warmup=0.1)
+    train, held_out = data.token_tags(4096, seed=1), data.token_tags(256, seed=2)
+    return RealTask(net, hf_token_classify, train, held_out, recipe, batch_size=32)
+
+
 def distilbert_classifier() -> RealTask:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
@@ -303,6 +328,7 @@ CASES: list[Case] = [
     Case("gpt2_fp16", gpt2, ("transformers",), max_steps=150, trainer=fp16_plugins),  # CPU fp16 is slow
     Case("gpt_handwritten", gpt_handwritten),  # its causal mask: a buffer holding -inf
     Case("bert_classifier", bert_classifier, ("transformers",), watched=("saturation",)),  # pooler: tanh
+    Case("bert_token_classifier", bert_token_classifier, ("transformers",)),  # its pooler: a dead end, info
     Case("distilbert_classifier", distilbert_classifier, ("transformers",), watched=("dead_fraction",)),  # ReLU head
     Case("lstm_lm_clipped", lstm_language_model, trainer=lambda: {"gradient_clip_val": 0.25}),
     Case("vae", vae, max_steps=300, watched=("dead_fraction",)),
