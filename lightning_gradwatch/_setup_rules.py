@@ -2,7 +2,8 @@
 
 - Learning rate far too high: the loss grew ten-fold and stays there (a divergence), or over the first steps it
   rose while the updates were a tenth of the weights or more (a healthy run moves them by about 1e-3 per step) and
-  it has not come back below where it started.
+  it has not come back below where it started (judged at step 9, or at step 15 when at step 9 the loss is back
+  below its start or fell on each of the last three steps: a high-rate recipe's first jolt that then trains).
 - Parameters left out of the optimizer: they receive gradients (``requires_grad`` and used in ``forward``) but no
   optimizer holds them, so they never move; their gradients are never zeroed and pile up.
 - Parameters that never receive a gradient: an optimizer holds them and they require grad, yet after some steps
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from lightning_gradwatch._dataflow import Dataflow
-from lightning_gradwatch._loss_trace import LossHistory
+from lightning_gradwatch._loss_trace import FIRST, LossHistory
 from lightning_gradwatch._params import clean_name, layer_of
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 
@@ -38,6 +39,8 @@ from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 DIVERGENCE_FACTOR, DIVERGENCE_STEPS = 10.0, 3
 #: The early window: the loss rose by this factor over its first steps and is not back below its start by the end.
 EARLY_STEPS, EARLY_RISE, EARLY_RECOVERY = 10, 1.15, 0.98
+#: A rise whose last loss is back below the start is judged again here: the last of the steps the trace keeps.
+RECHECK_STEP = FIRST - 1
 
 
 def _some(names: list[str], limit: int = 6) -> str:
@@ -74,17 +77,29 @@ def learning_rate_verdict(
         return None
     start, early = first[0], first[1:EARLY_STEPS]
     peak = max(early)
-    now = statistics.median(first[EARLY_STEPS - 3 : EARLY_STEPS])
     largest = max(early_ratios)
-    if start > 0 and peak >= EARLY_RISE * start and now >= EARLY_RECOVERY * start and largest >= ratio_high:
-        finding = (
-            f"Learning rate far too high: over the first {EARLY_STEPS} steps the loss rose from {start:.4g} to "
-            f"{peak:.4g} (step {first.index(peak)}) and is still {now:.4g}, while each update moved the weights by "
-            f"up to {largest:.3g} of their norm (median over parameters; a healthy run moves them by about 1e-3 per "
-            "step)."
-        )
-        return alert(EARLY_STEPS - 1, AlertKind.LEARNING_RATE, "", largest, ratio_high, finding, "warning")
-    return None
+    if not (start > 0 and peak >= EARLY_RISE * start and largest >= ratio_high):
+        return None
+    # a rise coming back at the end of the window (its last loss below the start, or lower on each of the last
+    # three steps: a high-rate recipe's first jolt, SGD at 20 on a word-level LSTM) is judged again at RECHECK_STEP;
+    # a rate far too high leaves the loss hovering above its start
+    last = first[EARLY_STEPS - 4 : EARLY_STEPS]
+    falling = all(b < a for a, b in zip(last, last[1:], strict=False))
+    coming_back = falling or first[EARLY_STEPS - 1] < EARLY_RECOVERY * start
+    upto = RECHECK_STEP if coming_back else EARLY_STEPS - 1
+    if step != upto or len(first) <= upto or not all(math.isfinite(v) for v in first[: upto + 1]):
+        return None
+    now = statistics.median(first[upto - 2 : upto + 1])
+    if now < EARLY_RECOVERY * start:
+        return None
+    back = f", came down to {first[EARLY_STEPS - 1]:.4g} at step {EARLY_STEPS - 1}" if coming_back else ""
+    finding = (
+        f"Learning rate far too high: over the first {EARLY_STEPS} steps the loss rose from {start:.4g} to "
+        f"{peak:.4g} (step {first.index(peak)}){back} and is still {now:.4g} at step {upto}, while each update moved "
+        f"the weights by up to {largest:.3g} of their norm (median over parameters; a healthy run moves them by "
+        "about 1e-3 per step)."
+    )
+    return alert(upto, AlertKind.LEARNING_RATE, "", largest, ratio_high, finding, "warning")
 
 
 @dataclass

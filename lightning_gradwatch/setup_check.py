@@ -17,6 +17,7 @@ from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._setup_rules import (
     DIVERGENCE_FACTOR,
     EARLY_STEPS,
+    RECHECK_STEP,
     Coverage,
     ResetWatch,
     learning_rate_verdict,
@@ -38,7 +39,7 @@ class SetupCheck(GradwatchCallback):
     - ``learning_rate``: the learning rate is far too high. The loss grew ten-fold from where the run started and
       stays there (a divergence, named before it ends in NaN), or over the first 10 steps it rose while each update
       moved the weights by a tenth of their norm or more (``update_ratio_high``; a healthy run: about 1e-3) and it
-      is not back below its start.
+      is not back below its start (at step 9; at step 15 when it is coming back: falling on each of the last steps).
     - ``not_in_optimizer``: parameters that receive gradients but belong to no optimizer (``configure_optimizers``
       passed only part of the model): they never learn, and their gradients pile up.
     - ``no_gradient``: parameters in an optimizer, with ``requires_grad``, whose gradient is still ``None`` after
@@ -187,7 +188,9 @@ class SetupCheck(GradwatchCallback):
             self._set_condition(trainer, kind, key, True, lambda: verdict)
 
     def _judged_now(self, trainer: pl.Trainer) -> bool:
-        return trainer.global_step == EARLY_STEPS - 1 or self._should_log(trainer, self.log_every_n_steps)
+        return trainer.global_step in (EARLY_STEPS - 1, RECHECK_STEP) or self._should_log(
+            trainer, self.log_every_n_steps
+        )
 
     def _early_ratio(self, step: StepGradients, now: int) -> None:
         """The median over parameters of the previous early step's ``||delta w|| / ||w||``, then a copy of the
@@ -209,7 +212,7 @@ class SetupCheck(GradwatchCallback):
         CPU, or delivered with the step's shared read; on a logging step without a reader, one transfer of its own."""
         trace = loss_trace(trainer)
         if host_is_free(self._device):
-            if step >= EARLY_STEPS and not trace.may_diverge(DIVERGENCE_FACTOR):
+            if step >= EARLY_STEPS and step != RECHECK_STEP and not trace.may_diverge(DIVERGENCE_FACTOR):
                 return None  # nothing to judge: spare building the history on every step
             return trace.host(), []
         if step != self._posted_at:
