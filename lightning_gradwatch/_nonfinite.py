@@ -101,6 +101,25 @@ def describe_fault(
     return Fault(text, first, count, weights, buffers, opt_state, grads)
 
 
+def half_precision_update(optimizer: torch.optim.Optimizer, step: StepGradients) -> str | None:
+    """Why an update made float16 weights non-finite, when they are float16 with no GradScaler (``16-true``, a model
+    cast to half): the optimizer's arithmetic itself runs in float16, where an Adam ``eps`` below 3e-8 is 0 and a
+    small gradient's square underflows to 0, so the update divides by zero. ``None`` otherwise."""
+    if step.has_scaler or not step.params or any(p.dtype != torch.float16 for p in step.params):
+        return None
+    eps = optimizer.param_groups[0].get("eps") if optimizer.param_groups else None
+    zero_eps = isinstance(eps, float) and eps > 0 and float(torch.tensor(eps, dtype=torch.float16)) == 0.0
+    why = (
+        f" (its eps={eps:g} is 0 in float16: wherever a squared gradient underflows to 0 the update divides by zero)"
+        if zero_eps
+        else ""
+    )
+    return (
+        "The weights and the optimizer state are float16 with no loss scaling: the optimizer's update made them "
+        f"non-finite{why}."
+    )
+
+
 def _some(names: list[str], noun: str = "parameter") -> str:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return f"{len(names)} {noun}(s) ({shown})"

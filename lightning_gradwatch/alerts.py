@@ -196,6 +196,11 @@ ALERT_CAUSES: dict[str, AlertKindInfo] = {
         "lower the learning rate (about 10x), add a warm-up, clip gradients (AdaptiveClipping); check the scale of "
         "the loss and the targets",
     ),
+    "half_precision_update": AlertKindInfo(
+        "The optimizer's float16 update produced NaN/Inf",
+        "train with precision='16-mixed' (float32 weights and optimizer state, a GradScaler) or 'bf16-mixed'; in pure "
+        "float16, raise Adam's eps to 1e-4 or more",
+    ),
     "poisoned_weights": AlertKindInfo(
         "Non-finite weights",
         "resume from a clean checkpoint (action='rollback' keeps one in memory); lower the learning rate",

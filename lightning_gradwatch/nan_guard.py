@@ -21,6 +21,7 @@ from lightning_gradwatch._nonfinite import (
     all_weights,
     describe_fault,
     device_flag,
+    half_precision_update,
     non_finite_names,
     screen_step,
 )
@@ -345,6 +346,9 @@ class NaNGuard(GradwatchCallback):
         cause = "poisoned_weights" if fault.weights else (origin.cause if origin is not None else "")
         if diverged is not None and not fault.weights:
             cause = "divergence"
+        half = half_precision_update(optimizer, step) if fault.weights else None
+        if half is not None:  # the weights went non-finite in the update itself: float16 with nothing to scale it
+            finding, cause = f"{finding} {half}", "half_precision_update"
         self._alert_non_finite(trainer, fault, finding, cause=cause)
         if stuck:
             finding = (

@@ -385,3 +385,15 @@ def test_ddp_rollback_on_one_rank_keeps_the_ranks_in_step(tmp_path: Any) -> None
 def test_bad_arguments_raise_naming_the_argument(kwargs: dict[str, Any], argument: str) -> None:
     with pytest.raises(ValueError, match=f"`{argument}`"):
         NaNGuard(**kwargs)
+
+
+def test_a_float16_adam_update_that_divides_by_zero_is_named_with_its_cause(tmp_path: Any) -> None:
+    """``16-true`` with Adam: its eps (1e-8) is 0 in float16, so the first update writes Inf/NaN into the weights.
+    The alert says so and points to 16-mixed, not to the learning rate."""
+    guard = NaNGuard()
+    model = Poisoned(optimizer="adam", lr=1e-3)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[guard], precision="16-true", max_steps=5)).fit(model)
+    [alert] = guard.alerts
+    assert alert.cause == "half_precision_update" and guard.halt_step is not None
+    assert "eps=1e-08 is 0 in float16" in alert.message and "16-mixed" in alert.message
+    assert "lower the learning rate" not in alert.message
