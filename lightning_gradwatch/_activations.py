@@ -32,6 +32,7 @@ from lightning_gradwatch._activation_probe import (
     probe_for,
 )
 from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
+from lightning_gradwatch._charts import charted, check_patterns_syntax
 from lightning_gradwatch._loss_trend import SampledLoss, improved, window_loss
 from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._shared_read import shared_read
@@ -60,8 +61,11 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     most: ClassVar[float] = 0.9
     growth: ClassVar[float] = 0.2
 
-    def __init__(self, sample_every_n_steps: int, window: int, log_every_n_steps: int | None) -> None:
+    def __init__(
+        self, sample_every_n_steps: int, window: int, log_every_n_steps: int | None, layers: list[str] | None = None
+    ) -> None:
         super().__init__()
+        self.layers = check_patterns_syntax(layers)
         self.sample_every_n_steps = check_number("sample_every_n_steps", sample_every_n_steps, ge=1, integer=True)
         self.window = check_number("window", window, ge=1, integer=True)
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
@@ -205,7 +209,8 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         for layer, fraction, was_seen in zip(self._layers, fractions, seen, strict=True):
             if not was_seen:
                 continue
-            metrics[f"gradwatch/{self.metric}/{layer.name}"] = fraction
+            if charted(layer.name, self.layers):
+                metrics[f"gradwatch/{self.metric}/{layer.name}"] = fraction
             self._verdict(trainer, step, layer, fraction, window, loss)
         if log:
             self._log_metrics(trainer, metrics)

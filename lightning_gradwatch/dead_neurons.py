@@ -50,6 +50,8 @@ class DeadNeuronCallback(ActivationCallback):
         sample_every_n_steps: sample the forward pass of every this many optimizer steps.
         window: sampled batches a verdict covers (the last ones).
         log_every_n_steps: log every this many optimizer steps; ``None`` follows the Trainer's ``log_every_n_steps``.
+        layers: ``fnmatch`` patterns of the layers to chart (``"!pattern"`` leaves layers out); ``None``: all.
+            Only the charts change: every layer is still judged.
 
     Raises:
         ValueError: an argument outside its range, naming it.
@@ -74,8 +76,9 @@ class DeadNeuronCallback(ActivationCallback):
         sample_every_n_steps: PositiveInt = 5,
         window: PositiveInt = 6,
         log_every_n_steps: PositiveInt | Null = None,
+        layers: list[str] | None = None,
     ) -> None:
-        super().__init__(sample_every_n_steps, window, log_every_n_steps)
+        super().__init__(sample_every_n_steps, window, log_every_n_steps, layers)
         self.threshold = check_number("threshold", threshold, gt=0, le=1)
         # all layers' units end to end: the last sample each unit fired in; per layer: the last it fed a rectifier
         self._last_alive: Tensor | None = None

@@ -8,10 +8,20 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
+from lightning_gradwatch._charts import (
+    DEFAULT_MAX_SERIES,
+    GROUPINGS,
+    ChartPlan,
+    charted,
+    check_patterns_syntax,
+    plan_charts,
+)
+from lightning_gradwatch._geometry import find_blocks
 from lightning_gradwatch._gradient_flow import GradientFlow, matplotlib_pyplot
 from lightning_gradwatch._gradient_rules import (
     Diagnosis,
@@ -72,8 +82,14 @@ class GradientNormLogger(GradwatchCallback):
 
     Args:
         norm_type: the ``p`` of the p-norm: a number >= 1, or ``"inf"`` for the max-abs norm.
-        group_by: ``"module"`` to report one norm per module (its weight and bias together), or
-            ``"parameter"`` for one per parameter.
+        group_by: ``"module"`` to report one norm per module (its weight and bias together),
+            ``"parameter"`` for one per parameter, or ``"block"`` to chart one series per repeated block (a
+            transformer layer, a ResNet block: norms combined as root-sum-of-squares, ratios of the combined
+            norms, fractions weighted by size) while still judging, and naming, each module.
+        layers: ``fnmatch`` patterns of the layers to chart (``"!pattern"`` leaves layers out); ``None``: all.
+            Only the charts change: every layer is still judged.
+        max_series: at most this many per-layer series per metric; past it the layers are charted per block (said
+            once). ``None``: every layer, however many.
         log_every_n_steps: log every this many optimizer steps; ``None`` follows the Trainer's
             ``log_every_n_steps``.
         log_grad_to_weight: also log each layer's gradient-to-weight norm ratio.
@@ -113,7 +129,7 @@ class GradientNormLogger(GradwatchCallback):
     def __init__(
         self,
         norm_type: AtLeastOne | Literal["inf"] = 2.0,
-        group_by: Literal["module", "parameter"] = "module",
+        group_by: Literal["module", "parameter", "block"] = "module",
         log_every_n_steps: PositiveInt | Null = None,
         log_grad_to_weight: bool = True,
         histogram_every_n_steps: PositiveInt | Null = None,
@@ -126,10 +142,14 @@ class GradientNormLogger(GradwatchCallback):
         log_update_to_weight: bool = True,
         update_ratio_high: PositiveFloat | Null = 2e-2,
         gradient_flow_every_n_steps: PositiveInt | Null = 500,
+        layers: list[str] | None = None,
+        max_series: PositiveInt | Null = DEFAULT_MAX_SERIES,
     ) -> None:
         super().__init__()
         self.norm_type = validate_norm_type(norm_type)
-        self.group_by = check_choice("group_by", group_by, ("module", "parameter"))
+        self.group_by = check_choice("group_by", group_by, GROUPINGS)
+        self._judged_by = "module" if self.group_by == "block" else self.group_by  # what alerts name
+        self.layers = check_patterns_syntax(layers)
         positive_int: dict[str, Any] = {"ge": 1, "integer": True, "optional": True}
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, **positive_int)
         self.log_grad_to_weight = check_bool("log_grad_to_weight", log_grad_to_weight)
@@ -156,6 +176,10 @@ class GradientNormLogger(GradwatchCallback):
         self._tally_layers: dict[str, list[str]] = {}  # the layers each tally counts, in order
         self._rings: dict[str, NormRing] = {}  # the last steps' layer norms, written only if the run fails
         self._last_logged: dict[str, int] = {}  # per optimizer suffix, the last step whose norms were logged
+        self.max_series = check_number("max_series", max_series, **positive_int)
+        self._blocks: list[str] = []  # the model's repeated blocks, found at fit start
+        self._plans: dict[tuple[str, ...], ChartPlan] = {}
+        self._plans_noted = False
 
     @property
     def _history(self) -> dict[str, list[float]]:
@@ -177,6 +201,9 @@ class GradientNormLogger(GradwatchCallback):
         self._last_logged.clear()
         self._tallies.clear()
         self._tally_layers.clear()
+        self._plans.clear()
+        blocks = find_blocks(pl_module)
+        self._blocks = blocks.names if blocks is not None else []
         super().on_fit_start(trainer, pl_module)
 
     @override
@@ -193,7 +220,7 @@ class GradientNormLogger(GradwatchCallback):
             if self._should_log(trainer, self.log_every_n_steps) and step.has_norms(self.norm_type):
                 self._log_finite(trainer, step)
             return
-        groups = step.index.grouping(self.group_by)
+        groups = step.index.grouping(self._judged_by)
         suffix = self._optimizer_suffix(trainer, step.optimizer)
         on_host = step.host_is_free  # a CPU: the interval's tally is a few floats, folded without a tensor op
         tally = self._tallies.get(suffix)
@@ -288,12 +315,59 @@ class GradientNormLogger(GradwatchCallback):
 
     def _log_finite(self, trainer: pl.Trainer, step: StepGradients) -> None:
         """A logging step whose update the guard dropped: its finite per-layer norms are still logged."""
-        groups = step.index.grouping(self.group_by)
+        groups = step.index.grouping(self._judged_by)
         (values,) = host_values(groups.combine(step.param_norms(self.norm_type), self.norm_type))
-        metrics = {
-            f"gradwatch/grad_norm/{n}": v for n, v in zip(groups.group_names, values, strict=True) if math.isfinite(v)
-        }
+        plan = self._plan(groups.group_names)
+        norms = plan.norms(values, self.norm_type)
+        metrics = {f"gradwatch/grad_norm/{n}": v for n, v in zip(plan.names, norms, strict=True) if math.isfinite(v)}
         self._log_metrics(trainer, metrics)
+
+    def _plan(self, layers: list[str]) -> ChartPlan:
+        """Which series the layers are charted as (``layers``, ``group_by``, ``max_series``), made once per layer
+        list; the first time it groups on its own, it says so."""
+        key = tuple(layers)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan, note = plan_charts(layers, self.layers, self.group_by, self._blocks, self.max_series)
+            self._plans[key] = plan
+            if note is not None and not self._plans_noted:
+                self._plans_noted = True
+                rank_zero_info(f"GradientNormLogger: {note}")
+        return plan
+
+    def _series_metrics(
+        self,
+        plan: ChartPlan,
+        present: list[int],
+        per_layer: list[float],
+        zeros: list[float],
+        numels: list[float],
+        extra: dict[str, list[float]],
+    ) -> dict[str, float]:
+        """The per-layer metrics of a logging step, as the plan charts them (exact values for single layers)."""
+        present_set = set(present)
+        weights = extra.pop("weight_norm", None)
+        metrics: dict[str, float] = {}
+        for name, members in zip(plan.names, plan.members, strict=True):
+            m = [g for g in members if g in present_set]
+            if not m:
+                continue
+            if len(m) == 1:
+                g = m[0]
+                metrics[f"gradwatch/grad_norm/{name}"] = per_layer[g]
+                metrics[f"gradwatch/zero_fraction/{name}"] = zeros[g]
+                for key, values in extra.items():
+                    metrics[f"gradwatch/{key}/{name}"] = values[g]
+                continue
+            one = ChartPlan([name], [m], True)
+            metrics[f"gradwatch/grad_norm/{name}"] = one.norms(per_layer, self.norm_type)[0]
+            metrics[f"gradwatch/zero_fraction/{name}"] = one.weighted(zeros, numels)[0]
+            if weights is not None and "grad_to_weight" in extra:
+                metrics[f"gradwatch/grad_to_weight/{name}"] = one.ratios(per_layer, weights, self.norm_type)[0]
+            if weights is not None and "update_to_weight" in extra:  # the block's ||delta w|| over its ||w||
+                updates = [r * w for r, w in zip(extra["update_to_weight"], weights, strict=True)]
+                metrics[f"gradwatch/update_to_weight/{name}"] = one.ratios(updates, weights, self.norm_type)[0]
+        return metrics
 
     def _log_norms(
         self,
@@ -312,11 +386,15 @@ class GradientNormLogger(GradwatchCallback):
         peak, peak_step, last_nonzero = tally.tensors(global_norm.device)
         to_fetch = [global_norm, overflow, peak, peak_step, scale, layer_norms, active, last_nonzero]
         optional: dict[str, Tensor] = {}
-        if self.log_grad_to_weight:
-            weight_norms = groups.combine(step.weight_norms(self.norm_type), self.norm_type)
-            optional["grad_to_weight"] = layer_norms / weight_norms.clamp_min(1e-12)
         tracker = self._updates.get(suffix)
         ratios = tracker.ratios(step, groups) if tracker is not None else None
+        plan = self._plan(groups.group_names)
+        if self.log_grad_to_weight or (plan.grouped and ratios is not None):
+            weight_norms = groups.combine(step.weight_norms(self.norm_type), self.norm_type)
+            if self.log_grad_to_weight:
+                optional["grad_to_weight"] = layer_norms / weight_norms.clamp_min(1e-12)
+            if plan.grouped:  # a block's ratios are of its combined norms
+                optional["weight_norm"] = weight_norms
         if ratios is not None:
             optional["update_to_weight"] = ratios
         # the one host sync of a logging step, with the loss history riding along
@@ -332,12 +410,7 @@ class GradientNormLogger(GradwatchCallback):
         numels = groups.group_numels.tolist()  # host tensor: no sync
         zeros = [1.0 - nonzero[g] / numels[g] if numels[g] else 0.0 for g in range(len(numels))]
         metrics = {f"gradwatch/global/grad_norm{suffix}": total}
-        for g in present:
-            name = groups.group_names[g]
-            metrics[f"gradwatch/grad_norm/{name}"] = per_layer[g]
-            metrics[f"gradwatch/zero_fraction/{name}"] = zeros[g]
-            for key, values in extra.items():
-                metrics[f"gradwatch/{key}/{name}"] = values[g]
+        metrics.update(self._series_metrics(plan, present, per_layer, zeros, numels, dict(extra)))
         self._log_metrics(trainer, metrics)
         if not math.isfinite(total):
             return  # non-finite gradients: NaNGuard's business; never folded into the statistics
@@ -426,7 +499,8 @@ class GradientNormLogger(GradwatchCallback):
             return
         by_group: dict[int, list[Tensor]] = {}
         for g, i in zip(step.grads, step.positions, strict=True):
-            by_group.setdefault(groups.group_of_param[i], []).append(g.detach().reshape(-1).float())
+            if charted(groups.group_names[groups.group_of_param[i]], self.layers):
+                by_group.setdefault(groups.group_of_param[i], []).append(g.detach().reshape(-1).float())
         logged_step = logger_step(trainer)
         for g, parts in by_group.items():
             values = torch.cat(parts)
@@ -442,9 +516,13 @@ class GradientNormLogger(GradwatchCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, dict[str, list[Any]]]:
         layers = list(
-            dict.fromkeys(group_of(n, self.group_by) for n, p in pl_module.named_parameters() if p.requires_grad)
+            dict.fromkeys(group_of(n, self._judged_by) for n, p in pl_module.named_parameters() if p.requires_grad)
         )
-        spans = layer_charts(layers)
+        blocks = find_blocks(pl_module)
+        plan, _ = plan_charts(
+            layers, self.layers, self.group_by, blocks.names if blocks is not None else [], self.max_series
+        )
+        spans = layer_charts(plan.names)
 
         def per_layer(tag: str, title: str) -> dict[str, list[Any]]:
             return {

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback, find_state
+from lightning_gradwatch._charts import DEFAULT_MAX_SERIES, check_patterns_syntax
 from lightning_gradwatch._types import Null, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.adaptive_clipping import CLIP_MODES, AdaptiveClipping, ClipMode
@@ -30,6 +31,8 @@ def default_callbacks(
     report: bool = True,
     log_every_n_steps: PositiveInt | Null = None,
     spikes: SpikeAction | Null = "log",
+    layers: list[str] | None = None,
+    max_series: PositiveInt | Null = DEFAULT_MAX_SERIES,
 ) -> list[GradwatchCallback]:
     """Every gradwatch callback with coordinated defaults, in hook order: the guard sees each step first, the
     norms are logged before any clipping, clipping comes last, and the report closes the run.
@@ -41,6 +44,9 @@ def default_callbacks(
         report: include :class:`HealthReport`.
         log_every_n_steps: logging cadence of every callback; ``None`` follows the Trainer.
         spikes: the :class:`LossSpikeGuard` action (``"log"``, ``"skip"``, ``"rollback"``), or ``None`` for none.
+        layers: ``fnmatch`` patterns of the layers the per-layer charts show (``"!pattern"`` leaves some out);
+            ``None``: all. Every layer is still judged.
+        max_series: at most this many per-layer gradient series per metric; past it they are charted per block.
 
     Example::
 
@@ -52,17 +58,18 @@ def default_callbacks(
     report = check_bool("report", report)
     spikes = check_choice("spikes", spikes, SPIKE_ACTIONS, optional=True)
     log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
+    layers = check_patterns_syntax(layers)
     callbacks: list[GradwatchCallback] = [
         NaNGuard(action=nan_action, log_every_n_steps=log_every_n_steps),
         SetupCheck(log_every_n_steps=log_every_n_steps),
-        GradientNormLogger(log_every_n_steps=log_every_n_steps),
+        GradientNormLogger(log_every_n_steps=log_every_n_steps, layers=layers, max_series=max_series),
     ]
     if spikes is not None:
         callbacks.append(LossSpikeGuard(action=spikes, log_every_n_steps=log_every_n_steps))
     if activations:
         callbacks += [
-            DeadNeuronCallback(log_every_n_steps=log_every_n_steps),
-            SaturationCallback(log_every_n_steps=log_every_n_steps),
+            DeadNeuronCallback(log_every_n_steps=log_every_n_steps, layers=layers),
+            SaturationCallback(log_every_n_steps=log_every_n_steps, layers=layers),
         ]
     if clipping is not None:
         callbacks.append(AdaptiveClipping(mode=clipping, log_every_n_steps=log_every_n_steps))
@@ -159,6 +166,10 @@ class GradWatch(_Bundle):
         log_every_n_steps: how often every callback logs and judges; null follows the Trainer's
             log_every_n_steps.
         spikes: what to do on a loss spike: log, skip, rollback, or null to leave loss spikes unwatched.
+        layers: which layers the per-layer charts show, as fnmatch patterns ("!pattern" leaves some out); null:
+            all. Every layer is still judged and named in alerts.
+        max_series: at most this many per-layer gradient series per metric; past it the layers are charted one
+            series per repeated block (a transformer layer, a ResNet block), said once; null: every layer.
 
     Raises:
         ValueError: an argument outside what is accepted, naming the argument.
@@ -188,9 +199,11 @@ class GradWatch(_Bundle):
         report: bool = True,
         log_every_n_steps: PositiveInt | Null = None,
         spikes: SpikeAction | Null = "log",
+        layers: list[str] | None = None,
+        max_series: PositiveInt | Null = DEFAULT_MAX_SERIES,
     ) -> None:
         self.gradwatch_callbacks = default_callbacks(
-            nan_action, clipping, activations, report, log_every_n_steps, spikes
+            nan_action, clipping, activations, report, log_every_n_steps, spikes, layers, max_series
         )
         for callback in self.gradwatch_callbacks:
             callback._bundled = True  # their state is saved and restored here, under the bundle's key
