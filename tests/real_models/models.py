@@ -201,11 +201,11 @@ def tinynet_e() -> RealTask:
     return _images(net, recipe, batch_size=16)
 
 
-def gpt2() -> RealTask:
+def gpt2(n_layer: int = 2, n_embd: int = 64) -> RealTask:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=SEQ, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        vocab_size=VOCAB, n_positions=SEQ, n_embd=n_embd, n_layer=n_layer, n_head=4, bos_token_id=0, eos_token_id=0
     )
     # the GPT recipe: AdamW betas (0.9, 0.95), wd 0.1, linear warm-up then cosine decay
     recipe = Recipe("adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), schedule="warmup_cosine", warmup=0.1)

@@ -83,3 +83,20 @@ def test_gradients_through_time_stays_silent_on_healthy_recurrent_models(name: s
     assert result.task.trainer.global_step == case.max_steps
     assert watch.state.readings, "no recurrent module was probed"
     assert [a for a in watch.alerts if a.severity == "warning"] == [], [a.message for a in watch.alerts]
+
+
+def test_a_48_layer_gpt2_is_charted_within_the_budget_and_stays_silent(tmp_path: Path) -> None:
+    """GPT-2 with 48 blocks has 291 layers with parameters: charted as 51 series per metric (the 48 blocks, the
+    token and position embeddings, the final LayerNorm), at most 64; no warning."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[real]')")
+    from tests.real_models.models import gpt2
+
+    case = Case("gpt2_48", lambda: gpt2(n_layer=48, n_embd=32), ("transformers",), max_steps=20)
+    gradwatch = GradWatch(activations=False)
+    result = fit(case, tmp_path, [gradwatch], log_every_n_steps=5)
+    for family in ("grad_norm", "grad_to_weight", "update_to_weight", "zero_fraction"):
+        names = {k.split("/", 2)[2] for k in result.logger.history if k.startswith(f"gradwatch/{family}/")}
+        assert 0 < len(names) <= 64, (family, len(names))
+    names = {k.split("/", 2)[2] for k in result.logger.history if k.startswith("gradwatch/grad_norm/")}
+    assert len(names) == 51 and "net.transformer.h.47" in names
+    assert [a for a in gradwatch.alerts if a.severity == "warning"] == []
