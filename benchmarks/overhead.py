@@ -188,6 +188,12 @@ CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = 
     "none": lambda: ([], {}, False),
     "gradient_norm": lambda: ([gw.GradientNormLogger()], {}, False),
     "gradient_norm_every_step": lambda: ([gw.GradientNormLogger(log_every_n_steps=1)], {}, False),
+    # every layer charted (no budget): against gradient_norm_every_step, the cost of charting per block on a deep model
+    "gradient_norm_every_step_all_layers": lambda: (
+        [gw.GradientNormLogger(log_every_n_steps=1, max_series=None)],
+        {},
+        False,
+    ),
     "lightning_grad_norm_recipe": lambda: ([], {}, True),
     "dead_neurons": lambda: ([gw.DeadNeuronCallback()], {}, False),
     "saturation": lambda: ([gw.SaturationCallback()], {}, False),
@@ -206,7 +212,9 @@ CONFIGS: dict[str, Callable[[], tuple[list[Callback], dict[str, Any], bool]]] = 
     "noise_scale_every_step": lambda: ([gw.GradientNoiseScale(log_every_n_steps=1)], {}, False),
     "zclip": lambda: (_zclip(), {}, False),
 }
-DEFAULT_CONFIGS = [name for name in CONFIGS if name != "zclip" and not name.startswith("noise_scale")]
+DEFAULT_CONFIGS = [
+    name for name in CONFIGS if name != "zclip" and not name.startswith("noise_scale") and "all_layers" not in name
+]
 
 
 def make_fit(
