@@ -16,6 +16,7 @@ lightning_gradwatch/testing.py (every host read of a device tensor, seen through
     python benchmarks/overhead.py --model cnn --configs none,dead_neurons,saturation,activations --batch-size 64
     python benchmarks/overhead.py --configs none,clip_1.0,adaptive_clipping,zclip   # in the zclip environment
     python benchmarks/overhead.py --accumulate-grad-batches 4 --configs none,noise_scale,noise_scale_every_step
+    python benchmarks/overhead.py --compile inductor --configs none,activations,grad_watch_preset   # torch.compile
 
 Prints a Markdown table for benchmarks/RESULTS.md.
 """
@@ -151,19 +152,25 @@ class Bench(pl.LightningModule):
                 nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10),
             )  # fmt: skip
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (gpt: ``x`` is the input tokens); what the probes call under ``--compile``."""
         if self.kind == "gpt":
-            x = self.embed(batch[:, :-1]) + self.pos[: batch.shape[1] - 1]
-            logits = self.head(self.ln(self.blocks(x)))
-            return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        x, y = batch
+            h = self.embed(x) + self.pos[: x.shape[1]]
+            return self.head(self.ln(self.blocks(h)))
         if self.kind == "cnn":
             h = F.relu(self.stem(x))
             for conv1, bn1, conv2, bn2 in self.blocks:
                 out = F.relu(bn1(conv1(h)))  # conv -> bn -> relu: attributed to the conv
                 h = F.relu(h + bn2(conv2(out)))  # residual sum: not attributed
-            return F.cross_entropy(self.fc(h.mean(dim=(2, 3))), y)
-        return F.cross_entropy(self.net(x), y)
+            return self.fc(h.mean(dim=(2, 3)))
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.kind == "gpt":
+            logits = self(batch[:, :-1])
+            return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        x, y = batch
+        return F.cross_entropy(self(x), y)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         if self.with_grad_norm_recipe:  # Lightning's documented recipe: self.log_dict(grad_norm(self, norm_type=2))
@@ -223,6 +230,12 @@ def make_fit(
     """The Trainer, model and data of one fit of configuration ``name``, with ``extra`` callbacks last."""
     callbacks, trainer_kwargs, recipe = CONFIGS[name]()
     model = Bench(args.model, with_grad_norm_recipe=recipe, gpt_dims=args.gpt_dims)
+    # the model's layers compiled, as a user does (training_step, which logs, stays eager)
+    if getattr(args, "compile", None):
+        torch._dynamo.reset()  # each fit compiles afresh: never past dynamo's cache limit into eager code
+        for name in ("net", "blocks", "stem"):
+            if hasattr(model, name) and not isinstance(getattr(model, name), nn.ModuleList):
+                setattr(model, name, torch.compile(getattr(model, name), backend=args.compile))
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=1,
@@ -297,6 +310,7 @@ def main() -> None:
     parser.add_argument(
         "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated; add zclip in its own env"
     )
+    parser.add_argument("--compile", default=None, help="torch.compile the model's layers with this backend")
     parser.add_argument("--logdir", default="/tmp/gradwatch_bench")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument(
@@ -329,6 +343,7 @@ def main() -> None:
     )
     params = sum(p.numel() for p in Bench(args.model, gpt_dims=args.gpt_dims).parameters())
     model = f"{args.model}({args.gpt_dims})" if args.model == "gpt" else args.model
+    model += f" compiled({args.compile})" if args.compile else ""
     print(f"\nmodel={model} params={params / 1e6:.1f}M device={device} precision={args.precision} batch={args.batch_size} "
           f"accumulate={args.accumulate_grad_batches} steps/run={args.steps} rounds={args.rounds} log_every_n_steps={args.log_every_n_steps} clock={args.clock} torch={torch.__version__}\n")  # fmt: skip
     print(

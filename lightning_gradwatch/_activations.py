@@ -33,7 +33,16 @@ from lightning_gradwatch._activation_probe import (
 )
 from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
 from lightning_gradwatch._charts import charted, check_patterns_syntax
+from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trend import SampledLoss, improved, window_loss
+from lightning_gradwatch._probe_batch import (
+    BATCHNORM_WARMUP,
+    CAN_RUN_EAGERLY,
+    ForwardFn,
+    check_forward_fn,
+    run_eagerly,
+    tracks_batch_statistics,
+)
 from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._validation import check_number
@@ -62,10 +71,16 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     growth: ClassVar[float] = 0.2
 
     def __init__(
-        self, sample_every_n_steps: int, window: int, log_every_n_steps: int | None, layers: list[str] | None = None
+        self,
+        sample_every_n_steps: int,
+        window: int,
+        log_every_n_steps: int | None,
+        layers: list[str] | None = None,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         super().__init__()
         self.layers = check_patterns_syntax(layers)
+        self.forward_fn = check_forward_fn(forward_fn)
         self.sample_every_n_steps = check_number("sample_every_n_steps", sample_every_n_steps, ge=1, integer=True)
         self.window = check_number("window", window, ge=1, integer=True)
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
@@ -79,7 +94,10 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         self._loss_at_lowest: dict[str, float] = {}
         self._probe: ActivationProbe | None = None  # set while attached
         self._layers: list[Layer] = []
-        self._compiled = False  # the model runs under torch.compile: nothing to watch
+        # under torch.compile the sampled batches are run again, eagerly (from this step on); None: never watched
+        self._eager_from: int | None = None
+        self._inactive = False  # the model cannot be watched in this run (warned once)
+        self._probe_due = False  # this batch is sampled by running it again after the step
         self._loaded: dict[str, Any] | None = None  # a checkpoint's window, until the next layout adopts it
         self._posted: tuple[int, Tensor] | None = None  # (step, verdict tensor) offered to this step's shared read
         self._step_at_start = -1  # trainer.global_step when the current batch began
@@ -107,16 +125,20 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         super().on_fit_start(trainer, pl_module)
         self._watch_loss = pl_module.automatic_optimization  # a GAN's losses are no one trend
         compiled = compiled_modules(pl_module)
-        self._compiled = bool(compiled)
-        if compiled:
-            # Dynamo would trace the probe's mode and hooks into the compiled graph and recompile on every
-            # sampled step; a compiled kernel's activations cannot be seen anyway.
+        self._inactive, self._eager_from = False, None
+        # the eager pass would run the unwrapped model outside its sharding; before torch 2.6 it cannot be run
+        reason = "its parameters are sharded (FSDP/ModelParallel)" if is_sharded(trainer) else None
+        reason = reason or (None if CAN_RUN_EAGERLY else "this torch has no torch.compiler.set_stance (torch >= 2.6)")
+        if compiled and reason:
+            self._inactive = True
             rank_zero_warn(
                 f"{type(self).__name__} is inactive in this run: the model runs under torch.compile "
-                f"({', '.join(compiled)}), where activations cannot be watched without recompiling. The "
-                "gradient callbacks are not affected; to watch activations, train without torch.compile.",
+                f"({', '.join(compiled)}) and {reason}, so its activations cannot be watched without hooks in the "
+                "compiled graph. The gradient callbacks are not affected.",
                 category=UserWarning,
             )
+        elif compiled:
+            self._eager_from = BATCHNORM_WARMUP if tracks_batch_statistics(pl_module) else 0
 
     @override
     def on_train_batch_start(
@@ -124,7 +146,11 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     ) -> None:
         self._step_at_start = trainer.global_step
         # validation, the sanity check and prediction never reach this hook: only training batches are sampled
-        if not self._compiled and not trainer.sanity_checking and logger_step(trainer) % self.sample_every_n_steps == 0:
+        step = logger_step(trainer)
+        sampled = not self._inactive and not trainer.sanity_checking and step % self.sample_every_n_steps == 0
+        if self._eager_from is not None:
+            self._probe_due = sampled and step >= self._eager_from
+        elif sampled:
             self._attach(pl_module)
             self._begin_sample()
 
@@ -136,6 +162,8 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
             if self._watch_loss:
                 self._losses.record(trainer, self._samples, loss)
             self._samples += 1
+        elif self._probe_due and self._watch_loss:  # the sample this batch will be, taken after the step
+            self._losses.record(trainer, self._samples, loss)
         # a verdict rides on the step's shared read (the same decision on every rank: counters, not data)
         if (
             self._layers
@@ -166,7 +194,30 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
             posted = self._posted[1] if self._posted and self._posted[0] == self._step_at_start else None
             verdict = posted if posted is not None else self._verdict_tensor()
             self._judge(trainer, host_values(verdict)[0], log=True)  # its own transfer
+        if self._probe_due:  # after the verdicts: they cover the samples posted before this one
+            self._probe_due = False
+            if not _guard_halted(trainer):
+                self._sample_eagerly(pl_module, batch)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _sample_eagerly(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Take this batch's sample from a pass of its own (under torch.compile): the model's own code run eagerly,
+        in eval mode, without gradients; the run's weights, flags and graph are left as they were."""
+        try:
+            self._attach(pl_module)
+            self._begin_sample()
+            run_eagerly(self.forward_fn, pl_module, batch)
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:  # a model we cannot call
+            self._detach(commit=False)
+            self._inactive = True
+            rank_zero_warn(
+                f"{type(self).__name__} could not run the model on a training batch under torch.compile and is "
+                f"now inactive: {err}",
+                category=UserWarning,
+            )
+            return
+        self._detach()
+        self._samples += 1
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

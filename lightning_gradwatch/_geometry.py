@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lightning_gradwatch._activation_probe import ActivationSubscriber, Layer, probe_for
 from lightning_gradwatch._params import clean_name
+from lightning_gradwatch._probe_batch import eval_mode
 from lightning_gradwatch.functional.geometry import gradient_coherence, relative_perturbation, segment_spectrum
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
@@ -205,18 +206,6 @@ class ProbeResult:
     gain: Tensor
     sigma_max: Tensor
     square: list[bool]  # whether each block keeps its input's shape (known on the host: shapes need no sync)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside, every module's own ``training`` flag restored exactly afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def probe_geometry(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,12 +14,13 @@ from lightning_gradwatch._distributed import ShardReduction
 from lightning_gradwatch.functional.norms import combine_norms
 
 _T = TypeVar("_T")
-_WRAPPER_PREFIXES = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|_forward_module)\.")
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "_forward_module"})
 
 
 def clean_name(name: str) -> str:
-    """Drop wrapper segments (FSDP, activation checkpointing, torch.compile) from a parameter name."""
-    return _WRAPPER_PREFIXES.sub("", name)
+    """Drop wrapper segments (FSDP, activation checkpointing, torch.compile) from a parameter or module name: a
+    wrapper and the module it wraps get the same name (``encoder.0._orig_mod`` is ``encoder.0``)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def layer_of(param_name: str) -> str:

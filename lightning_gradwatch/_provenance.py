@@ -1,7 +1,7 @@
 """Where a non-finite value was born: the input batch, the forward pass, the loss, or the backward pass.
 
 Runs only on a fault (no cost on clean steps): the failing batch is checked for NaN/Inf, and its forward pass is
-replayed once without gradients, with a forward hook on every leaf module recording the norm and finiteness of its
+replayed once without gradients (as eager code under ``torch.compile``), with a forward hook on every leaf module recording the norm and finiteness of its
 output in call order. The first module whose output is non-finite is where the value was born; the growth of the
 layers' output norms before it tells an overflow (activations growing layer by layer) from an operation that
 produced NaN from finite inputs.
@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_gradwatch._params import clean_name
+from lightning_gradwatch._probe_batch import eagerly
 
 #: A layer-to-layer growth of activation norms above this, sustained, is an explosion rather than one bad op.
 EXPLODING_GROWTH = 1.5
@@ -116,7 +117,8 @@ def replay_forward(module: nn.Module, run: Callable[[], Any]) -> tuple[ForwardTr
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        with torch.no_grad(), _recording(module, trace):
+        # as eager code under torch.compile: the hooks fire, and the fault path compiles nothing (no_grad alone would)
+        with eagerly(), torch.no_grad(), _recording(module, trace):
             out = run()
     finally:
         torch.random.set_rng_state(cpu_rng)

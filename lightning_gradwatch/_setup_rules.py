@@ -156,6 +156,11 @@ class Coverage:
         self.stop_watching()
         self._flow = Dataflow(module)
 
+    def forget_calls(self) -> None:
+        """Drop the recorded dataflow (a pass that failed part-way records only part of the model)."""
+        self.stop_watching()
+        self._flow = None
+
     def stop_watching(self) -> None:
         """Stop recording (the graph recorded so far is kept)."""
         if self._flow is not None:

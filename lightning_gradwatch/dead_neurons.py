@@ -11,6 +11,7 @@ from typing_extensions import override
 from lightning_gradwatch._activation_probe import Layer
 from lightning_gradwatch._activations import ActivationCallback
 from lightning_gradwatch._distributed import all_reduce_max
+from lightning_gradwatch._probe_batch import ForwardFn
 from lightning_gradwatch._types import Null, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_number
 from lightning_gradwatch.alerts import AlertKind
@@ -41,7 +42,12 @@ class DeadNeuronCallback(ActivationCallback):
     ``warning`` when at least 90% of it is dead or its dead fraction grew by 0.2 since it crossed the threshold.
 
     Cost: nothing on steps that are not sampled; on a sampled step, forward hooks and a TorchFunctionMode for the
-    forward pass only, and the window's update on the device. Inactive (one warning) under ``torch.compile``.
+    forward pass only, and the window's update on the device.
+
+    **Under torch.compile** the compiled graph gets no hook and no graph break: each sampled batch is run once more
+    after the optimizer step, as the model's own eager code, in eval mode and without gradients, and that pass is
+    watched (one extra forward per sampled step; with BatchNorm from step 50, when the running statistics eval mode
+    uses have settled). Under FSDP/ModelParallel and ``torch.compile`` together it is inactive (one warning).
 
     Logs ``gradwatch/dead_fraction/{layer}``; alerts ``dead_neurons`` naming the layer.
 
@@ -52,6 +58,9 @@ class DeadNeuronCallback(ActivationCallback):
         log_every_n_steps: log every this many optimizer steps; ``None`` follows the Trainer's ``log_every_n_steps``.
         layers: ``fnmatch`` patterns of the layers to chart (``"!pattern"`` leaves layers out); ``None``: all.
             Only the charts change: every layer is still judged.
+        forward_fn: under ``torch.compile`` only: ``forward_fn(module, batch)`` runs the model on a sampled
+            training batch (the eager pass that is watched); default ``module(batch)``, ``module(batch[0])`` for a
+            tuple or list.
 
     Raises:
         ValueError: an argument outside its range, naming it.
@@ -77,8 +86,9 @@ class DeadNeuronCallback(ActivationCallback):
         window: PositiveInt = 6,
         log_every_n_steps: PositiveInt | Null = None,
         layers: list[str] | None = None,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
-        super().__init__(sample_every_n_steps, window, log_every_n_steps, layers)
+        super().__init__(sample_every_n_steps, window, log_every_n_steps, layers, forward_fn)
         self.threshold = check_number("threshold", threshold, gt=0, le=1)
         # all layers' units end to end: the last sample each unit fired in; per layer: the last it fed a rectifier
         self._last_alive: Tensor | None = None

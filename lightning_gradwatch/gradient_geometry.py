@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gradwatch._activation_probe import compiled_modules, probe_for
@@ -19,28 +17,20 @@ from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._distributed import all_reduce_sum, is_sharded
 from lightning_gradwatch._geometry import ActivationSample, Blocks, find_blocks, probe_geometry
 from lightning_gradwatch._layout import exact_tags, layer_charts
-from lightning_gradwatch._probe_batch import first_rows
+from lightning_gradwatch._probe_batch import (
+    BATCHNORM_WARMUP,
+    CAN_RUN_EAGERLY,
+    ForwardFn,
+    check_forward_fn,
+    eagerly,
+    first_rows,
+    tracks_batch_statistics,
+)
 from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
 from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, Null, OpenUnitInterval, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_bool, check_number, check_patterns
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
 from lightning_gradwatch.functional.geometry import gain_product
-
-#: With BatchNorm, the first probe waits this many steps for the running statistics eval mode uses to settle.
-BATCHNORM_WARMUP = 50
-ForwardFn = Callable[[pl.LightningModule, Any], Any]
-
-
-def default_forward(module: pl.LightningModule, batch: Any) -> Any:
-    """``module(batch)`` for a tensor batch, ``module(batch[0])`` for a tuple or list (``(inputs, targets)``)."""
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    if not isinstance(batch, Tensor):
-        raise TypeError(
-            f"the batch is a {type(batch).__name__}, not a tensor or a tuple starting with one: pass "
-            "`forward_fn=lambda module, batch: module(...)`"
-        )
-    return module(batch)
 
 
 class GradientGeometry(GradwatchCallback):
@@ -68,7 +58,8 @@ class GradientGeometry(GradwatchCallback):
     Blocks: ``blocks`` if given, else found as described in :mod:`lightning_gradwatch._geometry` (a transformer's
     layers, a ResNet's blocks, a ``Sequential``'s stages). Under DDP every rank probes its own batch at the same
     step and the measurements are averaged with one all-reduce, so every rank reaches the same alerts; rank zero
-    logs. Inactive, with a warning, under torch.compile, FSDP/ModelParallel, or when no blocks are found.
+    logs. Under ``torch.compile`` the probe runs the model's own code eagerly: the compiled graph gets no hook
+    and no graph break. Inactive, with a warning, under FSDP/ModelParallel, or when no blocks are found.
 
     Logs ``gradwatch/gradient_coherence/{block}``, ``gradwatch/jacobian_gain/{block}``,
     ``gradwatch/jacobian_sigma_max/{block}``, ``gradwatch/geometry/{gradient_coherence,jacobian_gain_product,
@@ -119,9 +110,7 @@ class GradientGeometry(GradwatchCallback):
         self.radius = check_number("radius", radius, gt=0, le=1)
         self.power_iterations = check_number("power_iterations", power_iterations, ge=0, integer=True)
         self.blocks = check_patterns("blocks", blocks, optional=True)
-        if forward_fn is not None and not callable(forward_fn):
-            raise ValueError(f"`forward_fn` must be callable or None, got {forward_fn!r}.")
-        self.forward_fn: ForwardFn = forward_fn or default_forward
+        self.forward_fn = check_forward_fn(forward_fn)
         self.shattered_threshold = check_number("shattered_threshold", shattered_threshold, gt=0, lt=1, optional=True)
         self.vanishing_gain = check_number("vanishing_gain", vanishing_gain, gt=0, lt=1, optional=True)
         self.exploding_gain = check_number("exploding_gain", exploding_gain, gt=1, optional=True)
@@ -147,8 +136,8 @@ class GradientGeometry(GradwatchCallback):
         self._blocks = find_blocks(pl_module, self.blocks)  # raises on unknown names, before the layout
         super().on_fit_start(trainer, pl_module)
         reason = None
-        if compiled_modules(pl_module):
-            reason = "the model runs under torch.compile"
+        if compiled_modules(pl_module) and not CAN_RUN_EAGERLY:
+            reason = "the model runs under torch.compile and this torch has no torch.compiler.set_stance (>= 2.6)"
         elif is_sharded(trainer):
             reason = "its parameters are sharded (FSDP/ModelParallel): the probe runs the unwrapped model"
         elif self._blocks is None:
@@ -156,9 +145,7 @@ class GradientGeometry(GradwatchCallback):
         self._active, self._pending = reason is None, False
         if reason is not None:
             self._warn_once(reason, f"GradientGeometry is inactive in this run: {reason}.")
-        batchnorm = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in pl_module.modules()
-        )
+        batchnorm = tracks_batch_statistics(pl_module)
         self._first_step = min(self.every_n_steps, BATCHNORM_WARMUP) if batchnorm else 0
         self._probe_batch = None  # a new fit takes a new probe batch
 
@@ -202,15 +189,16 @@ class GradientGeometry(GradwatchCallback):
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         generator = torch.Generator(device=device).manual_seed(self.seed)  # the same directions at every probe
         watch = self.histograms and trainer.is_global_zero and bool(tensorboard_writers(trainer))
-        result = probe_geometry(
-            pl_module,
-            self._blocks,
-            lambda: self.forward_fn(pl_module, self._probe_batch),
-            radius=self.radius,
-            power_iterations=self.power_iterations,
-            generator=generator,
-            clean_forward_context=self._sample.subscribed(pl_module) if watch else None,
-        )
+        with eagerly():  # under torch.compile: the model's own code runs, the compiled graph is left untouched
+            result = probe_geometry(
+                pl_module,
+                self._blocks,
+                lambda: self.forward_fn(pl_module, self._probe_batch),
+                radius=self.radius,
+                power_iterations=self.power_iterations,
+                generator=generator,
+                clean_forward_context=self._sample.subscribed(pl_module) if watch else None,
+            )
         n = len(self._blocks.names)
         measured = torch.cat([result.coherence, result.gain.pow(2), result.sigma_max])
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

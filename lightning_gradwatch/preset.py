@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_gradwatch._base import GradwatchCallback, find_state
 from lightning_gradwatch._charts import DEFAULT_MAX_SERIES, check_patterns_syntax
+from lightning_gradwatch._probe_batch import ForwardFn, check_forward_fn
 from lightning_gradwatch._types import Null, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.adaptive_clipping import CLIP_MODES, AdaptiveClipping, ClipMode
@@ -33,6 +34,7 @@ def default_callbacks(
     spikes: SpikeAction | Null = "log",
     layers: list[str] | None = None,
     max_series: PositiveInt | Null = DEFAULT_MAX_SERIES,
+    forward_fn: ForwardFn | None = None,
 ) -> list[GradwatchCallback]:
     """Every gradwatch callback with coordinated defaults, in hook order: the guard sees each step first, the
     norms are logged before any clipping, clipping comes last, and the report closes the run.
@@ -47,6 +49,8 @@ def default_callbacks(
         layers: ``fnmatch`` patterns of the layers the per-layer charts show (``"!pattern"`` leaves some out);
             ``None``: all. Every layer is still judged.
         max_series: at most this many per-layer gradient series per metric; past it they are charted per block.
+        forward_fn: under ``torch.compile`` only: ``forward_fn(module, batch)`` runs the model on a training batch
+            for the eager passes of :class:`SetupCheck` and the activation callbacks; default ``module(batch[0])``.
 
     Example::
 
@@ -59,17 +63,18 @@ def default_callbacks(
     spikes = check_choice("spikes", spikes, SPIKE_ACTIONS, optional=True)
     log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
     layers = check_patterns_syntax(layers)
+    forward_fn = check_forward_fn(forward_fn)
     callbacks: list[GradwatchCallback] = [
         NaNGuard(action=nan_action, log_every_n_steps=log_every_n_steps),
-        SetupCheck(log_every_n_steps=log_every_n_steps),
+        SetupCheck(log_every_n_steps=log_every_n_steps, forward_fn=forward_fn),
         GradientNormLogger(log_every_n_steps=log_every_n_steps, layers=layers, max_series=max_series),
     ]
     if spikes is not None:
         callbacks.append(LossSpikeGuard(action=spikes, log_every_n_steps=log_every_n_steps))
     if activations:
         callbacks += [
-            DeadNeuronCallback(log_every_n_steps=log_every_n_steps, layers=layers),
-            SaturationCallback(log_every_n_steps=log_every_n_steps, layers=layers),
+            DeadNeuronCallback(log_every_n_steps=log_every_n_steps, layers=layers, forward_fn=forward_fn),
+            SaturationCallback(log_every_n_steps=log_every_n_steps, layers=layers, forward_fn=forward_fn),
         ]
     if clipping is not None:
         callbacks.append(AdaptiveClipping(mode=clipping, log_every_n_steps=log_every_n_steps))
@@ -170,6 +175,7 @@ class GradWatch(_Bundle):
             all. Every layer is still judged and named in alerts.
         max_series: at most this many per-layer gradient series per metric; past it the layers are charted one
             series per repeated block (a transformer layer, a ResNet block), said once; null: every layer.
+        forward_fn: under torch.compile: forward_fn(module, batch) runs the model for the eager checks; null: module(x).
 
     Raises:
         ValueError: an argument outside what is accepted, naming the argument.
@@ -201,9 +207,10 @@ class GradWatch(_Bundle):
         spikes: SpikeAction | Null = "log",
         layers: list[str] | None = None,
         max_series: PositiveInt | Null = DEFAULT_MAX_SERIES,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         self.gradwatch_callbacks = default_callbacks(
-            nan_action, clipping, activations, report, log_every_n_steps, spikes, layers, max_series
+            nan_action, clipping, activations, report, log_every_n_steps, spikes, layers, max_series, forward_fn
         )
         for callback in self.gradwatch_callbacks:
             callback._bundled = True  # their state is saved and restored here, under the bundle's key

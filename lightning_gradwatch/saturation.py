@@ -11,6 +11,7 @@ from typing_extensions import override
 from lightning_gradwatch._activation_probe import Layer
 from lightning_gradwatch._activations import ActivationCallback
 from lightning_gradwatch._distributed import all_reduce_sum
+from lightning_gradwatch._probe_batch import ForwardFn
 from lightning_gradwatch._types import Null, OpenHalfUnit, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_number
 from lightning_gradwatch.alerts import AlertKind
@@ -45,6 +46,9 @@ class SaturationCallback(ActivationCallback):
         log_every_n_steps: log every this many optimizer steps; ``None`` follows the Trainer's ``log_every_n_steps``.
         layers: ``fnmatch`` patterns of the layers to chart (``"!pattern"`` leaves layers out); ``None``: all.
             Only the charts change: every layer is still judged.
+        forward_fn: under ``torch.compile`` only: ``forward_fn(module, batch)`` runs the model on a sampled
+            training batch (the eager pass that is watched); default ``module(batch)``, ``module(batch[0])`` for a
+            tuple or list.
 
     Raises:
         ValueError: an argument outside its range, naming it.
@@ -71,8 +75,9 @@ class SaturationCallback(ActivationCallback):
         window: PositiveInt = 6,
         log_every_n_steps: PositiveInt | Null = None,
         layers: list[str] | None = None,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
-        super().__init__(sample_every_n_steps, window, log_every_n_steps, layers)
+        super().__init__(sample_every_n_steps, window, log_every_n_steps, layers, forward_fn)
         self.threshold = check_number("threshold", threshold, gt=0, le=1)
         self.margin = check_number("margin", margin, gt=0, lt=0.5)
         self._bounds = {kind: saturation_bound(kind, self.margin) for kind in self.kinds}

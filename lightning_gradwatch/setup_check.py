@@ -7,12 +7,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gradwatch._activation_probe import compiled_modules
 from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._loss_trace import LossHistory, loss_trace
 from lightning_gradwatch._params import local_tensor, optimizer_index
+from lightning_gradwatch._probe_batch import CAN_RUN_EAGERLY, ForwardFn, check_forward_fn, run_eagerly
 from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._setup_rules import (
     DIVERGENCE_FACTOR,
@@ -52,7 +55,9 @@ class SetupCheck(GradwatchCallback):
 
     Everything is decided from host-side facts (which ``.grad`` exists, tensor identities and version counters) or
     rides on the step's shared read; the update ratios cost one copy of the weights on each of the first three
-    steps. fp16 without loss scaling is :class:`GradientNormLogger`'s ``gradient_underflow``.
+    steps. fp16 without loss scaling is :class:`GradientNormLogger`'s ``gradient_underflow``. Under ``torch.compile``
+    the one forward pass whose dataflow ``no_gradient`` reads is a pass of its own, run eagerly after a step, in
+    eval mode and without gradients: the compiled graph gets no hook.
 
     Args:
         no_gradient_after_steps: optimizer steps without a gradient after which a parameter is named; ``None``
@@ -62,6 +67,8 @@ class SetupCheck(GradwatchCallback):
             the learning rate is too high.
         log_every_n_steps: on a GPU, judge the loss every this many steps (it rides on NaNGuard's read, or costs
             one transfer); ``None`` follows the Trainer. On a CPU it is judged on every step.
+        forward_fn: under ``torch.compile`` only: ``forward_fn(module, batch)`` runs the model on a training batch
+            for the dataflow; default ``module(batch)``, ``module(batch[0])`` for a tuple or list.
 
     Raises:
         ValueError: an argument outside its range, naming it.
@@ -83,6 +90,7 @@ class SetupCheck(GradwatchCallback):
         ignore: list[str] | None = None,
         update_ratio_high: FinitePositiveFloat = 0.1,
         log_every_n_steps: PositiveInt | Null = None,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         super().__init__()
         positive_int: dict[str, Any] = {"ge": 1, "integer": True, "optional": True}
@@ -90,6 +98,9 @@ class SetupCheck(GradwatchCallback):
         self.ignore = check_patterns("ignore", [] if ignore is None else ignore) or []
         self.update_ratio_high = check_number("update_ratio_high", update_ratio_high, gt=0, finite=True)
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, **positive_int)
+        self.forward_fn = check_forward_fn(forward_fn)
+        self._compiled = False  # under torch.compile the dataflow comes from an eager pass of its own
+        self._flow_due = False  # record it at the end of this batch
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -107,6 +118,8 @@ class SetupCheck(GradwatchCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._reset_run_state()
+        # before torch 2.6 the dataflow is recorded from the training forward (hooks a compiled graph may skip)
+        self._compiled, self._flow_due = CAN_RUN_EAGERLY and bool(compiled_modules(pl_module)), False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -155,7 +168,10 @@ class SetupCheck(GradwatchCallback):
         if not step.dropped:
             self._coverage.observe(step.params)
             if self.no_gradient_after_steps is not None and self._coverage.steps == self.no_gradient_after_steps // 2:
-                self._coverage.watch_calls(pl_module)
+                if self._compiled:  # hooks would not reach the compiled graph: a pass of its own, after the step
+                    self._flow_due = True
+                else:
+                    self._coverage.watch_calls(pl_module)
             if self._coverage.steps == self.no_gradient_after_steps or self._should_log(
                 trainer, self.log_every_n_steps
             ):
@@ -170,6 +186,9 @@ class SetupCheck(GradwatchCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._flow_due:
+            self._flow_due = False
+            self._record_flow_eagerly(pl_module, batch)
         # judged after the step, when the guard's read (which the history may ride on) has been made
         if self._stepped_at is not None:
             step, self._stepped_at = self._stepped_at, None
@@ -182,6 +201,20 @@ class SetupCheck(GradwatchCallback):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     # -- internals -------------------------------------------------------------------------------------------
+    def _record_flow_eagerly(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        self._coverage.watch_calls(pl_module)
+        try:
+            run_eagerly(self.forward_fn, pl_module, batch)
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:  # a batch we cannot run
+            self._coverage.forget_calls()
+            rank_zero_warn(
+                f"SetupCheck could not run the model on a training batch under torch.compile ({err}): parameters "
+                "without a gradient will be named without telling a cut-off layer from an unused one.",
+                category=UserWarning,
+            )
+        finally:
+            self._coverage.stop_watching()
+
     def _emit(self, trainer: pl.Trainer, kind: str, key: str, verdict: Alert | None) -> None:
         """Each finding once per run: these mistakes do not clear by themselves."""
         if verdict is not None:

@@ -22,7 +22,14 @@ from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trace import LossHistory, fetch_with_history
 from lightning_gradwatch._params import clean_name
-from lightning_gradwatch._probe_batch import first_rows
+from lightning_gradwatch._probe_batch import (
+    CAN_RUN_EAGERLY,
+    ForwardFn,
+    check_forward_fn,
+    eagerly,
+    first_rows,
+    run_eagerly,
+)
 from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._through_time_report import HorizonReading, draw_profiles, write_profiles
 from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, OpenUnitInterval, PositiveInt
@@ -106,6 +113,10 @@ class GradientsThroughTime(GradwatchCallback):
     A recurrence written as a Python loop over a cell is probed with ``recurrences={"name": probe}``, where
     ``probe(module, batch)`` returns the input sequence (batch first) and a function running the recurrence on it.
 
+    Under ``torch.compile`` the training forward gets no hook: on a probe step the first ``probe_size`` rows of the
+    batch are run once more, as the model's own eager code, in eval mode and without gradients (``forward_fn``), to
+    capture what each recurrent module reads; the probe itself runs eagerly too. The compiled graph is untouched.
+
     Logs ``gradwatch/through_time/horizon/{module}``, ``gradwatch/through_time/decay_per_step/{module}``,
     ``gradwatch/through_time/probe_seconds`` and the profile picture ``gradwatch/through_time/profile`` (with
     matplotlib); the health report gets a line per module.
@@ -121,6 +132,8 @@ class GradientsThroughTime(GradwatchCallback):
         recurrences: user-written recurrences, ``{name: probe}`` (see above).
         pictures: draw the profile picture (TensorBoard and the report folder).
         seed: seed of the random projection (the same direction at every probe).
+        forward_fn: under ``torch.compile`` only: ``forward_fn(module, batch)`` runs the model on the probe rows;
+            default ``module(batch)``, ``module(batch[0])`` for a tuple or list.
 
     Raises:
         ValueError: an argument out of range, or a ``recurrences`` value that is not callable.
@@ -144,6 +157,7 @@ class GradientsThroughTime(GradwatchCallback):
         recurrences: dict[str, RecurrenceProbe] | None = None,
         pictures: bool = True,
         seed: NonNegativeInt = 19940301,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         super().__init__()
         self.every_n_steps = check_number("every_n_steps", every_n_steps, ge=1, integer=True)
@@ -162,6 +176,8 @@ class GradientsThroughTime(GradwatchCallback):
         self.recurrences: dict[str, RecurrenceProbe] = dict(recurrences or {})
         self.pictures = check_bool("pictures", pictures)
         self.seed = check_number("seed", seed, ge=0, integer=True)
+        self.forward_fn = check_forward_fn(forward_fn)
+        self._compiled = False  # under torch.compile: the inputs are captured from an eager pass of their own
         self.state = HorizonState()
         self._modules: dict[str, nn.RNNBase] = {}
         self._captured: dict[str, Tensor] = {}
@@ -183,8 +199,9 @@ class GradientsThroughTime(GradwatchCallback):
         super().on_fit_start(trainer, pl_module)
         self._modules = {clean_name(n): m for n, m in pl_module.named_modules() if isinstance(m, nn.RNNBase)}
         reason = None
-        if compiled_modules(pl_module):
-            reason = "the model runs under torch.compile (the probe's input hooks would break its graph)"
+        self._compiled = bool(compiled_modules(pl_module))
+        if self._compiled and not CAN_RUN_EAGERLY:
+            reason = "the model runs under torch.compile and this torch has no torch.compiler.set_stance (>= 2.6)"
         elif is_sharded(trainer):
             reason = "its parameters are sharded (FSDP/ModelParallel): the probe would run the modules outside it"
         self._active = reason is None and bool(self._modules or self.recurrences)
@@ -221,8 +238,21 @@ class GradientsThroughTime(GradwatchCallback):
         self._step_at_start = trainer.global_step
         if self._active and self._due(logger_step(trainer)) and not self._probing:
             self._probing = True  # until this step's optimizer step ends (several batches under accumulation)
-            for name, module in self._modules.items():
-                self._hooks.append(module.register_forward_pre_hook(self._capture(name)))
+            if not self._compiled:  # under torch.compile the hooks would reach the graph: captured after the step
+                self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        for name, module in self._modules.items():
+            self._hooks.append(module.register_forward_pre_hook(self._capture(name)))
+
+    def _capture_eagerly(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, Tensor]:
+        """What each recurrent module reads on the probe rows of ``batch``, from an eager pass of their own."""
+        self._install_hooks()
+        try:
+            run_eagerly(self.forward_fn, pl_module, first_rows(batch, self.probe_size))
+            return self._captured
+        finally:
+            self._remove_hooks()
 
     def _capture(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -239,7 +269,10 @@ class GradientsThroughTime(GradwatchCallback):
             captured = self._captured
             self._remove_hooks()
             try:
-                self._probe(trainer, pl_module, captured, batch)
+                if self._compiled:
+                    captured = self._capture_eagerly(pl_module, batch)
+                with eagerly():  # a compiled recurrence (or a user's probe calling one) runs as eager code
+                    self._probe(trainer, pl_module, captured, batch)
             except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:  # a model we cannot probe
                 self._active = False
                 self._warn_once("failed", f"GradientsThroughTime could not probe this model and is now inactive: {err}")

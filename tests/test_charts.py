@@ -9,50 +9,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 
 from lightning_gradwatch import GradientNormLogger, GradWatch
 from lightning_gradwatch._charts import charted, plan_charts
-from tests.models import IN_FEATURES, NUM_CLASSES, Classifier, trainer_kwargs
+from tests.models import Classifier, DeepResidualMLP, trainer_kwargs
 from tests.tensorboard_events import layouts, scalars
-
-
-class Block(nn.Module):
-    """A residual MLP block: two Linears (fc1 can be switched off: its gradient exactly zero from then on)."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
-        self.fc1_on = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc1(x)) * (1.0 if self.fc1_on else 0.0)
-        return x + self.fc2(h)
-
-
-class Deep(nn.Module):
-    """48 blocks of two layers between an input and an output layer: 98 layers."""
-
-    def __init__(self, depth: int = 48, width: int = 16) -> None:
-        super().__init__()
-        self.inp = nn.Linear(IN_FEATURES, width)
-        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
-        self.out = nn.Linear(width, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for block in self.blocks:
-            h = block(h)
-        return self.out(h)
 
 
 def fit(tmp_path: Path, callbacks: list[Callback], steps: int = 20, **kw: Any) -> Path:
     logger = TensorBoardLogger(str(tmp_path), name="run")
     kwargs = trainer_kwargs(tmp_path, callbacks=callbacks, max_steps=steps, logger=logger, log_every_n_steps=5, **kw)
-    pl.Trainer(**kwargs).fit(Classifier(Deep(), lr=0.01))
+    pl.Trainer(**kwargs).fit(Classifier(DeepResidualMLP(), lr=0.01))
     return Path(logger.log_dir)
 
 

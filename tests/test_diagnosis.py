@@ -64,6 +64,27 @@ def test_an_overflowing_forward_pass_is_named_where_it_began(tmp_path: Path) -> 
     assert summarize(watch.alerts)[0].title == "Exploding activations"
 
 
+def test_under_torch_compile_the_overflow_is_named_the_same_and_its_replay_compiles_nothing(tmp_path: Path) -> None:
+    """The replay of the failing forward pass runs as eager code: its hooks fire, and no_grad does not make dynamo
+    compile the model again on the fault path (38 more graphs here; minutes with inductor on a big model)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    def graphs(callbacks: list[GradWatch], name: str) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        module = fm.overflow_mlp(seed=0, gain=10.0)
+        module.net = torch.compile(module.net, backend="eager")
+        fm.fit(module, 1, list(callbacks), tmp_path / name)
+        return int(counters["stats"]["unique_graphs"])
+
+    watch = GradWatch()
+    assert graphs([watch], "watched") == graphs([], "bare")
+    [alert] = watch.alerts
+    assert alert.kind == "non_finite" and alert.cause == "exploding_activations"
+    assert "grow about x9.7 per layer from 'net.0' and overflow at 'net.76'" in alert.message
+
+
 def test_vanishing_in_a_deep_plain_tanh_network_is_judged_against_the_layers_nearest_the_loss(tmp_path: Path) -> None:
     watch = GradWatch()
     fm.fit(fm.deep_tanh_cnn(seed=0), 60, [watch], tmp_path)

@@ -135,16 +135,15 @@ def fit_counting_graphs(tmp_path: Path, how: str, callbacks: list[Any]) -> int:
 
 
 @pytest.mark.parametrize("how", ["submodule", "lightning_module"])
-def test_compiled_model_gradients_watched_activations_left_alone(
+def test_compiled_model_gradients_and_activations_watched_graph_untouched(
     tmp_path: Path, how: str, recwarn: pytest.WarningsRecorder
 ) -> None:
     watch = GradWatch(log_every_n_steps=2)
     graphs = fit_counting_graphs(tmp_path, how, [watch])
-    # the activation probe would put its mode and hooks into the traced code: a recompilation per sampled step
+    # no hook or mode reaches the traced code: no recompilation (the activations are read from an eager pass)
     assert graphs >= 1 and graphs == fit_counting_graphs(tmp_path / "bare", how, [])
-    inactive = [str(w.message) for w in recwarn if "is inactive in this run" in str(w.message)]
-    assert len(inactive) == 2 and all("torch.compile" in m for m in inactive)  # dead units and saturation
+    assert not [str(w.message) for w in recwarn if "is inactive in this run" in str(w.message)]
     tags = tb.scalars(tmp_path / "tb" / "version_0")
-    # gradients are watched under the model's own layer names (no torch.compile wrapper segment)
+    # watched under the model's own layer names (no torch.compile wrapper segment)
     assert {"gradwatch/grad_norm/net.0", "gradwatch/grad_norm/net.6", "gradwatch/clip/pre_clip_norm"} <= set(tags)
-    assert not any(t.startswith(("gradwatch/dead_fraction/", "gradwatch/saturation/")) for t in tags)
+    assert {"gradwatch/dead_fraction/net.0", "gradwatch/saturation/net.0"} & set(tags)

@@ -169,6 +169,45 @@ def test_a_layer_that_runs_but_feeds_nothing_that_learns_is_worth_knowing_not_a_
     assert warnings_of(watch.alerts) == []
 
 
+@pytest.mark.parametrize("how", ["submodules", "lightning_module"])
+@pytest.mark.parametrize("mistake", ["detach", "no_grad", "dead_end"])
+def test_under_torch_compile_the_dataflow_comes_from_an_eager_pass_and_the_graph_is_untouched(
+    tmp_path: Path, mistake: str, how: str
+) -> None:
+    """The hooks that record the dataflow never fire inside a compiled graph: a layer cut off by a detach read as
+    'never used in forward' (info) and the warning was lost. It is recorded from an eager pass of its own."""
+    from torch._dynamo.utils import counters
+
+    def run(name: str, callbacks: bool) -> tuple[set[tuple[str, str, str]], int]:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model: Any = EncoderHead(mistake)
+        if how == "lightning_module":
+            model = torch.compile(model, backend="eager")
+        elif mistake == "no_grad":  # its forward indexes the encoder: compile the encoder's layers
+            for i in range(len(model.encoder)):
+                model.encoder[i] = torch.compile(model.encoder[i], backend="eager")
+        else:  # the parts a user compiles; the forward that joins them stays eager
+            model.encoder, model.head = (torch.compile(m, backend="eager") for m in (model.encoder, model.head))
+            model.aux = torch.compile(model.aux, backend="eager")
+        if not callbacks:
+            pl.Trainer(**trainer_kwargs(tmp_path / name, max_steps=40)).fit(model)
+            return set(), int(counters["stats"]["unique_graphs"])
+        watch = fit(tmp_path / name, model)
+        found = {(a.kind, a.name, a.severity) for a in watch.alerts if a.kind == "no_gradient"}
+        return found, int(counters["stats"]["unique_graphs"])
+
+    plain = fit(tmp_path / "plain", EncoderHead(mistake))
+    expected = {(a.kind, a.name, a.severity) for a in plain.alerts if a.kind == "no_gradient"}
+    assert expected == (
+        {("no_gradient", "aux", "info")} if mistake == "dead_end" else {("no_gradient", "encoder.0", "warning")}
+    )
+    found, graphs = run("compiled", True)
+    assert found == expected
+    assert graphs == run("bare", False)[1] >= 1  # no recompilation
+
+
 def test_gradients_never_reset_in_manual_optimization_are_named_and_zeroing_twins_are_silent(
     tmp_path: Path,
 ) -> None:

@@ -251,3 +251,55 @@ return {count: images.length, text: deepText(dashboard)};
     )
     # one picture per run (the per-layer gradient RMS against depth), drawn, at its real size
     assert found["count"] >= 2 and "gradwatch/gradient_flow" in found["text"]
+
+
+# -- a deep model under the default budget: is the page still readable? ------------------------------------------------
+DEEP = "residual_mlp_48_blocks"
+
+
+@pytest.fixture(scope="module")
+def deep_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, Chromium]]:
+    """A 98-layer residual MLP (48 blocks) trained with ``GradWatch()`` at its defaults, served and opened."""
+    from lightning_gradwatch import GradWatch
+    from tests.models import DeepResidualMLP
+
+    root = tmp_path_factory.mktemp("tensorboard_deep")
+    torch.manual_seed(0)
+    logger = pl.loggers.TensorBoardLogger(str(root), name="", version=DEEP)
+    trainer = pl.Trainer(**trainer_kwargs(root, max_steps=STEPS, callbacks=[GradWatch()], logger=logger))
+    trainer.fit(Classifier(DeepResidualMLP(), lr=0.01))
+    with tensorboard_server(root) as base, Chromium(width=1280, height=1000) as browser:
+        yield root / DEEP, base, browser
+
+
+def test_a_deep_model_under_the_default_budget_renders_a_bounded_readable_page(
+    deep_page: tuple[Path, str, Chromium],
+) -> None:
+    """98 layers: the gradient charts show one series per block (50 per metric), in a bounded number of charts of
+    a few lines each, and the page renders in time; the screenshot is docs/tensorboard-deep-model.png."""
+    logdir, base, browser = deep_page
+    [layout] = [layout for layout in tensorboard_events.layouts(logdir) if CATEGORY in layout]
+    per_layer = {title: regexes for title, regexes in layout[CATEGORY].items() if title.startswith("gradient norm:")}
+    tags = [t for t in tensorboard_events.scalars(logdir) if t.startswith("gradwatch/grad_norm/")]
+    assert len(tags) == 50  # the input and output layers and 48 blocks: not 98 layers
+
+    browser.navigate(f"{base}/#custom_scalars")
+    started = time.monotonic()
+    state = browser.wait_for(_CUSTOM_SCALAR_CARDS + "?.rendered && " + _CUSTOM_SCALAR_CARDS, timeout=RENDER_TIMEOUT)
+    render_s = time.monotonic() - started
+    cards = {c["title"]: c for cat in state["categories"] if cat["name"] == CATEGORY for c in cat["cards"]}
+    norm_cards = {t: c for t, c in cards.items() if t.startswith("gradient norm:")}
+    assert set(norm_cards) == set(per_layer) and 3 <= len(norm_cards) <= 10
+    drawn = [c["lines"] for c in norm_cards.values()]
+    # every block's series drawn (TensorBoard may draw a smoothed line over each raw one), no chart crowded
+    assert sum(drawn) in (len(tags), 2 * len(tags)) and max(drawn) <= 2 * 16, drawn
+    assert all(c["points"] >= STEPS for c in norm_cards.values())
+    assert len(cards) <= 40, sorted(cards)  # the whole gradients category: a page, not thousands of charts
+    time.sleep(0.5)
+    shot = logdir / "tensorboard-deep-model.png"
+    png = browser.screenshot(shot)
+    assert _png_size(png) == (1280, 1000)
+    target = os.environ.get("GRADWATCH_SCREENSHOT_DEEP")
+    if target:
+        shutil.copyfile(shot, target)
+    print(f"deep model: {len(tags)} series in {len(norm_cards)} charts, rendered in {render_s:.1f}s; {shot}")

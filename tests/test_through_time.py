@@ -299,3 +299,26 @@ def test_a_healthy_lstm_language_model_stays_silent(tmp_path: Path) -> None:
     fit(tmp_path, LanguageModel(), [watch], steps=700)
     assert warnings_of(watch) == []
     assert watch.state.readings["lstm"]["length"] == 35
+
+
+def test_a_compiled_model_is_probed_from_an_eager_pass_with_its_graph_untouched(tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    def run(name: str, compiled: bool, callbacks: list[Any]) -> dict[str, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = FirstToken("rnn", radius=2.0, lr=1e-4, length=30)
+        fit(tmp_path / name, torch.compile(model, backend="eager") if compiled else model, callbacks, steps=3)
+        return {"graphs": int(counters["stats"]["unique_graphs"]), "breaks": sum(counters["graph_break"].values())}
+
+    plain, watched = GradientsThroughTime(every_n_steps=2), GradientsThroughTime(every_n_steps=2)
+    run("plain", False, [plain])
+    bare = run("bare", True, [])
+    assert run("compiled", True, [watched]) == bare and bare["graphs"] >= 1  # no graph, no break added
+    assert [(a.step, a.kind, a.name) for a in watched.alerts] == [(0, "exploding_through_time", "rnn")]
+    assert [(a.step, a.kind, a.name) for a in plain.alerts] == [(0, "exploding_through_time", "rnn")]
+    # the eager pass reads the inputs the embedding gives after the step, not before it: close, not equal
+    assert watched.alerts[0].value == pytest.approx(plain.alerts[0].value, rel=0.25)
+    steps = [s for s, _ in scalars(tmp_path / "compiled" / "tb" / "version_0")["gradwatch/through_time/horizon/rnn"]]
+    assert steps == [0, 2]

@@ -100,3 +100,40 @@ def test_a_48_layer_gpt2_is_charted_within_the_budget_and_stays_silent(tmp_path:
     names = {k.split("/", 2)[2] for k in result.logger.history if k.startswith("gradwatch/grad_norm/")}
     assert len(names) == 51 and "net.transformer.h.47" in names
     assert [a for a in gradwatch.alerts if a.severity == "warning"] == []
+
+
+@pytest.mark.parametrize("name", ["resnet18", "bert_classifier"])
+def test_gradwatch_under_torch_compile_watches_activations_stays_silent_and_never_recompiles(
+    name: str, tmp_path: Path
+) -> None:
+    """The network compiled (dynamo; the eager backend keeps CPU compile time out of the test): the activation
+    checks run on their eager pass (ResNet's BatchNorm: from step 50) and stay silent like the uncompiled run, and
+    no graph is added after the first steps (a hook or mode reaching the graph would recompile on every sample)."""
+    from lightning.pytorch.callbacks import Callback
+    from torch._dynamo.utils import counters
+
+    class GraphCount(Callback):
+        at: dict[int, int] = {}
+
+        def on_train_batch_end(self, trainer: object, *args: object) -> None:
+            self.at[trainer.global_step] = int(counters["stats"]["unique_graphs"])  # type: ignore[attr-defined]
+
+    case = CASES_BY_NAME[name]
+    _skip_without(case)
+    built = case.build
+
+    def compiled() -> object:
+        task = built()
+        task.net = torch.compile(task.net, backend="eager")
+        return task
+
+    torch._dynamo.reset()
+    counters.clear()
+    gradwatch, graphs = GradWatch(forward_fn=lambda module, batch: module.net(batch[0])), GraphCount()
+    result = fit(
+        Case(name, compiled, case.requires, case.max_steps, case.trainer, case.watched), tmp_path, [gradwatch, graphs]
+    )
+    assert result.task.trainer.global_step == case.max_steps
+    _assert_detectors_ran(case, result)
+    assert not [a for a in gradwatch.alerts if a.severity == "warning"], [a.message for a in gradwatch.alerts]
+    assert graphs.at[case.max_steps] == graphs.at[2] >= 1, graphs.at
