@@ -2,8 +2,8 @@
 docs/tensorboard-deep-model.png (a 48-block model under the default chart budget, docs/gradient_norm_logger.md).
 
 Runs tests/test_tensorboard_browser.py (real runs, a real TensorBoard, headless Chromium) with
-``GRADWATCH_SCREENSHOT`` and ``GRADWATCH_SCREENSHOT_DEEP`` set, so the picture is exactly what the test checked. Needs Debian's ``chromium``
-(``.ci/install-chromium``).
+``GRADWATCH_SCREENSHOT`` and ``GRADWATCH_SCREENSHOT_DEEP`` set, so each picture is exactly what its test checked.
+Needs Debian's ``chromium`` (``.ci/install-chromium``).
 
     python docs/make_screenshot.py
 """

@@ -31,7 +31,7 @@ from lightning_gradwatch._activation_probe import (
     compiled_modules,
     probe_for,
 )
-from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
+from lightning_gradwatch._base import GradwatchCallback, HookOrder, gradwatch_callbacks
 from lightning_gradwatch._charts import charted, check_patterns_syntax
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trend import SampledLoss, improved, window_loss
@@ -46,7 +46,7 @@ from lightning_gradwatch._probe_batch import (
 from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._validation import check_number
-from lightning_gradwatch.alerts import Alert, with_remedy
+from lightning_gradwatch.alerts import Alert, Severity, with_remedy
 
 #: The fewest sampled batches a verdict rests on, when a run ends before a full window.
 MIN_SAMPLES = 3
@@ -57,7 +57,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
     :meth:`_fractions` (the window's per-layer fraction and whether the layer was seen, reduced over ranks, on the
     device), :meth:`_describe` and their state."""
 
-    hook_order = 20
+    hook_order = HookOrder.ACTIVATIONS
     threshold: float  # the subclass's alert threshold on a layer's fraction
     #: What the subclass reports: ``gradwatch/<metric>/<layer>`` in one chart titled ``chart``, alerts ``alert_kind``.
     metric: ClassVar[str]
@@ -183,7 +183,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         stepped = trainer.global_step > self._step_at_start
         log_now = stepped and (
             self._should_log(trainer, self.log_every_n_steps)
-            or (self.log_every_n_steps is None and trainer.log_every_n_steps == 0)
+            or (self.log_every_n_steps is None and trainer.log_every_n_steps == 0)  # type: ignore[attr-defined]
         )
         delivered = shared_read(trainer).take(self, self._step_at_start) if stepped else None
         if _guard_halted(trainer):
@@ -284,7 +284,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         grew = fraction >= lowest + self.growth
         reference = self._loss_at_lowest.get(name, math.nan)
         shed = grew and improved(loss, reference)  # units gone while the loss kept falling
-        severity = "warning" if fraction >= self.most or (grew and not shed) else "info"
+        severity: Severity = "warning" if fraction >= self.most or (grew and not shed) else "info"
         if severity == "warning":
             self._active_conditions.add((kind, info))  # the warning says it all: no info after it
         else:

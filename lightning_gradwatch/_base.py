@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from enum import IntEnum
 from typing import Any, ClassVar, final
 
 import lightning.pytorch as pl
@@ -34,10 +35,26 @@ REARM_STEPS = 100
 _BUNDLE_KEY = "GradWatch"
 
 
+class HookOrder(IntEnum):
+    """Where a callback's work on a step's gradients runs among the gradwatch callbacks, by role: the guards first
+    (an update they drop is never measured, folded or clipped), then what reads the unclipped gradients, then the
+    clipping that changes them, and the report last. Ties keep the Trainer's callback order."""
+
+    NAN_GUARD = 0  # screens the step; may drop the update
+    SETUP_CHECK = 1  # host facts only (which .grad exists)
+    LOSS_SPIKE_GUARD = 5  # may drop the update on a spiking loss
+    GRADIENT_NORMS = 10  # the norms before any clipping
+    NOISE_SCALE = 12  # the step's gradients, before any clipping
+    ACTIVATIONS = 20  # the forward pass's statistics
+    CLIPPING = 30  # changes the gradients: after everything that reads them
+    OTHERS = 50  # a callback that does not say: after the clipping
+    REPORT = 100  # closes the run
+
+
 def gradwatch_callbacks(trainer: pl.Trainer) -> list[GradwatchCallback]:
     """The Trainer's gradwatch callbacks in list order, with those inside a bundle (``GradWatch``) expanded."""
     found: list[GradwatchCallback] = []
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set in Trainer.__init__, undeclared
         if isinstance(callback, GradwatchCallback):
             found.append(callback)
         elif isinstance(getattr(callback, "gradwatch_callbacks", None), list):
@@ -54,8 +71,8 @@ class GradwatchCallback(Callback):
     :meth:`_config`, :meth:`_extra_state` and :meth:`_load_extra_state`. Hooks it overrides call ``super()``.
     """
 
-    #: Position among gradwatch callbacks on ``on_before_optimizer_step``: lower runs first.
-    hook_order: ClassVar[int] = 50
+    #: Position among gradwatch callbacks on ``on_before_optimizer_step`` (:class:`HookOrder`): lower runs first.
+    hook_order: ClassVar[int] = HookOrder.OTHERS
     #: Two instances in one Trainer would act twice (clip twice, guard twice, write one report over the other).
     single_instance: ClassVar[bool] = False
     #: The callback makes the shared host read on every step under 32-bit and bf16 (NaNGuard): others may ride on it.
@@ -139,7 +156,7 @@ class GradwatchCallback(Callback):
     @staticmethod
     def _logs_next_step(trainer: pl.Trainer, every_n_steps: int | None) -> bool:
         """Whether the step after the one about to be taken is a logging step (``trainer.should_stop`` aside)."""
-        every = every_n_steps if every_n_steps is not None else trainer.log_every_n_steps
+        every = every_n_steps if every_n_steps is not None else trainer.log_every_n_steps  # type: ignore[attr-defined]
         return every > 0 and (logger_step(trainer) + 2) % every == 0
 
     @staticmethod
@@ -308,7 +325,7 @@ class GradwatchCallback(Callback):
 def _refuse_collisions(peers: list[GradwatchCallback]) -> None:
     """Raise when gradwatch callbacks of one class would act twice: a single-instance class (guard, clipping,
     report) listed twice, or any class both inside ``GradWatch()`` and beside it."""
-    by_class: dict[type, list[GradwatchCallback]] = {}
+    by_class: dict[type[GradwatchCallback], list[GradwatchCallback]] = {}
     for callback in peers:
         by_class.setdefault(type(callback), []).append(callback)
     collisions = []

@@ -19,13 +19,8 @@ from torch import Tensor
 
 from lightning_gradwatch._validation import check_number, check_patterns
 from lightning_gradwatch.functional._scalars import Flag, Scalar, as_float, div, minimum, where
-from lightning_gradwatch.functional.clipping import (
-    agc_coefficients,
-    ema_update,
-    ring_push,
-    ring_quantile,
-    zscore_threshold,
-)
+from lightning_gradwatch.functional.clipping import agc_coefficients, ema_update, zscore_threshold
+from lightning_gradwatch.functional.rings import ring_push, ring_quantile
 
 
 def _placed(value: Scalar, device: torch.device, on_host: bool) -> Scalar:

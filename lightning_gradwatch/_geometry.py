@@ -76,7 +76,8 @@ def _stages(model: nn.Module) -> Blocks | None:
     for name, container in model.named_modules():
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):
             continue
-        names, starts = [], []
+        names: list[str] = []
+        starts: list[nn.Module] = []
         for child_name, child in container.named_children():
             if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
                 continue  # never called itself: its parent calls its members
@@ -253,9 +254,9 @@ def probe_geometry(
         for i, x in enumerate(clean.inputs):
             y = clean.inputs[i + 1] if i + 1 < n else clean.end
             keeps_shape = x is not None and y is not None and x.requires_grad and y.requires_grad
-            keeps_shape = keeps_shape and x.shape == y.shape
+            keeps_shape = keeps_shape and x.shape == y.shape  # type: ignore[union-attr]  # both tensors here
             square.append(bool(keeps_shape))
-            if keeps_shape:
+            if keeps_shape and x is not None and y is not None:
                 gain, sigma = segment_spectrum(y, x, power_iterations, generator)
             else:
                 gain = sigma = nan

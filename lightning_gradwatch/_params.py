@@ -122,7 +122,7 @@ class OptimizerParams:
         optimizer's groups change the dispatcher builds a new index, so a callback's value is rebuilt with it."""
         if key not in self._derived:
             self._derived[key] = build()
-        return self._derived[key]  # type: ignore[no-any-return]
+        return self._derived[key]
 
     def position_index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
         """``positions`` as an int64 device tensor, made once per distinct set (no host-to-device copy per step)."""

@@ -1,10 +1,10 @@
 """Where a non-finite value was born: the input batch, the forward pass, the loss, or the backward pass.
 
 Runs only on a fault (no cost on clean steps): the failing batch is checked for NaN/Inf, and its forward pass is
-replayed once without gradients (as eager code under ``torch.compile``), with a forward hook on every leaf module recording the norm and finiteness of its
-output in call order. The first module whose output is non-finite is where the value was born; the growth of the
-layers' output norms before it tells an overflow (activations growing layer by layer) from an operation that
-produced NaN from finite inputs.
+replayed once without gradients (as eager code under ``torch.compile``), with a forward hook on every leaf module
+recording the norm and finiteness of its output in call order. The first module whose output is non-finite is where
+the value was born; the growth of the layers' output norms before it tells an overflow (activations growing layer
+by layer) from an operation that produced NaN from finite inputs.
 """
 
 from __future__ import annotations

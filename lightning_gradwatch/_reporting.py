@@ -118,7 +118,7 @@ def _shown(logger: logging.Logger, level: int) -> bool:
             return True
         if not current.propagate:
             return False
-        current = current.parent  # type: ignore[assignment]
+        current = current.parent
     return False
 
 
@@ -129,7 +129,7 @@ def print_line(text: str, level: int = logging.WARNING) -> None:
     if level < logging.WARNING or not log.isEnabledFor(level) or _shown(log, level):
         return
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]  # Lightning's progress bar: installed, unstubbed
 
         tqdm.write(text, file=sys.stderr)
     except ImportError:  # tqdm comes with Lightning; this is only a fallback

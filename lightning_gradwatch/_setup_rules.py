@@ -247,7 +247,7 @@ class ResetWatch:
         if self._done.get(key, 0) >= self.checks or key in self._pending:
             return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        marks = [(weakref.ref(p.grad), p.grad._version) for p in params]  # type: ignore[union-attr, arg-type]
+        marks = [(weakref.ref(p.grad), p.grad._version) for p in params]
         counts = [0] * len(params)
         handles = [p.register_post_accumulate_grad_hook(_counter(counts, i)) for i, p in enumerate(params)]
         self._pending[key] = (params, marks, counts, handles)

@@ -62,7 +62,7 @@ def check_number(
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
-    number = int(value) if integer else float(value)
+    number = int(value) if integer else float(value)  # type: ignore[call-overload]  # an Integral when integer
     ok = not (isinstance(number, float) and math.isnan(number))
     ok = ok and not (finite and isinstance(number, float) and math.isinf(number))
     ok = ok and (gt is None or number > gt) and (ge is None or number >= ge)

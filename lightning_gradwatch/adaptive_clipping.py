@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._base import GradwatchCallback, HookOrder
 from lightning_gradwatch._clip_rules import AGCRule, ClipInterval, NormStatistics, PercentileRule, ZScoreRule
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trace import fetch_with_history
@@ -114,7 +114,7 @@ class AdaptiveClipping(GradwatchCallback):
         trainer = Trainer(callbacks=[AdaptiveClipping()])  # z-score clipping with safe defaults
     """
 
-    hook_order = 30
+    hook_order = HookOrder.CLIPPING
     single_instance = True
 
     def __init__(
@@ -205,10 +205,11 @@ class AdaptiveClipping(GradwatchCallback):
         index = optimizer_index(trainer, optimizer)
         on_host = step.host_is_free  # on a CPU the statistics are floats: the rule costs microseconds
         stats, interval = self._state_for(index, step.device, on_host, trainer.global_step)
-        norm: Scalar = step.global_norm(self.norm_type)  # shared with the guard and the norm logger: no extra pass
+        norm_now = step.global_norm(self.norm_type)  # shared with the guard and the norm logger: no extra pass
         # a step with no gradient at all says nothing about the gradient's scale: folded in, zeros would teach a
         # zero threshold that clips every later step, the recovery included, to nothing
-        valid: Flag = torch.isfinite(norm) & (norm > 0)
+        valid: Flag = torch.isfinite(norm_now) & (norm_now > 0)
+        norm: Scalar = norm_now
         if step.found_inf is not None:
             valid = valid & (step.found_inf.to(step.device) == 0)
         if on_host:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -305,7 +306,7 @@ class GradientGeometry(GradwatchCallback):
                 kind,
                 "",
                 firing(threshold),
-                lambda k=kind, t=threshold, n=name, f=finding: Alert(step, k, n, product, t, with_remedy(k, f)),
+                functools.partial(Alert, step, kind, name, product, threshold, with_remedy(kind, finding)),
             )
 
     # -- TensorBoard -----------------------------------------------------------------------------------------

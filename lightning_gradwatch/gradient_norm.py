@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
+from lightning_gradwatch._base import GradwatchCallback, HookOrder, gradwatch_callbacks
 from lightning_gradwatch._charts import (
     DEFAULT_MAX_SERIES,
     GROUPINGS,
@@ -43,6 +44,7 @@ from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import AtLeastFiveInt, AtLeastOne, GreaterThanOne, Null, PositiveFloat, PositiveInt
 from lightning_gradwatch._update_ratio import UpdateTracker
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
+from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.functional._scalars import Scalar, as_float, isfinite
 from lightning_gradwatch.functional.norms import total_norm, validate_norm_type
 
@@ -124,7 +126,7 @@ class GradientNormLogger(GradwatchCallback):
         trainer = Trainer(callbacks=[GradientNormLogger()], log_every_n_steps=25)
     """
 
-    hook_order = 10
+    hook_order = HookOrder.GRADIENT_NORMS
 
     def __init__(
         self,
@@ -237,7 +239,7 @@ class GradientNormLogger(GradwatchCallback):
             self._tally_layers[suffix] = list(names)
         if on_host:
             global_norm_now = float(step.global_norm(self.norm_type))  # the shared pass, read for free
-            overflow_now = self._overflow_flag(step, global_norm_now) > 0
+            overflow_now = bool(self._overflow_flag(step, global_norm_now) > 0)
             norms = step.param_norms_on_host(self.norm_type)
             tally.fold_on_host(trainer.global_step, global_norm_now, norms, groups.group_of_param, overflow_now)
             on_layers = combine_on_host(norms, groups.group_of_param, len(names), self.norm_type)
@@ -250,7 +252,7 @@ class GradientNormLogger(GradwatchCallback):
         if logs or not on_host:
             layer_norms = groups.combine(step.param_norms(self.norm_type), self.norm_type)  # the shared pass
             global_norm = total_norm(layer_norms, self.norm_type)
-            overflow = self._overflow_flag(step, global_norm)
+            overflow = cast(Tensor, self._overflow_flag(step, global_norm))  # a tensor norm in: a tensor
             if not on_host:
                 tally.fold(trainer.global_step, global_norm, layer_norms, overflow)  # every step, on the device
                 ring = self._rings.setdefault(suffix, NormRing())  # kept for a failed run's charts
@@ -311,7 +313,7 @@ class GradientNormLogger(GradwatchCallback):
             verdict = self._diagnoses[suffix].exploding.check(reading, "(the model)")
             if verdict is not None:
                 key = suffix + ("|warning" if verdict.key == "warning" else "|info")
-                self._set_condition(trainer, verdict.kind, key, True, lambda v=verdict, at=reading.step: v.alert(at))
+                self._set_condition(trainer, verdict.kind, key, True, functools.partial(verdict.alert, reading.step))
 
     def _log_finite(self, trainer: pl.Trainer, step: StepGradients) -> None:
         """A logging step whose update the guard dropped: its finite per-layer norms are still logged."""
@@ -383,8 +385,8 @@ class GradientNormLogger(GradwatchCallback):
         active = groups.combine(step.nonzero_counts(), 1.0)
         scaler = grad_scaler(trainer)
         scale = scaler._scale if scaler is not None and scaler._scale is not None else torch.zeros(())
-        peak, peak_step, last_nonzero = tally.tensors(global_norm.device)
-        to_fetch = [global_norm, overflow, peak, peak_step, scale, layer_norms, active, last_nonzero]
+        peak_now, peak_step_now, last_nonzero_now = tally.tensors(global_norm.device)
+        to_fetch = [global_norm, overflow, peak_now, peak_step_now, scale, layer_norms, active, last_nonzero_now]
         optional: dict[str, Tensor] = {}
         tracker = self._updates.get(suffix)
         ratios = tracker.ratios(step, groups) if tracker is not None else None
@@ -471,21 +473,21 @@ class GradientNormLogger(GradwatchCallback):
                 UnderflowRule(),
             )
         for kind, key, verdict in diagnosis.check(reading):
-            self._set_condition(
-                trainer, kind, suffix + key, verdict is not None, lambda v=verdict: v.alert(reading.step)
-            )  # type: ignore[union-attr]
+            make_alert = functools.partial(verdict.alert, reading.step) if verdict is not None else _no_alert
+            self._set_condition(trainer, kind, suffix + key, verdict is not None, make_alert)
 
     @staticmethod
     def _overflow_flag(step: StepGradients, global_norm: Scalar) -> Scalar:
         """1.0 on a step the GradScaler will skip for overflow, else 0.0: a device tensor (no sync), or a float for
         a norm read on the host."""
-        on_host = not isinstance(global_norm, Tensor)
         if step.found_inf is not None:
-            return float(step.found_inf) if on_host else step.found_inf.to(global_norm.device)
+            if not isinstance(global_norm, Tensor):
+                return float(step.found_inf)
+            return step.found_inf.to(global_norm.device)
         if step.has_scaler:
             # fused optimizers check for inf inside their own step: non-finite scaled grads mean a skip there too
             return 1.0 - as_float(isfinite(global_norm))
-        return 0.0 if on_host else torch.zeros((), device=global_norm.device)
+        return torch.zeros((), device=global_norm.device) if isinstance(global_norm, Tensor) else 0.0
 
     @staticmethod
     def _optimizer_suffix(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
@@ -502,14 +504,14 @@ class GradientNormLogger(GradwatchCallback):
             if charted(groups.group_names[groups.group_of_param[i]], self.layers):
                 by_group.setdefault(groups.group_of_param[i], []).append(g.detach().reshape(-1).float())
         logged_step = logger_step(trainer)
-        for g, parts in by_group.items():
+        for group, parts in by_group.items():
             values = torch.cat(parts)
             if step.unscale is not None:
                 values = values * step.unscale.to(values.device)
             values = values[torch.isfinite(values)].cpu()
             if values.numel():
                 for writer in writers:
-                    writer.add_histogram(f"gradwatch/grad_hist/{groups.group_names[g]}", values, logged_step)
+                    writer.add_histogram(f"gradwatch/grad_hist/{groups.group_names[group]}", values, logged_step)
 
     @override
     def _tensorboard_layout(
@@ -561,3 +563,8 @@ class GradientNormLogger(GradwatchCallback):
         self._loaded_intervals = {str(k): dict(v) for k, v in state.get("intervals", {}).items()}
         self._tallies.clear()
         return []
+
+
+def _no_alert() -> Alert:
+    """The alert of a condition that is not firing: never made."""
+    raise AssertionError("a condition that is not firing makes no alert")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
+from lightning_gradwatch._base import GradwatchCallback, HookOrder, gradwatch_callbacks
 from lightning_gradwatch._params import clean_name
 from lightning_gradwatch._reporting import log_dir
 from lightning_gradwatch._validation import check_bool
@@ -214,7 +214,7 @@ class HealthReport(GradwatchCallback):
         trainer = Trainer(callbacks=[GradientNormLogger(), HealthReport()])
     """
 
-    hook_order = 100
+    hook_order = HookOrder.REPORT
     single_instance = True
 
     def __init__(self, dirpath: str | None = None, print_report: bool = True) -> None:
@@ -243,7 +243,11 @@ class HealthReport(GradwatchCallback):
         if not trainer.is_global_zero:
             return
         # a halt of this fit only: a run resumed from a halt checkpoint and stopped later by something else was not
-        halts = [(cb.halt_step, type(cb).__name__) for cb in peers if getattr(cb, "stopped_this_fit", False)]
+        halts = [
+            (getattr(cb, "halt_step", None), type(cb).__name__)
+            for cb in peers
+            if getattr(cb, "stopped_this_fit", False)
+        ]
         stopped = f"stopped at step {halts[0][0]} by {halts[0][1]}" if halts else ""
         directory = self.dirpath or log_dir(trainer)
         os.makedirs(directory, exist_ok=True)

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback, gradwatch_callbacks
+from lightning_gradwatch._base import GradwatchCallback, HookOrder, gradwatch_callbacks
 from lightning_gradwatch._distributed import all_reduce_max, distributed
 from lightning_gradwatch._precision import grad_scaler, unscaled_loss
 from lightning_gradwatch._reporting import host_values, log_dir
@@ -24,7 +24,7 @@ from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import AtLeastThreeInt, FinitePositiveFloat, Null, PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_choice, check_number
 from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
-from lightning_gradwatch.functional.clipping import ring_push
+from lightning_gradwatch.functional.rings import ring_push
 from lightning_gradwatch.functional.spikes import (
     batch_fingerprint,
     fingerprint_probe,
@@ -103,7 +103,7 @@ class LossSpikeGuard(GradwatchCallback):
         trainer = Trainer(callbacks=[NaNGuard(), LossSpikeGuard(action="skip")])
     """
 
-    hook_order = 5  # after NaNGuard, before the norm logger and clipping: a dropped update is never measured
+    hook_order = HookOrder.LOSS_SPIKE_GUARD  # before the norm logger and clipping: a dropped update is never measured
     single_instance = True
 
     def __init__(
@@ -367,24 +367,31 @@ class LossSpikeGuard(GradwatchCallback):
     def _fold(self, verdict: Tensor | list[float]) -> None:
         """Take this step's loss into the window (not a spike's, a dropped batch's, nor a non-finite one), or, on a
         level shift, refill the window with the run of spikes that made it."""
-        n = self.level_shift_after
         if isinstance(verdict, list):
-            assert isinstance(self._losses, list) and isinstance(self._recent, list)
-            spike, shift, drop, loss = verdict[V_SPIKE] > 0, verdict[V_SHIFT] > 0, verdict[V_DROP] > 0, verdict[V_LOSS]
-            run = int(self._run)
-            if shift:
-                self._recent[run % n] = loss
-                self._losses = [self._recent[(j - self.window + run + 1) % n] for j in range(self.window)]
-                self._count, self._run = self.window, 0
-            elif spike:
-                self._recent[run % n] = loss
-                self._run = run + 1
-            elif not drop:
-                self._run = 0
-                if math.isfinite(loss):  # NaN (NaNGuard's) never widens the window
-                    self._losses[int(self._count) % self.window] = loss
-                    self._count = int(self._count) + 1
-            return
+            self._fold_on_host(verdict)
+        else:
+            self._fold_on_device(verdict)
+
+    def _fold_on_host(self, verdict: list[float]) -> None:
+        n = self.level_shift_after
+        assert isinstance(self._losses, list) and isinstance(self._recent, list)
+        spike, shift, drop, loss = verdict[V_SPIKE] > 0, verdict[V_SHIFT] > 0, verdict[V_DROP] > 0, verdict[V_LOSS]
+        run = int(self._run)
+        if shift:
+            self._recent[run % n] = loss
+            self._losses = [self._recent[(j - self.window + run + 1) % n] for j in range(self.window)]
+            self._count, self._run = self.window, 0
+        elif spike:
+            self._recent[run % n] = loss
+            self._run = run + 1
+        elif not drop:
+            self._run = 0
+            if math.isfinite(loss):  # NaN (NaNGuard's) never widens the window
+                self._losses[int(self._count) % self.window] = loss
+                self._count = int(self._count) + 1
+
+    def _fold_on_device(self, verdict: Tensor) -> None:
+        n = self.level_shift_after
         assert isinstance(self._losses, Tensor) and isinstance(self._count, Tensor)
         assert isinstance(self._run, Tensor) and isinstance(self._recent, Tensor)
         flags = verdict[: V_DROP + 1] > 0

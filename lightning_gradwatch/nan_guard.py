@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._amp_monitor import AmpMonitor, AmpReading
-from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._base import GradwatchCallback, HookOrder
 from lightning_gradwatch._buffer_baseline import judged_buffers, remember_buffers
 from lightning_gradwatch._halt_checkpoint import save_halt_checkpoint
 from lightning_gradwatch._loss_trace import loss_trace
@@ -106,7 +106,7 @@ class NaNGuard(GradwatchCallback):
         trainer = Trainer(callbacks=[NaNGuard(action="rollback")], precision="16-mixed")
     """
 
-    hook_order = 0
+    hook_order = HookOrder.NAN_GUARD
     single_instance = True
     reads_every_step = True
 
@@ -315,7 +315,7 @@ class NaNGuard(GradwatchCallback):
         if not step.repeat:
             self.totals.fault_steps += 1
             self._faults_in_a_row += 1
-        action = self.action
+        action: str = self.action  # what this fault gets: the configured action, or halt
         stuck = action == "skip" and self._faults_in_a_row >= self.max_consecutive_faults
         if action == "rollback":
             action = self._rollback(trainer, pl_module, step, optimizer, fault.weights)

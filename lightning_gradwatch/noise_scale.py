@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._base import GradwatchCallback, HookOrder
 from lightning_gradwatch._compat import lightning_classes
 from lightning_gradwatch._ddp_norm_hook import LocalNormHookState, register_local_norm_hook
 from lightning_gradwatch._distributed import all_reduce_sum
@@ -88,7 +88,7 @@ class GradientNoiseScale(GradwatchCallback):
         trainer = Trainer(callbacks=[GradientNoiseScale()], accumulate_grad_batches=4)
     """
 
-    hook_order = 12  # reads the step's gradients after NaNGuard, before any clipping
+    hook_order = HookOrder.NOISE_SCALE
 
     def __init__(
         self,

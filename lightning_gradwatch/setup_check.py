@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._activation_probe import compiled_modules
-from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch._base import GradwatchCallback, HookOrder
 from lightning_gradwatch._loss_trace import LossHistory, loss_trace
 from lightning_gradwatch._params import local_tensor, optimizer_index
 from lightning_gradwatch._probe_batch import CAN_RUN_EAGERLY, ForwardFn, check_forward_fn, run_eagerly
@@ -81,7 +81,7 @@ class SetupCheck(GradwatchCallback):
         trainer = Trainer(callbacks=[SetupCheck(ignore=["pooler"])])
     """
 
-    hook_order = 1  # reads host facts only, right after the guard (a dropped update shows nothing: skipped)
+    hook_order = HookOrder.SETUP_CHECK  # right after the guard: a dropped update shows nothing (skipped)
     single_instance = True
 
     def __init__(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -287,7 +288,9 @@ class GradientsThroughTime(GradwatchCallback):
         profiles: list[list[Tensor]] = []  # per module: its directions' input profiles
         for name, inputs in captured.items():
             names.append(name)
-            profiles.append(self._with_module(self._modules[name], lambda m, x=inputs: self._input_profiles(m, x)))
+            profiles.append(
+                self._with_module(self._modules[name], functools.partial(self._input_profiles, inputs=inputs))
+            )
         for name, probe in self.recurrences.items():
             inputs, run = probe(pl_module, first_rows(batch, self.probe_size))
             names.append(name)
@@ -304,7 +307,7 @@ class GradientsThroughTime(GradwatchCallback):
             module = self._modules.get(name) if name in captured else None
             if module is not None and not module.bidirectional and reading.peak >= self.exploding_factor:
                 # the input profile grows: is it the recurrence that amplifies? (T sequential steps: only then)
-                state = self._with_module(module, lambda m, x=captured[name]: self._state_profile(m, x))
+                state = self._with_module(module, functools.partial(self._state_profile, inputs=captured[name]))
                 reading = _reading(name, directions, self.threshold, host_values(state)[0])
             readings.append(reading)
         self._report(trainer, readings, LossLevel.of(history), time.perf_counter() - started)

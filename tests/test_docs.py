@@ -147,3 +147,24 @@ def test_readme_sick_example_prints_what_the_readme_shows(tmp_path: Path) -> Non
     report_dir = next(tmp_path.glob("runs/train_mlp_preset/version_*"))
     assert {"gradwatch_report.md", "gradwatch_report.json"} <= {p.name for p in report_dir.iterdir()}
     shutil.rmtree(tmp_path / "runs")
+
+
+def test_every_alert_kind_and_cause_is_documented_in_alerts_md() -> None:
+    """docs/alerts.md is the contract users read: a kind or cause added to the registry and not to the page fails
+    here (and one the page lists that no longer exists)."""
+    import re
+
+    from lightning_gradwatch.alerts import ALERT_CAUSES, ALERT_KINDS
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "alerts.md").read_text()
+    kinds_table = page.split("## Kinds", 1)[1].split("Causes (", 1)[0]
+    documented = {
+        k
+        for row in kinds_table.splitlines()
+        if row.startswith("| `")
+        for k in re.findall(r"`(\w+)`", row.split("|")[1])
+    }
+    assert documented == set(ALERT_KINDS), (set(ALERT_KINDS) - documented, documented - set(ALERT_KINDS))
+    causes = page.split("Causes (", 1)[1].split("See [", 1)[0]
+    missing = [cause for cause in ALERT_CAUSES if f"`{cause}`" not in causes]
+    assert not missing, missing

@@ -12,8 +12,6 @@ from lightning_gradwatch.functional.clipping import (
     apply_clip_coefficient,
     clip_coefficient,
     ema_update,
-    ring_push,
-    ring_quantile,
     zscore_threshold,
 )
 from lightning_gradwatch.functional.dynamics import (
@@ -46,6 +44,7 @@ from lightning_gradwatch.functional.norms import (
     total_norm,
     validate_norm_type,
 )
+from lightning_gradwatch.functional.rings import ring_push, ring_quantile
 from lightning_gradwatch.functional.through_time import (
     decay_per_step,
     lag_sensitivity,

@@ -54,7 +54,9 @@ def snapshot_for_update(params: Sequence[Tensor], out: Sequence[Tensor] | None =
     if not tensors:
         return []
     if out is None:
-        return [t.clone() for t in tensors] if any(t.is_sparse for t in tensors) else torch._foreach_mul(tensors, 1)
+        return (
+            [t.clone() for t in tensors] if any(t.is_sparse for t in tensors) else list(torch._foreach_mul(tensors, 1))
+        )
     out = list(out)
     torch._foreach_copy_(out, tensors)
     return out
@@ -82,7 +84,7 @@ def update_norms(
         torch._foreach_sub_(before, after)  # before - after: the same norm as the update
         deltas = before
     else:
-        deltas = torch._foreach_sub(after, before)
+        deltas = list(torch._foreach_sub(after, before))
     return tensor_norms(deltas), weight_before, tensor_norms(after)
 
 
