@@ -207,7 +207,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
             self._attach(pl_module)
             self._begin_sample()
             run_eagerly(self.forward_fn, pl_module, batch)
-        except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:  # a model we cannot call
+        except Exception as err:  # a model or batch the pass cannot run: our pass, never the run's end (warned)
             self._detach(commit=False)
             self._inactive = True
             rank_zero_warn(

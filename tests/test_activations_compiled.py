@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_gradwatch import DeadNeuronCallback, GradientGeometry, SaturationCallback
+from lightning_gradwatch import DeadNeuronCallback, GradientGeometry, GradWatch, SaturationCallback
 from tests import tensorboard_events as tb
 from tests.activation_models import Net, kill, no_probe_left
 from tests.models import Classifier, mlp, trainer_kwargs
@@ -143,6 +143,22 @@ def test_a_batch_the_default_forward_cannot_run_warns_once_and_the_run_goes_on(
     dead = DeadNeuronCallback(sample_every_n_steps=2, window=3, forward_fn=lambda module, batch: module(batch["x"]))
     fit(tmp_path / "fn", DictModel(torch.compile(faulty_net("dead"), backend="eager")), [dead])
     assert ("dead_neurons", "net.fc1", "warning") in verdicts(dead.alerts)
+
+
+def test_a_forward_fn_that_fails_on_the_batch_never_stops_the_run(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Whatever the eager pass raises (an index past a positional table: a sequence one token longer than the model
+    takes), it is the callback's pass, not the run's: one warning, and training goes on. It crashed the fit."""
+
+    def too_long(module: Any, batch: Any) -> Any:
+        table = torch.zeros(4)
+        return table[batch[0].shape[1]]  # IndexError, as an embedding lookup past its table raises
+
+    trainer, _ = fit(tmp_path, model("dead", "submodule"), [GradWatch(forward_fn=too_long)])
+    assert trainer.global_step == 16
+    failed = sorted(str(w.message).split(" ")[0] for w in recwarn if "could not run the model" in str(w.message))
+    assert failed == ["DeadNeuronCallback", "SaturationCallback", "SetupCheck"], failed
 
 
 def test_forward_fn_must_be_callable() -> None:
