@@ -270,7 +270,7 @@ class GradientsThroughTime(GradwatchCallback):
             captured = self._captured
             self._remove_hooks()
             try:
-                if self._compiled:
+                if self._compiled and self._modules:  # the cell loops of `recurrences` take the batch themselves
                     captured = self._capture_eagerly(pl_module, batch)
                 with eagerly():  # a compiled recurrence (or a user's probe calling one) runs as eager code
                     self._probe(trainer, pl_module, captured, batch)

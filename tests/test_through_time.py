@@ -322,3 +322,14 @@ def test_a_compiled_model_is_probed_from_an_eager_pass_with_its_graph_untouched(
     assert watched.alerts[0].value == pytest.approx(plain.alerts[0].value, rel=0.25)
     steps = [s for s, _ in scalars(tmp_path / "compiled" / "tb" / "version_0")["gradwatch/through_time/horizon/rnn"]]
     assert steps == [0, 2]
+
+
+def test_a_compiled_cell_loop_is_probed_through_its_function_alone(tmp_path: Path) -> None:
+    """Only `recurrences` to probe (no nn.RNN module): under torch.compile there is nothing to capture, so the
+    model is not run a second time (CellLoop has no forward(); the default pass would fail and stop the callback)."""
+    model = CellLoop()
+    model.cell = torch.compile(model.cell, backend="eager")  # type: ignore[assignment]
+    watch = GradientsThroughTime(every_n_steps=2, recurrences={"cell": lambda module, batch: (batch[0], module.recur)})
+    fit(tmp_path, model, [watch], steps=3)
+    horizon = scalars(tmp_path / "tb" / "version_0")["gradwatch/through_time/horizon/cell"]
+    assert [step for step, _ in horizon] == [0, 2]
