@@ -547,16 +547,16 @@ class GradientNormLogger(GradwatchCallback):
     @override
     def _extra_state(self) -> dict[str, Any]:
         # the unfinished interval too: an explosion just before a checkpoint is reported after resuming from it
-        intervals = {
-            suffix: {"layers": list(self._tally_layers.get(suffix, [])), **tally.state()}
-            for suffix, tally in self._tallies.items()
-        }
+        # and a loaded interval no step has taken up yet (saved again before the first step after resuming)
+        intervals = {suffix: dict(loaded) for suffix, loaded in self._loaded_intervals.items()}
+        for suffix, tally in self._tallies.items():
+            intervals[suffix] = {"layers": list(self._tally_layers.get(suffix, [])), **tally.state()}
         return {"norm_history": self._history, "intervals": intervals}
 
     @override
     def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
         self._diagnoses.clear()
-        self._loaded_history = {}
+        self._loaded_history, self._loaded_intervals = {}, {}
         if "norm_type" in changed:  # norms of another p are not comparable: the relative rule starts afresh
             return ["the global-norm history of the relative exploding rule"] if state.get("norm_history") else []
         self._loaded_history = {str(k): [float(x) for x in v] for k, v in state.get("norm_history", {}).items()}
