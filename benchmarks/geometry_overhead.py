@@ -26,7 +26,7 @@ from torch import nn
 
 import lightning_gradwatch as gw
 from lightning_gradwatch._geometry import ActivationSample, find_blocks, probe_geometry
-from lightning_gradwatch._reporting import host_values
+from lightning_gradwatch.core import host_values
 
 
 class ResidualBlock(nn.Module):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import overhead  # noqa: E402
 
 from lightning_gradwatch import _step  # noqa: E402
-from lightning_gradwatch._base import GradwatchCallback  # noqa: E402
+from lightning_gradwatch.core import GradwatchCallback  # noqa: E402
 
 HOOKS = (
     "on_train_batch_start",

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_gradwatch import GradientsThroughTime, GradWatch
-from tests.test_through_time import FirstToken
+from tests.recurrent_models import FirstToken
 
 
 class Recorded(GradientsThroughTime):

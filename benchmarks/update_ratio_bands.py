@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_gradwatch._params import group_of
+from lightning_gradwatch.core import group_of
 from lightning_gradwatch.functional import snapshot_for_update, update_ratios
 
 

@@ -1,7 +1,16 @@
 """lightning-gradwatch: gradient-health callbacks for PyTorch Lightning."""
 
 from lightning_gradwatch.adaptive_clipping import AdaptiveClipping
-from lightning_gradwatch.alerts import ALERT_KIND_INFO, ALERT_KINDS, Alert, AlertKind, AlertKindInfo, Severity
+from lightning_gradwatch.alerts import (
+    ALERT_CAUSES,
+    ALERT_KIND_INFO,
+    ALERT_KINDS,
+    Alert,
+    AlertCause,
+    AlertKind,
+    AlertKindInfo,
+    Severity,
+)
 from lightning_gradwatch.dead_neurons import DeadNeuronCallback
 from lightning_gradwatch.gradient_geometry import GradientGeometry
 from lightning_gradwatch.gradient_norm import GradientNormLogger
@@ -17,10 +26,12 @@ from lightning_gradwatch.through_time import GradientsThroughTime
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALERT_CAUSES",
     "ALERT_KINDS",
     "ALERT_KIND_INFO",
     "AdaptiveClipping",
     "Alert",
+    "AlertCause",
     "AlertKind",
     "AlertKindInfo",
     "DeadNeuronCallback",

@@ -31,7 +31,6 @@ from lightning_gradwatch._activation_probe import (
     compiled_modules,
     probe_for,
 )
-from lightning_gradwatch._base import GradwatchCallback, HookOrder, gradwatch_callbacks
 from lightning_gradwatch._charts import charted, check_patterns_syntax
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trend import SampledLoss, improved, window_loss
@@ -44,9 +43,10 @@ from lightning_gradwatch._probe_batch import (
     tracks_batch_statistics,
 )
 from lightning_gradwatch._reporting import host_values, logger_step
-from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._validation import check_number
-from lightning_gradwatch.alerts import Alert, Severity, with_remedy
+from lightning_gradwatch.alerts import Alert, Severity, alert_message
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
 
 #: The fewest sampled batches a verdict rests on, when a run ends before a full window.
 MIN_SAMPLES = 3
@@ -171,7 +171,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
             and (self._samples > self._judged_at or self._should_log(trainer, self.log_every_n_steps))
         ):
             self._posted = (trainer.global_step, self._verdict_tensor())
-            shared_read(trainer).post(self, self._posted[1], trainer.global_step)
+            session_of(trainer).shared_read.post(self, self._posted[1], trainer.global_step)
 
     @override
     def on_train_batch_end(
@@ -185,7 +185,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
             self._should_log(trainer, self.log_every_n_steps)
             or (self.log_every_n_steps is None and trainer.log_every_n_steps == 0)  # type: ignore[attr-defined]
         )
-        delivered = shared_read(trainer).take(self, self._step_at_start) if stepped else None
+        delivered = session_of(trainer).shared_read.take(self, self._step_at_start) if stepped else None
         if _guard_halted(trainer):
             pass  # the run ends on a faulty batch: a verdict on it would be dated after the halt, and say nothing
         elif delivered is not None:
@@ -293,7 +293,7 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
         def alert() -> Alert:
             finding = self._describe(layer, step, fraction, window)
             if severity == "warning":
-                message = with_remedy(self.alert_kind, finding)
+                message = alert_message(self.alert_kind, finding)
             elif shed:
                 message = (
                     f"{finding} It grew from {lowest:.0%}, but the training loss kept improving ({reference:.4g} "
@@ -376,4 +376,4 @@ class ActivationCallback(GradwatchCallback, ActivationSubscriber):
 
 def _guard_halted(trainer: pl.Trainer) -> bool:
     """Whether a guard stopped this fit (the same on every rank: its decisions are reduced)."""
-    return any(getattr(cb, "stopped_this_fit", False) for cb in gradwatch_callbacks(trainer))
+    return session_of(trainer).stopped_by_gradwatch(trainer)

@@ -15,6 +15,8 @@ from torch import Tensor
 
 from lightning_gradwatch._distributed import all_reduce_max
 from lightning_gradwatch._reporting import host_values
+from lightning_gradwatch._shared_read import SharedRead
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,19 @@ class AmpReading:
             why = f"{self.max_consecutive} consecutive steps overflowed and were skipped"
             return why, float(self.max_consecutive), float(max_consecutive)
         return None
+
+    def collapse_alert(self, step: int, min_scale: float, max_consecutive: int) -> tuple[Alert, str] | None:
+        """The ``loss_scale_collapse`` alert and its reason when fp16 training has collapsed (:meth:`collapse`)."""
+        collapse = self.collapse(min_scale, max_consecutive)
+        if collapse is None:
+            return None
+        reason, value, threshold = collapse
+        finding = (
+            f"Loss-scale collapse at step {step}: {reason}; fp16 training is broken (every update is being skipped) "
+            "and training stops."
+        )
+        message = alert_message(AlertKind.LOSS_SCALE_COLLAPSE, finding)
+        return Alert(step, AlertKind.LOSS_SCALE_COLLAPSE, "", value, threshold, message), reason
 
 
 class AmpMonitor:
@@ -72,6 +87,17 @@ class AmpMonitor:
         c["consecutive"] = (c["consecutive"] + 1) * overflow
         c["longest"] = torch.maximum(c["longest"], c["consecutive"])
         c["loss"] += loss_bad.to(device, torch.float32)
+
+    def read_riding(
+        self, scaler: torch.amp.GradScaler, flags: Tensor, shared: SharedRead, global_step: int
+    ) -> AmpReading:
+        """:meth:`read` with the caller's ``flags`` first in ``extra``, and the values others posted to the step's
+        shared read riding in the same transfer (delivered to them; left out of ``extra``)."""
+        owners, posted = shared.collect(global_step)
+        extra = torch.cat([flags.reshape(-1).float(), *(p.to(flags.device) for p in posted)])
+        reading = self.read(scaler, extra, flags.device)
+        shared.deliver(global_step, owners, posted, reading.extra[flags.numel() :])
+        return reading
 
     def read(self, scaler: torch.amp.GradScaler, extra: Tensor, device: torch.device) -> AmpReading:
         """Reduce the counters (and the caller's flat ``extra`` values) across ranks and bring them to the host in

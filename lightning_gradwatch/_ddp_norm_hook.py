@@ -29,7 +29,10 @@ class LocalNormHookState:
         self.sq_norm = None
 
 
-def local_norm_allreduce_hook(state: LocalNormHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+def local_norm_allreduce_hook(
+    state: LocalNormHookState,
+    bucket: dist.GradBucket,  # type: ignore[name-defined]  # exported at run time; the stubs lack it
+) -> torch.futures.Future[Tensor]:
     """Add the squared norm of the bucket's local gradients to ``state`` (when active), then all-reduce as usual."""
     if state.active:
         buffer = bucket.buffer()  # this rank's summed gradients: DDP does not pre-divide them for a hook

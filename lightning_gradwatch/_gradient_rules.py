@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Verdict:
     onset: int | None = None
 
     def alert(self, step: int) -> Alert:
-        message = with_remedy(self.kind, self.finding) if self.severity == "warning" else self.finding
+        message = alert_message(self.kind, self.finding, self.severity)
         return Alert(step, self.kind, self.name, self.value, self.threshold, message, self.severity, self.onset)  # type: ignore[arg-type]
 
 

@@ -43,56 +43,60 @@ def layer_charts(names: Sequence[str]) -> list[tuple[str, list[str]]]:
     if not names:
         return []
     limit = max(CHART_LINES, math.ceil(len(names) / MAX_CHARTS))
+    return [(_chart_title(chart), chart) for chart in _top_level(names, limit) or _split(names, 0, limit)]
 
-    def split(group: list[str], depth: int) -> list[list[str]]:
-        if len(group) <= limit:
-            return [group]
-        if all(depth >= len(name.split(".")) for name in group):  # nothing left to split on (repeated names)
-            return pack([[name] for name in group], len(group))
-        children: list[list[str]] = []
-        for name in group:  # consecutive runs sharing the path component at ``depth``
-            parts = name.split(".")
-            key = parts[depth] if depth < len(parts) else None
-            if children and key is not None and children[-1][0].split(".")[depth : depth + 1] == [key]:
-                children[-1].append(name)
-            else:
-                children.append([name])
-        if len(children) == 1:
-            return split(group, depth + 1)  # a prefix every layer here shares (``net.``): look one level down
-        return pack([piece for child in children for piece in split(child, depth + 1)], len(group))
 
-    def pack(pieces: list[list[str]], total: int) -> list[list[str]]:
-        # balanced: 21 layers make charts of 7, 7 and 7 rather than 10, 10 and 1
-        target = math.ceil(total / math.ceil(total / limit))
-        charts: list[list[str]] = []
-        for piece in pieces:
-            if charts and len(charts[-1]) + len(piece) <= target:
-                charts[-1].extend(piece)
-            else:
-                charts.append(list(piece))
-        return charts
+def _split(group: list[str], depth: int, limit: int) -> list[list[str]]:
+    """``group`` split by path into pieces of at most ``limit`` layers (a piece one layer long past the last level)."""
+    if len(group) <= limit:
+        return [group]
+    if all(depth >= len(name.split(".")) for name in group):  # nothing left to split on (repeated names)
+        return _pack([[name] for name in group], len(group), limit)
+    children: list[list[str]] = []
+    for name in group:  # consecutive runs sharing the path component at ``depth``
+        parts = name.split(".")
+        key = parts[depth] if depth < len(parts) else None
+        if children and key is not None and children[-1][0].split(".")[depth : depth + 1] == [key]:
+            children[-1].append(name)
+        else:
+            children.append([name])
+    if len(children) == 1:
+        return _split(group, depth + 1, limit)  # a prefix every layer here shares (``net.``): look one level down
+    return _pack([piece for child in children for piece in _split(child, depth + 1, limit)], len(group), limit)
 
-    def top_level(group: list[str]) -> list[list[str]] | None:
-        """Each top-level module's own charts, its top-level plain layers together; None where a model has one
-        top-level module, or more groups than ``MAX_CHARTS``."""
-        runs: list[list[str]] = []
-        for name in group:  # consecutive runs of one top-level name
-            if runs and runs[-1][0].split(".")[0] == name.split(".")[0]:
-                runs[-1].append(name)
-            else:
-                runs.append([name])
-        if len(runs) == 1:
-            return None
-        charts: list[list[str]] = []
-        for run in runs:
-            plain = all("." not in name for name in run)
-            if plain and charts and all("." not in n for n in charts[-1]) and len(charts[-1]) + len(run) <= limit:
-                charts[-1].extend(run)  # plain layers next to each other (fc1, fc2) share a chart
-            else:
-                charts.extend([run] if plain else split(run, 0))
-        return charts if len(charts) <= MAX_CHARTS else None
 
-    return [(_chart_title(chart), chart) for chart in top_level(names) or split(names, 0)]
+def _pack(pieces: list[list[str]], total: int, limit: int) -> list[list[str]]:
+    """Neighbouring pieces joined into charts of about equal size, at most ``limit`` lines each."""
+    # balanced: 21 layers make charts of 7, 7 and 7 rather than 10, 10 and 1
+    target = math.ceil(total / math.ceil(total / limit))
+    charts: list[list[str]] = []
+    for piece in pieces:
+        if charts and len(charts[-1]) + len(piece) <= target:
+            charts[-1].extend(piece)
+        else:
+            charts.append(list(piece))
+    return charts
+
+
+def _top_level(group: list[str], limit: int) -> list[list[str]] | None:
+    """Each top-level module's own charts, its top-level plain layers together; None where a model has one
+    top-level module, or more groups than ``MAX_CHARTS``."""
+    runs: list[list[str]] = []
+    for name in group:  # consecutive runs of one top-level name
+        if runs and runs[-1][0].split(".")[0] == name.split(".")[0]:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    if len(runs) == 1:
+        return None
+    charts: list[list[str]] = []
+    for run in runs:
+        plain = all("." not in name for name in run)
+        if plain and charts and all("." not in n for n in charts[-1]) and len(charts[-1]) + len(run) <= limit:
+            charts[-1].extend(run)  # plain layers next to each other (fc1, fc2) share a chart
+        else:
+            charts.extend([run] if plain else _split(run, 0, limit))
+    return charts if len(charts) <= MAX_CHARTS else None
 
 
 def _chart_title(names: list[str]) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,24 +160,14 @@ class LossTrace:
         return LossHistory(first, ordered[-min(self.steps, RECENT) :], self._step)
 
 
-def fetch_with_history(trainer: Any, *tensors: Tensor) -> tuple[list[list[float]], LossHistory | None]:
+def fetch_with_history(
+    trainer: Any, trace: LossTrace, *tensors: Tensor
+) -> tuple[list[list[float]], LossHistory | None]:
     """``host_values(*tensors)`` with the loss history riding in the same transfer (the one of a logging step);
     the history is ``None`` where several optimizers make the summed loss meaningless for one of them."""
     if len(trainer.optimizers) > 1:
         return (host_values(*tensors) if tensors else []), None
-    trace = loss_trace(trainer)
     riding = trace.device_values()  # empty on a CPU: the history is on the host already
     fetched = host_values(*tensors, *riding) if tensors or riding else []
     split = len(fetched) - len(riding)
     return fetched[:split], trace.host(fetched[split:] if riding else None)
-
-
-_TRACES: weakref.WeakKeyDictionary[Any, LossTrace] = weakref.WeakKeyDictionary()
-
-
-def loss_trace(trainer: Any) -> LossTrace:
-    """The Trainer's loss trace (recorded by the first gradwatch callback)."""
-    trace = _TRACES.get(trainer)
-    if trace is None:
-        trace = _TRACES[trainer] = LossTrace()
-    return trace

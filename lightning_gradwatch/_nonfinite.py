@@ -45,6 +45,19 @@ def state_is_finite(module: nn.Module, optimizer: torch.optim.Optimizer) -> bool
     return not non_finite_names(all_weights(module, index) + judged_buffers(module) + state)
 
 
+def screened_tensors(
+    module: nn.Module, optimizer: torch.optim.Optimizer, step: StepGradients, weights: bool, optimizer_state: bool
+) -> list[Tensor]:
+    """The float buffers (as judged against what they hold by design), and every weight and ``optimizer``'s state
+    when asked: what a step's screen checks."""
+    tensors = [b for _, b in judged_buffers(module)]
+    if weights:  # every weight: a NaN in a frozen one poisons the forward pass as surely
+        tensors += [t for _, t in all_weights(module, step.index)]
+    if optimizer_state:
+        tensors += [t for _, t in optimizer_state_tensors(optimizer, step.params, step.index.names)]
+    return tensors
+
+
 @dataclass(frozen=True)
 class Fault:
     """What went non-finite in one step, for the alert and for the guard's choice of action."""

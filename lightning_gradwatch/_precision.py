@@ -70,3 +70,10 @@ def scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> T
     for f in flags[1:]:
         total = total + f.to(total.device, torch.float32)
     return total.clamp(max=1.0)
+
+
+def loss_scale(trainer: pl.Trainer) -> Tensor:
+    """The GradScaler's current loss scale as a tensor (0 without a scaler, or before its first step): no sync."""
+    scaler = grad_scaler(trainer)
+    scale = scaler._scale if scaler is not None else None  # private, but the only sync-free way to read it
+    return scale if scale is not None else torch.zeros(())

@@ -21,9 +21,18 @@ from torch import Tensor, nn
 
 from lightning_gradwatch._params import clean_name
 from lightning_gradwatch._probe_batch import eagerly
+from lightning_gradwatch.alerts import AlertCause
 
 #: A layer-to-layer growth of activation norms above this, sustained, is an explosion rather than one bad op.
 EXPLODING_GROWTH = 1.5
+
+
+_STAGE_CAUSES: dict[str, str] = {
+    "input": AlertCause.BAD_INPUT,
+    "forward": AlertCause.FORWARD_OP,
+    "loss": AlertCause.LOSS_FUNCTION,
+    "backward": AlertCause.BACKWARD_OP,
+}
 
 
 @dataclass(frozen=True)
@@ -40,10 +49,8 @@ class Origin:
     def cause(self) -> str:
         """The alert cause this origin points to (see ``lightning_gradwatch.alerts.ALERT_CAUSES``)."""
         if self.stage == "forward" and self.growth is not None and self.growth > EXPLODING_GROWTH:
-            return "exploding_activations"
-        return {"input": "bad_input", "forward": "forward_op", "loss": "loss_function", "backward": "backward_op"}.get(
-            self.stage, ""
-        )
+            return AlertCause.EXPLODING_ACTIVATIONS
+        return _STAGE_CAUSES.get(self.stage, "")
 
 
 def non_finite_inputs(batch: Any) -> list[str]:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -73,40 +71,30 @@ def log_dir(trainer: pl.Trainer) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-@dataclass
-class _MetricsRow:
-    step: int = -1
-    values: dict[str, float] = field(default_factory=dict)
+class MetricsRow:
+    """The gradwatch metrics of one logging step, sent to every Lightning logger in one call (one per session)."""
 
+    def __init__(self) -> None:
+        self.step = -1
+        self.values: dict[str, float] = {}
 
-_ROWS: weakref.WeakKeyDictionary[Any, _MetricsRow] = weakref.WeakKeyDictionary()
+    def queue(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+        """Queue host-side metrics for this logging step; a row left over from an earlier step is sent first."""
+        if not metrics:
+            return
+        step = logger_step(trainer)
+        if self.values and self.step != step:
+            self.flush(trainer)
+        self.step = step
+        self.values.update(metrics)
 
-
-def queue_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
-    """Queue host-side metrics for this logging step; a row left over from an earlier step is sent first."""
-    if not metrics or not trainer.is_global_zero:
-        return
-    row = _ROWS.setdefault(trainer, _MetricsRow())
-    step = logger_step(trainer)
-    if row.values and row.step != step:
-        flush_metrics(trainer)
-    row.step = step
-    row.values.update(metrics)
-
-
-def has_queued_metrics(trainer: pl.Trainer) -> bool:
-    row = _ROWS.get(trainer)
-    return row is not None and bool(row.values)
-
-
-def flush_metrics(trainer: pl.Trainer) -> None:
-    """Send the queued row to every Lightning logger in one call, at Lightning's training step."""
-    row = _ROWS.get(trainer)
-    if row is None or not row.values:
-        return
-    values, row.values = row.values, {}
-    for logger in trainer.loggers:
-        logger.log_metrics(values, step=row.step)
+    def flush(self, trainer: pl.Trainer) -> None:
+        """Send the queued row to every Lightning logger, at Lightning's training step."""
+        if not self.values:
+            return
+        values, self.values = self.values, {}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=self.step)
 
 
 # ------------------------------------------------------------------------------------------------ alerts

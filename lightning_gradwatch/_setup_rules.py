@@ -33,7 +33,7 @@ from torch import nn
 from lightning_gradwatch._dataflow import Dataflow
 from lightning_gradwatch._loss_trace import FIRST, LossHistory
 from lightning_gradwatch._params import clean_name, layer_of
-from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
 
 #: A loss this many times where the run started, on this many recorded steps in a row, is a divergence.
 DIVERGENCE_FACTOR, DIVERGENCE_STEPS = 10.0, 3
@@ -53,7 +53,7 @@ def _layers(names: list[str]) -> list[str]:
 
 
 def alert(step: int, kind: str, name: str, value: float, threshold: float, finding: str, severity: str) -> Alert:
-    message = with_remedy(kind, finding) if severity == "warning" else finding
+    message = alert_message(kind, finding, severity)
     return Alert(step, kind, name, value, threshold, message, severity)  # type: ignore[arg-type]
 
 

@@ -10,9 +10,6 @@ sync of their own happen, in the preset, as often as every step at no extra sync
 
 from __future__ import annotations
 
-import weakref
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -66,14 +63,3 @@ class SharedRead:
         """What was delivered for ``owner`` this step (once), or ``None`` if its values were not read."""
         self._at(step)
         return self._delivered.pop(id(owner), None)
-
-
-_READS: weakref.WeakKeyDictionary[Any, SharedRead] = weakref.WeakKeyDictionary()
-
-
-def shared_read(trainer: Any) -> SharedRead:
-    """The Trainer's shared read."""
-    read = _READS.get(trainer)
-    if read is None:
-        read = _READS[trainer] = SharedRead()
-    return read

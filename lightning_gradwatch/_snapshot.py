@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gradwatch._params import clean_name, local_tensor
+from lightning_gradwatch._params import OptimizerParams, clean_name, local_tensor
 
 
 def float_buffers(module: nn.Module) -> list[tuple[str, Tensor]]:
@@ -297,6 +297,35 @@ class Rollbacks:
         slot.restores += 1
         slot.clean_since = 0
         return True
+
+    def restore_holding(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        poisoned: list[str],
+        held: list[str],
+        optimizers: list[torch.optim.Optimizer],
+    ) -> list[int] | None:
+        """Roll ``optimizer`` back, and every other of the Trainer's ``optimizers`` that steps one of the ``poisoned``
+        weights ``optimizer`` does not hold (``held``: its parameter names): a GAN's discriminator weight poisons
+        the generator's loss, and only the discriminator's snapshot repairs it. Returns the indices of the other
+        optimizers restored, or ``None`` when a poisoned weight is in no optimizer's snapshot (a frozen weight) or
+        a snapshot cannot be restored."""
+        holders: list[tuple[int, torch.optim.Optimizer, list[nn.Parameter]]] = []
+        missing = set(poisoned) - set(held)
+        for i, other in enumerate(optimizers):
+            if missing and other is not optimizer:
+                index = OptimizerParams.of(module, other)
+                if missing & set(index.names):
+                    holders.append((i, other, index.params))
+                    missing -= set(index.names)
+        if missing or not self.restore(module, params, optimizer):
+            return None  # a weight no optimizer holds is in no snapshot: a rollback cannot repair it
+        for _, other, other_params in holders:
+            if not self.restore(module, other_params, other):
+                return None
+        return [i for i, _, _ in holders]
 
 
 def _state_is_finite(module: nn.Module, optimizer: torch.optim.Optimizer) -> bool:

@@ -1,6 +1,6 @@
 """One optimizer step's final gradients, and the one pass over them that every gradwatch callback shares.
 
-The dispatcher (:class:`~lightning_gradwatch._base.GradwatchCallback`) builds a :class:`StepGradients` per
+The dispatcher (:class:`~lightning_gradwatch.core.callback.GradwatchCallback`) builds a :class:`StepGradients` per
 optimizer step and hands it to each callback in turn: NaNGuard's finiteness screen, GradientNormLogger's global and
 per-layer norms and AdaptiveClipping's global norm all come from the same per-parameter norms, computed once per
 step and norm type with ``foreach`` kernels, on the device, without a host sync.

@@ -12,7 +12,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback, HookOrder
 from lightning_gradwatch._clip_rules import AGCRule, ClipInterval, NormStatistics, PercentileRule, ZScoreRule
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trace import fetch_with_history
@@ -28,7 +27,9 @@ from lightning_gradwatch._types import (
     UnitFraction,
 )
 from lightning_gradwatch._validation import check_choice, check_number
-from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
 from lightning_gradwatch.functional._scalars import Flag, Scalar, as_float, where
 from lightning_gradwatch.functional.clipping import apply_clip_coefficient, clip_coefficient
 from lightning_gradwatch.functional.norms import validate_norm_type
@@ -276,7 +277,9 @@ class AdaptiveClipping(GradwatchCallback):
         stats = self._stats[index]
         keys = ClipInterval.REPORTED
         scalars = (*(getattr(interval, k) for k in keys), stats.mean, stats.var)
-        fetched, history = fetch_with_history(trainer, *(v for v in scalars if isinstance(v, Tensor)))
+        fetched, history = fetch_with_history(
+            trainer, session_of(trainer).loss_trace, *(v for v in scalars if isinstance(v, Tensor))
+        )
         tensors = iter(fetched)  # the host path keeps its statistics as floats: only tensors were fetched
         *reported, mean, var = [next(tensors)[0] if isinstance(v, Tensor) else float(v) for v in scalars]
         improving = history.improving() if history is not None else None
@@ -336,7 +339,7 @@ class AdaptiveClipping(GradwatchCallback):
             name=f"optimizer{index}" if suffix else "",
             value=norm,
             threshold=limit,
-            message=with_remedy(AlertKind.GRADIENT_SPIKE, finding) if severity == "warning" else finding,
+            message=alert_message(AlertKind.GRADIENT_SPIKE, finding, severity),
             severity=severity,  # type: ignore[arg-type]
             onset=int(values["first_spike_step"]),
             count=count,

@@ -3,17 +3,21 @@
 Each callback keeps ``self.alerts: list[Alert]``. An alert is appended when a condition starts (or, for
 events such as spikes, when it happens), never once per step while a condition persists.
 
-Every kind is described once, in :data:`ALERT_KIND_INFO` (a title for the report and the usual remedy): alert
-messages end with that remedy (:func:`with_remedy`) and the health report uses the same entry.
+Every kind (:class:`AlertKind`) and every cause (:class:`AlertCause`) is described once, in
+:data:`ALERT_KIND_INFO` and :data:`ALERT_CAUSES` (a title for the report and the usual remedy). Every message is
+built by :func:`alert_message`: the finding, then, for a warning, the remedy of its cause (when it has one) or of
+its kind; the health report uses the same entries.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import Any, Literal
 
 __all__ = [
     "ALERT_CAUSES",
+    "AlertCause",
     "ALERT_KINDS",
     "ALERT_KIND_INFO",
     "SEVERITIES",
@@ -21,6 +25,7 @@ __all__ = [
     "AlertKind",
     "AlertKindInfo",
     "Severity",
+    "alert_message",
 ]
 
 #: How much an alert asks of the user: ``"warning"`` needs action, ``"info"`` is worth knowing.
@@ -28,8 +33,18 @@ Severity = Literal["warning", "info"]
 SEVERITIES: tuple[str, ...] = ("warning", "info")
 
 
-class AlertKind:
-    """The alert kinds used across the package (plain strings, so ``alert.kind == "dead_neurons"`` works)."""
+class _Name(str, Enum):
+    """A name that is its string: ``AlertKind.DEAD_NEURONS == "dead_neurons"``, formatted and hashed as it."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, format_spec: str) -> str:
+        return format(str(self.value), format_spec)
+
+
+class AlertKind(_Name):
+    """The alert kinds (strings: ``alert.kind == "dead_neurons"`` and ``alert.kind == AlertKind.DEAD_NEURONS``)."""
 
     VANISHING_GRADIENT = "vanishing_gradient"
     EXPLODING_GRADIENT = "exploding_gradient"
@@ -168,51 +183,69 @@ ALERT_KIND_INFO: dict[str, AlertKindInfo] = {
     ),
 }
 
-#: What a finding can be attributed to, when the callback could tell (``Alert.cause``): its own title and remedy,
-#: which the report prefers to the kind's (a NaN born in an exploding forward pass is not a data problem).
+
+class AlertCause(_Name):
+    """What a finding can be attributed to, when the callback could tell (``Alert.cause``; ``""`` when unknown)."""
+
+    BAD_INPUT = "bad_input"
+    EXPLODING_ACTIVATIONS = "exploding_activations"
+    FORWARD_OP = "forward_op"
+    LOSS_FUNCTION = "loss_function"
+    BACKWARD_OP = "backward_op"
+    DIVERGENCE = "divergence"
+    HALF_PRECISION_UPDATE = "half_precision_update"
+    POISONED_WEIGHTS = "poisoned_weights"
+
+
+#: Each cause's own title and remedy, which the report and the message prefer to the kind's (a NaN born in an
+#: exploding forward pass is not a data problem).
 ALERT_CAUSES: dict[str, AlertKindInfo] = {
-    "bad_input": AlertKindInfo(
+    AlertCause.BAD_INPUT: AlertKindInfo(
         "Non-finite input data", "find and fix the batch (data loading, preprocessing, a division by zero in a feature)"
     ),
-    "exploding_activations": AlertKindInfo(
+    AlertCause.EXPLODING_ACTIVATIONS: AlertKindInfo(
         "Exploding activations",
         "check the weight initialisation (He/Xavier scale), add normalisation layers, lower the learning rate",
     ),
-    "forward_op": AlertKindInfo(
+    AlertCause.FORWARD_OP: AlertKindInfo(
         "A forward operation produced NaN/Inf",
         "guard the operation named (log/sqrt/division of values near 0: clamp or add an epsilon)",
     ),
-    "loss_function": AlertKindInfo(
+    AlertCause.LOSS_FUNCTION: AlertKindInfo(
         "The loss function produced NaN/Inf",
         "check the loss for log(0) or division by zero (use the numerically stable form, e.g. cross-entropy on logits)",
     ),
-    "backward_op": AlertKindInfo(
+    AlertCause.BACKWARD_OP: AlertKindInfo(
         "The backward pass produced NaN/Inf",
         "an operation with an infinite derivative at the values it saw (sqrt/pow at 0, norm of a zero vector): add an "
         "epsilon",
     ),
-    "divergence": AlertKindInfo(
+    AlertCause.DIVERGENCE: AlertKindInfo(
         "Divergence: the learning rate is too high",
         "lower the learning rate (about 10x), add a warm-up, clip gradients (AdaptiveClipping); check the scale of "
         "the loss and the targets",
     ),
-    "half_precision_update": AlertKindInfo(
+    AlertCause.HALF_PRECISION_UPDATE: AlertKindInfo(
         "The optimizer's float16 update produced NaN/Inf",
         "train with precision='16-mixed' (float32 weights and optimizer state, a GradScaler) or 'bf16-mixed'; in pure "
         "float16, raise Adam's eps to 1e-4 or more",
     ),
-    "poisoned_weights": AlertKindInfo(
+    AlertCause.POISONED_WEIGHTS: AlertKindInfo(
         "Non-finite weights",
         "resume from a clean checkpoint (action='rollback' keeps one in memory); lower the learning rate",
     ),
 }
 
-ALERT_KINDS: frozenset[str] = frozenset(ALERT_KIND_INFO)
+ALERT_KINDS: frozenset[str] = frozenset(str(kind) for kind in ALERT_KIND_INFO)  # plain strings, as alerts hold them
 
 
-def with_remedy(kind: str, finding: str) -> str:
-    """An alert message: what was found, then the usual remedy of ``kind`` from :data:`ALERT_KIND_INFO`."""
-    info = ALERT_KIND_INFO.get(kind)
+def alert_message(kind: str, finding: str, severity: str = "warning", cause: str = "") -> str:
+    """The one way an alert message is made: the ``finding``, then, for a warning, the usual remedies of its
+    ``cause`` (:data:`ALERT_CAUSES`) where it has an entry, else of its ``kind`` (:data:`ALERT_KIND_INFO`). An info
+    finding asks for nothing, so it has no remedy."""
+    if severity != "warning":
+        return finding
+    info = ALERT_CAUSES.get(cause) or ALERT_KIND_INFO.get(kind)
     return finding if info is None else f"{finding} Usual remedies: {info.remedy}."
 
 
@@ -255,6 +288,9 @@ class Alert:
         return self.step if self.onset is None else self.onset
 
     def __post_init__(self) -> None:
+        # the contract's fields are plain strings, whether given as AlertKind/AlertCause members or not
+        object.__setattr__(self, "kind", str(self.kind))
+        object.__setattr__(self, "cause", str(self.cause))
         if self.severity not in SEVERITIES:
             raise ValueError(f"`severity` must be one of {', '.join(map(repr, SEVERITIES))}, got {self.severity!r}.")
 

@@ -14,7 +14,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_gradwatch._activation_probe import compiled_modules, probe_for
-from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._distributed import all_reduce_sum, is_sharded
 from lightning_gradwatch._geometry import ActivationSample, Blocks, find_blocks, probe_geometry
 from lightning_gradwatch._layout import exact_tags, layer_charts
@@ -30,7 +29,8 @@ from lightning_gradwatch._probe_batch import (
 from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
 from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, Null, OpenUnitInterval, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_bool, check_number, check_patterns
-from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
+from lightning_gradwatch.core.callback import GradwatchCallback
 from lightning_gradwatch.functional.geometry import gain_product
 
 
@@ -279,7 +279,7 @@ class GradientGeometry(GradwatchCallback):
                 names[0],
                 site,
                 threshold,
-                with_remedy(AlertKind.SHATTERED_GRADIENT, finding),
+                alert_message(AlertKind.SHATTERED_GRADIENT, finding),
             ),
         )
 
@@ -306,7 +306,7 @@ class GradientGeometry(GradwatchCallback):
                 kind,
                 "",
                 firing(threshold),
-                functools.partial(Alert, step, kind, name, product, threshold, with_remedy(kind, finding)),
+                functools.partial(Alert, step, kind, name, product, threshold, alert_message(kind, finding)),
             )
 
     # -- TensorBoard -----------------------------------------------------------------------------------------

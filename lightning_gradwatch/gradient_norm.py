@@ -4,47 +4,42 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback, HookOrder, gradwatch_callbacks
 from lightning_gradwatch._charts import (
     DEFAULT_MAX_SERIES,
     GROUPINGS,
     ChartPlan,
-    charted,
     check_patterns_syntax,
-    plan_charts,
 )
-from lightning_gradwatch._geometry import find_blocks
-from lightning_gradwatch._gradient_flow import GradientFlow, matplotlib_pyplot
 from lightning_gradwatch._gradient_rules import (
     Diagnosis,
     ExplodingRule,
     GradientReading,
-    IntervalTally,
     StoppedRule,
     UnderflowRule,
     UpdateRatioRule,
     VanishingRule,
 )
-from lightning_gradwatch._layout import exact_tags, layer_charts
-from lightning_gradwatch._loss_trace import fetch_with_history
-from lightning_gradwatch._norm_ring import NormRing, combine_on_host, write_recent
-from lightning_gradwatch._params import ParamGroups, group_of, optimizer_index
-from lightning_gradwatch._precision import grad_scaler
-from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
+from lightning_gradwatch._loss_trace import LossHistory, fetch_with_history
+from lightning_gradwatch._norm_charts import FlowPictures, NormCharts
+from lightning_gradwatch._norm_intervals import NormIntervals
+from lightning_gradwatch._norm_ring import NormRing, combine_on_host
+from lightning_gradwatch._params import ParamGroups, optimizer_index
+from lightning_gradwatch._precision import grad_scaler, loss_scale
+from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import AtLeastFiveInt, AtLeastOne, GreaterThanOne, Null, PositiveFloat, PositiveInt
 from lightning_gradwatch._update_ratio import UpdateTracker
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.alerts import Alert
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
 from lightning_gradwatch.functional._scalars import Scalar, as_float, isfinite
 from lightning_gradwatch.functional.norms import total_norm, validate_norm_type
 
@@ -167,21 +162,15 @@ class GradientNormLogger(GradwatchCallback):
         self.gradient_flow_every_n_steps = check_number(
             "gradient_flow_every_n_steps", gradient_flow_every_n_steps, **positive_int
         )
-        self._flows: dict[str, GradientFlow] = {}  # per optimizer suffix: profiles for the gradient-flow picture
+        self._pictures = FlowPictures(self.norm_type, self.gradient_flow_every_n_steps)
         self._vanishing = VanishingRule(self.vanishing_threshold, self.vanishing_ratio)
         self._stopped = StoppedRule(self.stop_after_steps)
         self._diagnoses: dict[str, Diagnosis] = {}  # per optimizer suffix
         self._loaded_history: dict[str, list[float]] = {}  # a checkpoint's norm history, until its rule exists
-        self._loaded_intervals: dict[str, dict[str, Any]] = {}  # a checkpoint's unfinished intervals
         self._updates: dict[str, UpdateTracker] = {}
-        self._tallies: dict[str, IntervalTally] = {}  # per optimizer suffix, on the device, for the current interval
-        self._tally_layers: dict[str, list[str]] = {}  # the layers each tally counts, in order
-        self._rings: dict[str, NormRing] = {}  # the last steps' layer norms, written only if the run fails
-        self._last_logged: dict[str, int] = {}  # per optimizer suffix, the last step whose norms were logged
+        self._intervals = NormIntervals()  # per optimizer suffix, on the device, for the current logging interval
         self.max_series = check_number("max_series", max_series, **positive_int)
-        self._blocks: list[str] = []  # the model's repeated blocks, found at fit start
-        self._plans: dict[tuple[str, ...], ChartPlan] = {}
-        self._plans_noted = False
+        self._charts = NormCharts(self.norm_type, self.group_by, self.layers, self.max_series)
 
     @property
     def _history(self) -> dict[str, list[float]]:
@@ -199,13 +188,9 @@ class GradientNormLogger(GradwatchCallback):
     # -- hooks -----------------------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._rings.clear()
-        self._last_logged.clear()
-        self._tallies.clear()
-        self._tally_layers.clear()
-        self._plans.clear()
-        blocks = find_blocks(pl_module)
-        self._blocks = blocks.names if blocks is not None else []
+        self._pictures.start()
+        self._intervals.start()
+        self._charts.start(pl_module)
         super().on_fit_start(trainer, pl_module)
 
     @override
@@ -223,39 +208,29 @@ class GradientNormLogger(GradwatchCallback):
                 self._log_finite(trainer, step)
             return
         groups = step.index.grouping(self._judged_by)
-        suffix = self._optimizer_suffix(trainer, step.optimizer)
+        suffix = _optimizer_suffix(trainer, step.optimizer)
         on_host = step.host_is_free  # a CPU: the interval's tally is a few floats, folded without a tensor op
-        tally = self._tallies.get(suffix)
         names = groups.group_names
-        if tally is None or self._tally_layers.get(suffix) != names or tally.on_host != on_host:
-            last = None  # the layers changed (a group added mid-run): each keeps its last non-zero step by name
-            if tally is not None:
-                known = dict(zip(self._tally_layers.get(suffix, []), tally.last_nonzero_steps(), strict=True))
-                last = [known.get(n, -1.0) for n in names]
-            tally = self._tallies[suffix] = IntervalTally.zeros(len(names), step.device, last, on_host)
-            loaded = self._loaded_intervals.pop(suffix, None)
-            if loaded is not None and loaded.get("layers") == names:  # a checkpoint's unfinished interval
-                tally = self._tallies[suffix] = IntervalTally.restored(loaded, step.device, on_host)
-            self._tally_layers[suffix] = list(names)
+        tally = self._intervals.for_step(suffix, names, step.device, on_host)
         if on_host:
             global_norm_now = float(step.global_norm(self.norm_type))  # the shared pass, read for free
-            overflow_now = bool(self._overflow_flag(step, global_norm_now) > 0)
+            overflow_now = bool(_overflow_flag(step, global_norm_now) > 0)
             norms = step.param_norms_on_host(self.norm_type)
             tally.fold_on_host(trainer.global_step, global_norm_now, norms, groups.group_of_param, overflow_now)
             on_layers = combine_on_host(norms, groups.group_of_param, len(names), self.norm_type)
-            self._rings.setdefault(suffix, NormRing()).push(
+            self._pictures.rings.setdefault(suffix, NormRing()).push(
                 names, groups.group_numels, logger_step(trainer), trainer.global_step, on_layers
             )
         if self.histogram_every_n_steps is not None and (logger_step(trainer) + 1) % self.histogram_every_n_steps == 0:
-            self._write_histograms(trainer, groups, step)
+            self._charts.write_histograms(trainer, groups, step)
         logs = self._should_log(trainer, self.log_every_n_steps)
         if logs or not on_host:
             layer_norms = groups.combine(step.param_norms(self.norm_type), self.norm_type)  # the shared pass
             global_norm = total_norm(layer_norms, self.norm_type)
-            overflow = cast(Tensor, self._overflow_flag(step, global_norm))  # a tensor norm in: a tensor
+            overflow = cast(Tensor, _overflow_flag(step, global_norm))  # a tensor norm in: a tensor
             if not on_host:
                 tally.fold(trainer.global_step, global_norm, layer_norms, overflow)  # every step, on the device
-                ring = self._rings.setdefault(suffix, NormRing())  # kept for a failed run's charts
+                ring = self._pictures.rings.setdefault(suffix, NormRing())  # kept for a failed run's charts
                 ring.push(names, groups.group_numels, logger_step(trainer), trainer.global_step, layer_norms)
             if logs:
                 self._log_norms(trainer, groups, step, layer_norms, global_norm, overflow, suffix)
@@ -264,40 +239,21 @@ class GradientNormLogger(GradwatchCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if any(getattr(cb, "stopped_this_fit", False) for cb in gradwatch_callbacks(trainer)):
-            self._write_evidence(trainer)
+        if session_of(trainer).stopped_by_gradwatch(trainer):
+            self._pictures.write_evidence(trainer)
         self._judge_unfinished_intervals(trainer)
         super().on_train_end(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._write_evidence(trainer)
+        self._pictures.write_evidence(trainer)
         super().on_exception(trainer, pl_module, exception)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _write_evidence(self, trainer: pl.Trainer) -> None:
-        """A failed run: the last steps' norms not logged yet go to the loggers at their own steps, and into the
-        gradient-flow picture (TensorBoard and the report), so that the charts exist exactly when they are needed."""
-        for suffix, ring in self._rings.items():
-            recent = ring.read(self._last_logged.get(suffix, -1))
-            if recent is None:
-                continue
-            write_recent(trainer, recent, suffix, self.norm_type)
-            self._last_logged[suffix] = recent.steps[-1]
-            flow = self._flows.setdefault(suffix, GradientFlow())
-            for row in range(max(0, len(recent.steps) - 3), len(recent.steps)):
-                flow.add(recent.steps[row], recent.names, recent.rms(row))
-            figure = flow.figure()
-            if figure is not None:
-                for writer in tensorboard_writers(trainer):
-                    writer.add_figure(f"gradwatch/gradient_flow{suffix}", figure, recent.logger_steps[-1], close=False)
-                matplotlib_pyplot().close(figure)
-
     def _judge_unfinished_intervals(self, trainer: pl.Trainer) -> None:
         """An explosion after the last logging step is judged when training ends (its peak, and the step of it)."""
-        for suffix, tally in self._tallies.items():
-            peak, peak_step = (float(v) for v in tally.tensors(torch.device("cpu"))[:2])
-            if peak <= 0 or peak_step <= self._last_logged.get(suffix, -1) or suffix not in self._diagnoses:
+        for suffix, peak, peak_step in self._intervals.unfinished():
+            if peak <= 0 or peak_step <= self._pictures.last_logged.get(suffix, -1) or suffix not in self._diagnoses:
                 continue
             reading = GradientReading(
                 step=trainer.global_step,
@@ -307,7 +263,7 @@ class GradientNormLogger(GradwatchCallback):
                 silent_steps=[],
                 global_norm=peak,
                 peak=peak,
-                peak_step=int(peak_step),
+                peak_step=peak_step,
                 norm_label="inf" if math.isinf(self.norm_type) else f"{self.norm_type:g}",
             )
             verdict = self._diagnoses[suffix].exploding.check(reading, "(the model)")
@@ -319,57 +275,10 @@ class GradientNormLogger(GradwatchCallback):
         """A logging step whose update the guard dropped: its finite per-layer norms are still logged."""
         groups = step.index.grouping(self._judged_by)
         (values,) = host_values(groups.combine(step.param_norms(self.norm_type), self.norm_type))
-        plan = self._plan(groups.group_names)
+        plan = self._charts.plan(groups.group_names)
         norms = plan.norms(values, self.norm_type)
         metrics = {f"gradwatch/grad_norm/{n}": v for n, v in zip(plan.names, norms, strict=True) if math.isfinite(v)}
         self._log_metrics(trainer, metrics)
-
-    def _plan(self, layers: list[str]) -> ChartPlan:
-        """Which series the layers are charted as (``layers``, ``group_by``, ``max_series``), made once per layer
-        list; the first time it groups on its own, it says so."""
-        key = tuple(layers)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan, note = plan_charts(layers, self.layers, self.group_by, self._blocks, self.max_series)
-            self._plans[key] = plan
-            if note is not None and not self._plans_noted:
-                self._plans_noted = True
-                rank_zero_info(f"GradientNormLogger: {note}")
-        return plan
-
-    def _series_metrics(
-        self,
-        plan: ChartPlan,
-        present: list[int],
-        per_layer: list[float],
-        zeros: list[float],
-        numels: list[float],
-        extra: dict[str, list[float]],
-    ) -> dict[str, float]:
-        """The per-layer metrics of a logging step, as the plan charts them (exact values for single layers)."""
-        present_set = set(present)
-        weights = extra.pop("weight_norm", None)
-        metrics: dict[str, float] = {}
-        for name, members in zip(plan.names, plan.members, strict=True):
-            m = [g for g in members if g in present_set]
-            if not m:
-                continue
-            if len(m) == 1:
-                g = m[0]
-                metrics[f"gradwatch/grad_norm/{name}"] = per_layer[g]
-                metrics[f"gradwatch/zero_fraction/{name}"] = zeros[g]
-                for key, values in extra.items():
-                    metrics[f"gradwatch/{key}/{name}"] = values[g]
-                continue
-            one = ChartPlan([name], [m], True)
-            metrics[f"gradwatch/grad_norm/{name}"] = one.norms(per_layer, self.norm_type)[0]
-            metrics[f"gradwatch/zero_fraction/{name}"] = one.weighted(zeros, numels)[0]
-            if weights is not None and "grad_to_weight" in extra:
-                metrics[f"gradwatch/grad_to_weight/{name}"] = one.ratios(per_layer, weights, self.norm_type)[0]
-            if weights is not None and "update_to_weight" in extra:  # the block's ||delta w|| over its ||w||
-                updates = [r * w for r, w in zip(extra["update_to_weight"], weights, strict=True)]
-                metrics[f"gradwatch/update_to_weight/{name}"] = one.ratios(updates, weights, self.norm_type)[0]
-        return metrics
 
     def _log_norms(
         self,
@@ -381,42 +290,20 @@ class GradientNormLogger(GradwatchCallback):
         overflow: Tensor,
         suffix: str,
     ) -> None:
-        tally = self._tallies[suffix]
-        active = groups.combine(step.nonzero_counts(), 1.0)
-        scaler = grad_scaler(trainer)
-        scale = scaler._scale if scaler is not None and scaler._scale is not None else torch.zeros(())
-        peak_now, peak_step_now, last_nonzero_now = tally.tensors(global_norm.device)
-        to_fetch = [global_norm, overflow, peak_now, peak_step_now, scale, layer_norms, active, last_nonzero_now]
-        optional: dict[str, Tensor] = {}
-        tracker = self._updates.get(suffix)
-        ratios = tracker.ratios(step, groups) if tracker is not None else None
-        plan = self._plan(groups.group_names)
-        if self.log_grad_to_weight or (plan.grouped and ratios is not None):
-            weight_norms = groups.combine(step.weight_norms(self.norm_type), self.norm_type)
-            if self.log_grad_to_weight:
-                optional["grad_to_weight"] = layer_norms / weight_norms.clamp_min(1e-12)
-            if plan.grouped:  # a block's ratios are of its combined norms
-                optional["weight_norm"] = weight_norms
-        if ratios is not None:
-            optional["update_to_weight"] = ratios
-        # the one host sync of a logging step, with the loss history riding along
-        fetched, history = fetch_with_history(trainer, *to_fetch, *optional.values())
-        self._tallies[suffix] = IntervalTally.zeros(
-            len(groups.group_names), global_norm.device, tally.last_nonzero, tally.on_host
-        )
-        (total,), (skipped,), (peak,), (peak_step,), (loss_scale,), per_layer, nonzero, last_nonzero = fetched[:8]
-        extra = dict(zip(optional, fetched[8:], strict=True))
+        plan = self._charts.plan(groups.group_names)
+        fetched, extra, history = self._fetch(trainer, groups, step, layer_norms, global_norm, overflow, suffix, plan)
+        (total,), (skipped,), (peak,), (peak_step,), (loss_scale,), per_layer, nonzero, last_nonzero = fetched
         if skipped > 0:
             return  # the GradScaler skips this step for overflow: normal under fp16, nothing to report
         present = sorted({groups.group_of_param[i] for i in step.positions})
         numels = groups.group_numels.tolist()  # host tensor: no sync
         zeros = [1.0 - nonzero[g] / numels[g] if numels[g] else 0.0 for g in range(len(numels))]
         metrics = {f"gradwatch/global/grad_norm{suffix}": total}
-        metrics.update(self._series_metrics(plan, present, per_layer, zeros, numels, dict(extra)))
+        metrics.update(self._charts.series_metrics(plan, present, per_layer, zeros, numels, dict(extra)))
         self._log_metrics(trainer, metrics)
         if not math.isfinite(total):
             return  # non-finite gradients: NaNGuard's business; never folded into the statistics
-        now = trainer.global_step
+        now, scaled = trainer.global_step, grad_scaler(trainer) is not None
         reading = GradientReading(
             step=now,
             names=[groups.group_names[g] for g in present],
@@ -429,36 +316,49 @@ class GradientNormLogger(GradwatchCallback):
             norm_label="inf" if math.isinf(self.norm_type) else f"{self.norm_type:g}",
             zero_fraction=[zeros[g] for g in present],
             update_ratios=[extra["update_to_weight"][g] for g in present] if "update_to_weight" in extra else None,
-            loss_scale=loss_scale if scaler is not None else None,
+            loss_scale=loss_scale if scaled else None,
             loss_improving=history.improving() if history is not None else None,
-            half_unscaled=scaler is None and any(g.dtype == torch.float16 for g in step.grads),
+            half_unscaled=not scaled and any(g.dtype == torch.float16 for g in step.grads),
         )
-        self._last_logged[suffix] = now
+        self._pictures.last_logged[suffix] = now
         self._judge(trainer, reading, suffix)
-        self._draw_flow(trainer, reading, suffix)
+        self._pictures.draw(trainer, reading.step, reading.names, reading.active_rms, suffix)
 
-    def _draw_flow(self, trainer: pl.Trainer, reading: GradientReading, suffix: str) -> None:
-        """Keep this step's depth profile; at the slow cadence, draw the picture into TensorBoard (rank zero)."""
-        flow = self._flows.setdefault(suffix, GradientFlow())
-        flow.add(reading.step, reading.names, reading.active_rms)
-        every = self.gradient_flow_every_n_steps
-        writers = tensorboard_writers(trainer)
-        if every is None or not writers or (logger_step(trainer) + 1) % every != 0:
-            return
-        figure = flow.figure()
-        if figure is not None:
-            for writer in writers:
-                writer.add_figure(f"gradwatch/gradient_flow{suffix}", figure, logger_step(trainer), close=False)
-            matplotlib_pyplot().close(figure)
+    def _fetch(
+        self,
+        trainer: pl.Trainer,
+        groups: ParamGroups,
+        step: StepGradients,
+        layer_norms: Tensor,
+        global_norm: Tensor,
+        overflow: Tensor,
+        suffix: str,
+        plan: ChartPlan,
+    ) -> tuple[list[list[float]], dict[str, list[float]], LossHistory | None]:
+        """The logging step's one host transfer (the loss history riding along), closing its interval: the eight
+        fixed values, the optional per-layer ratios by name, and the loss history."""
+        tally = self._intervals.restart(suffix, global_norm.device)
+        active = groups.combine(step.nonzero_counts(), 1.0)
+        peak_now, peak_step_now, last_nonzero_now = tally.tensors(global_norm.device)
+        scale = loss_scale(trainer)
+        to_fetch = [global_norm, overflow, peak_now, peak_step_now, scale, layer_norms, active, last_nonzero_now]
+        optional: dict[str, Tensor] = {}
+        tracker = self._updates.get(suffix)
+        ratios = tracker.ratios(step, groups) if tracker is not None else None
+        if self.log_grad_to_weight or (plan.grouped and ratios is not None):
+            weight_norms = groups.combine(step.weight_norms(self.norm_type), self.norm_type)
+            if self.log_grad_to_weight:
+                optional["grad_to_weight"] = layer_norms / weight_norms.clamp_min(1e-12)
+            if plan.grouped:  # a block's ratios are of its combined norms
+                optional["weight_norm"] = weight_norms
+        if ratios is not None:
+            optional["update_to_weight"] = ratios
+        fetched, history = fetch_with_history(trainer, session_of(trainer).loss_trace, *to_fetch, *optional.values())
+        return fetched[:8], dict(zip(optional, fetched[8:], strict=True)), history
 
     @override
     def _report_pictures(self, trainer: pl.Trainer, directory: str) -> list[tuple[str, str]]:
-        pictures = []
-        for suffix, flow in self._flows.items():
-            name = f"gradient_flow{suffix}.png"
-            if flow.save(os.path.join(directory, name)):
-                pictures.append((f"Gradient flow across depth{suffix.replace('_', ' ')}", name))
-        return pictures
+        return self._pictures.report_pictures(directory)
 
     def _judge(self, trainer: pl.Trainer, reading: GradientReading, suffix: str) -> None:
         diagnosis = self._diagnoses.get(suffix)
@@ -476,68 +376,11 @@ class GradientNormLogger(GradwatchCallback):
             make_alert = functools.partial(verdict.alert, reading.step) if verdict is not None else _no_alert
             self._set_condition(trainer, kind, suffix + key, verdict is not None, make_alert)
 
-    @staticmethod
-    def _overflow_flag(step: StepGradients, global_norm: Scalar) -> Scalar:
-        """1.0 on a step the GradScaler will skip for overflow, else 0.0: a device tensor (no sync), or a float for
-        a norm read on the host."""
-        if step.found_inf is not None:
-            if not isinstance(global_norm, Tensor):
-                return float(step.found_inf)
-            return step.found_inf.to(global_norm.device)
-        if step.has_scaler:
-            # fused optimizers check for inf inside their own step: non-finite scaled grads mean a skip there too
-            return 1.0 - as_float(isfinite(global_norm))
-        return torch.zeros((), device=global_norm.device) if isinstance(global_norm, Tensor) else 0.0
-
-    @staticmethod
-    def _optimizer_suffix(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
-        if len(trainer.optimizers) <= 1:
-            return ""
-        return f"_optimizer{optimizer_index(trainer, optimizer)}"
-
-    def _write_histograms(self, trainer: pl.Trainer, groups: ParamGroups, step: StepGradients) -> None:
-        writers = tensorboard_writers(trainer)
-        if not writers:
-            return
-        by_group: dict[int, list[Tensor]] = {}
-        for g, i in zip(step.grads, step.positions, strict=True):
-            if charted(groups.group_names[groups.group_of_param[i]], self.layers):
-                by_group.setdefault(groups.group_of_param[i], []).append(g.detach().reshape(-1).float())
-        logged_step = logger_step(trainer)
-        for group, parts in by_group.items():
-            values = torch.cat(parts)
-            if step.unscale is not None:
-                values = values * step.unscale.to(values.device)
-            values = values[torch.isfinite(values)].cpu()
-            if values.numel():
-                for writer in writers:
-                    writer.add_histogram(f"gradwatch/grad_hist/{groups.group_names[group]}", values, logged_step)
-
     @override
     def _tensorboard_layout(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, dict[str, list[Any]]]:
-        layers = list(
-            dict.fromkeys(group_of(n, self._judged_by) for n, p in pl_module.named_parameters() if p.requires_grad)
-        )
-        blocks = find_blocks(pl_module)
-        plan, _ = plan_charts(
-            layers, self.layers, self.group_by, blocks.names if blocks is not None else [], self.max_series
-        )
-        spans = layer_charts(plan.names)
-
-        def per_layer(tag: str, title: str) -> dict[str, list[Any]]:
-            return {
-                f"{title}: {span}": ["Multiline", [exact_tags(f"gradwatch/{tag}/", names)]] for span, names in spans
-            }
-
-        gradients: dict[str, list[Any]] = {"global gradient norm": ["Multiline", [r"^gradwatch/global/grad_norm"]]}
-        gradients.update(per_layer("grad_norm", "gradient norm"))
-        if self.log_grad_to_weight:
-            gradients.update(per_layer("grad_to_weight", "grad/weight ratio"))
-        dynamics = per_layer("update_to_weight", "update/weight ratio") if self.log_update_to_weight else {}
-        dynamics.update(per_layer("zero_fraction", "exactly-zero gradient fraction"))
-        return {"gradwatch: gradients": gradients, "gradwatch: training dynamics": dynamics}
+        return self._charts.layout(pl_module, self._judged_by, self.log_grad_to_weight, self.log_update_to_weight)
 
     # -- state -----------------------------------------------------------------------------------------------
     @override
@@ -546,25 +389,40 @@ class GradientNormLogger(GradwatchCallback):
 
     @override
     def _extra_state(self) -> dict[str, Any]:
-        # the unfinished interval too: an explosion just before a checkpoint is reported after resuming from it
-        # and a loaded interval no step has taken up yet (saved again before the first step after resuming)
-        intervals = {suffix: dict(loaded) for suffix, loaded in self._loaded_intervals.items()}
-        for suffix, tally in self._tallies.items():
-            intervals[suffix] = {"layers": list(self._tally_layers.get(suffix, [])), **tally.state()}
-        return {"norm_history": self._history, "intervals": intervals}
+        # the unfinished intervals too: an explosion just before a checkpoint is reported after resuming from it
+        return {"norm_history": self._history, "intervals": self._intervals.state()}
 
     @override
     def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
         self._diagnoses.clear()
-        self._loaded_history, self._loaded_intervals = {}, {}
+        self._loaded_history = {}
+        self._intervals.forget_loaded()
         if "norm_type" in changed:  # norms of another p are not comparable: the relative rule starts afresh
             return ["the global-norm history of the relative exploding rule"] if state.get("norm_history") else []
         self._loaded_history = {str(k): [float(x) for x in v] for k, v in state.get("norm_history", {}).items()}
-        self._loaded_intervals = {str(k): dict(v) for k, v in state.get("intervals", {}).items()}
-        self._tallies.clear()
+        self._intervals.load(state.get("intervals", {}))
         return []
 
 
 def _no_alert() -> Alert:
     """The alert of a condition that is not firing: never made."""
     raise AssertionError("a condition that is not firing makes no alert")
+
+
+def _overflow_flag(step: StepGradients, global_norm: Scalar) -> Scalar:
+    """1.0 on a step the GradScaler will skip for overflow, else 0.0: a device tensor (no sync), or a float for
+    a norm read on the host."""
+    if step.found_inf is not None:
+        if not isinstance(global_norm, Tensor):
+            return float(step.found_inf)
+        return step.found_inf.to(global_norm.device)
+    if step.has_scaler:
+        # fused optimizers check for inf inside their own step: non-finite scaled grads mean a skip there too
+        return 1.0 - as_float(isfinite(global_norm))
+    return torch.zeros((), device=global_norm.device) if isinstance(global_norm, Tensor) else 0.0
+
+
+def _optimizer_suffix(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
+    if len(trainer.optimizers) <= 1:
+        return ""
+    return f"_optimizer{optimizer_index(trainer, optimizer)}"

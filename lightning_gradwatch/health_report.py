@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass, replace
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback, HookOrder, gradwatch_callbacks
 from lightning_gradwatch._params import clean_name
 from lightning_gradwatch._reporting import log_dir
 from lightning_gradwatch._validation import check_bool
 from lightning_gradwatch.alerts import ALERT_CAUSES, ALERT_KIND_INFO, Alert, AlertKind
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
 
 #: Kinds whose value and threshold are not a measurement against a limit (a count of non-finite tensors vs 0).
 _NO_MEASUREMENT = frozenset({AlertKind.NON_FINITE})
@@ -236,18 +237,14 @@ class HealthReport(GradwatchCallback):
         self._report(trainer)
 
     def _report(self, trainer: pl.Trainer) -> None:
-        peers = gradwatch_callbacks(trainer)
+        peers = session_of(trainer).members(trainer)
         module = trainer.lightning_module
         order = [clean_name(n) for n, _ in module.named_modules()] if module is not None else []
         self.findings = summarize((a for cb in peers for a in cb.alerts), order)
         if not trainer.is_global_zero:
             return
         # a halt of this fit only: a run resumed from a halt checkpoint and stopped later by something else was not
-        halts = [
-            (getattr(cb, "halt_step", None), type(cb).__name__)
-            for cb in peers
-            if getattr(cb, "stopped_this_fit", False)
-        ]
+        halts = [(cb.halt_step, type(cb).__name__) for cb in peers if cb.stopped_this_fit]
         stopped = f"stopped at step {halts[0][0]} by {halts[0][1]}" if halts else ""
         directory = self.dirpath or log_dir(trainer)
         os.makedirs(directory, exist_ok=True)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,33 +12,31 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback, HookOrder, gradwatch_callbacks
 from lightning_gradwatch._distributed import all_reduce_max, distributed
+from lightning_gradwatch._loss_window import (
+    V_DROP,
+    V_LOSS,
+    V_MEDIAN,
+    V_PRINT,
+    V_SHIFT,
+    V_SPIKE,
+    V_Z,
+    VERDICT_SIZE,
+    LossWindow,
+)
 from lightning_gradwatch._precision import grad_scaler, unscaled_loss
 from lightning_gradwatch._reporting import host_values, log_dir
-from lightning_gradwatch._shared_read import shared_read
+from lightning_gradwatch._skip_batches import SkipList, first_tensor, write_spikes
 from lightning_gradwatch._snapshot import Rollbacks
 from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import AtLeastThreeInt, FinitePositiveFloat, Null, PositiveFloat, PositiveInt
 from lightning_gradwatch._validation import check_choice, check_number
-from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
-from lightning_gradwatch.functional.rings import ring_push
-from lightning_gradwatch.functional.spikes import (
-    batch_fingerprint,
-    fingerprint_probe,
-    is_spike,
-    robust_zscore,
-    robust_zscore_of_floats,
-    same_fingerprint,
-)
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
 
 SpikeAction = Literal["log", "skip", "rollback"]
 SPIKE_ACTIONS: tuple[str, ...] = ("log", "skip", "rollback")
-
-
-# one step's verdict: its flags (max-reduced over ranks with NaNGuard's read, or at LossSpikeGuard's own), then values
-V_SPIKE, V_SHIFT, V_DROP, V_Z, V_LOSS, V_MEDIAN, V_PRINT = range(7)
-VERDICT_SIZE = 7
 
 
 class LossSpikeGuard(GradwatchCallback):
@@ -129,17 +125,14 @@ class LossSpikeGuard(GradwatchCallback):
         self.snapshot_every_n_steps = check_number("snapshot_every_n_steps", snapshot_every_n_steps, ge=1, integer=True)
         self.max_rollbacks = check_number("max_rollbacks", max_rollbacks, ge=1, integer=True)
         self.log_every_n_steps = check_number("log_every_n_steps", log_every_n_steps, ge=1, integer=True, optional=True)
-        self._skip_positions, self._skip_prints = _load_batches(skip_batches)
+        self._skip = SkipList(skip_batches)
         # every batch listed, as (epoch, batch_idx) where it was recorded (those with a fingerprint are found by it)
-        self.skip_batches = self._skip_positions | {(e, i) for e, i, _ in self._skip_prints}
+        self.skip_batches = self._skip.listed
         self.spikes: list[dict[str, Any]] = []  # every spike found: step, epoch, batch_idx, loss, median, z, print
         self.skipped_batches = 0
-        # the window (a ring buffer) and how many it holds: on the device, or a list on the CPU's host path
-        self._losses: Tensor | list[float] | None = None
-        self._count: Tensor | int = 0
-        # the current run of consecutive spikes: its length and its losses (a level shift refills the window with them)
-        self._run: Tensor | int = 0
-        self._recent: Tensor | list[float] | None = None
+        self._window = LossWindow(
+            self.window, self.level_shift_after, self.warmup_steps, self.z_threshold, self.min_delta
+        )
         self._loss: Tensor | float | None = None  # this step's loss, summed over its micro-batches
         self._print: Tensor | float | None = None  # the fingerprint of this step's (first) batch, when taken
         self._tensor: Tensor | None = None  # this step's first batch tensor (a reference)
@@ -151,9 +144,6 @@ class LossSpikeGuard(GradwatchCallback):
         self._batch: tuple[int, int] = (0, 0)
         self._episode: dict[str, Any] | None = None  # the open spike episode: first/last step, count, alert
         self._shifts: dict[str, Any] | None = None  # the last level shifts, as an episode
-        self._probes: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
-        self._consts: _Constants | None = None
-        self._prints_on: tuple[torch.device, Tensor] | None = None
         self._active = True
         self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
 
@@ -181,43 +171,23 @@ class LossSpikeGuard(GradwatchCallback):
             self._batch = (trainer.current_epoch, batch_idx)
             self._print = self._tensor = None
             if self._replayed_epoch is None:
-                self._replayed_epoch = self._epoch_replayed_from_start(trainer, batch_idx)
-        tensor = _first_tensor(batch)
+                self._replayed_epoch = self._skip.epoch_replayed_from_start(trainer, batch_idx)
+        tensor = first_tensor(batch)
         if tensor is None or not self._active:
             return
         if first:
             self._tensor = tensor  # a reference, no copy: fingerprinted when a spike is recorded at this step
-        if not (self._skip_prints or (first and not self._verdict_read_at_step(trainer, tensor.device))):
+        if not (self._skip.prints or (first and not self._verdict_read_at_step(trainer, tensor.device))):
             return  # the fingerprint is taken only if needed: to match skip_batches, or for a verdict read later
-        fingerprint = self._fingerprint(tensor)
+        fingerprint = self._skip.fingerprint(tensor)
         if first:
             self._print = fingerprint
-        if self._skip_prints:  # a listed batch anywhere in the step drops its update
-            if isinstance(fingerprint, Tensor):
-                match = same_fingerprint(fingerprint, self._prints_tensor(fingerprint.device))
+        if self._skip.prints:  # a listed batch anywhere in the step drops its update
+            match = self._skip.matches(fingerprint)
+            if isinstance(match, Tensor):
                 self._drop = match if first or not isinstance(self._drop, Tensor) else self._drop | match
             else:
-                found = any(same_fingerprint(fingerprint, p) for *_, p in self._skip_prints)
-                self._drop = found or (bool(self._drop) and not first)
-
-    def _epoch_replayed_from_start(self, trainer: pl.Trainer, batch_idx: int) -> int:
-        """At the fit's first batch: the epoch whose positions are off (-1 if none). Resumed mid-epoch, a loader that
-        cannot resume (no ``state_dict``) replays the epoch's data from its start while ``batch_idx`` goes on: a
-        batch listed by position only (a file without fingerprints) would name another one there."""
-        loader = getattr(trainer.fit_loop, "_combined_loader", None)
-        loaders = list(getattr(loader, "flattened", None) or [])
-        resumable = bool(loaders) and all(hasattr(d, "state_dict") and hasattr(d, "load_state_dict") for d in loaders)
-        if batch_idx == 0 or resumable:
-            return -1
-        epoch = trainer.current_epoch
-        if any(e == epoch for e, _ in self._skip_positions):
-            rank_zero_warn(
-                f"LossSpikeGuard resumed mid-epoch (at batch {batch_idx} of epoch {epoch}) with a DataLoader that "
-                "cannot resume: the epoch's data start again from its first batch while batch_idx goes on, so the "
-                f"batches skip_batches lists by position only in epoch {epoch} name other batches there; they are not "
-                "dropped in this epoch (files written now carry a fingerprint of each batch, found wherever it comes)."
-            )
-        return epoch
+                self._drop = match or (bool(self._drop) and not first)
 
     def _verdict_read_at_step(self, trainer: pl.Trainer, device: torch.device) -> bool:
         """Whether this step's verdict reaches the host at the step in one process (decided on the host, riding on
@@ -228,7 +198,7 @@ class LossSpikeGuard(GradwatchCallback):
             return False
         if host_is_free(device):
             return True
-        per_step = self.action != "log" or any(cb.reads_every_step for cb in gradwatch_callbacks(trainer))
+        per_step = self.action != "log" or session_of(trainer).reads_every_step(trainer)
         return per_step and grad_scaler(trainer) is None
 
     @override
@@ -240,17 +210,17 @@ class LossSpikeGuard(GradwatchCallback):
         if host_is_free(loss.device) and trainer.world_size == 1:  # a CPU: decide on the host, in microseconds
             value = float(device_value)
             self._loss = value if not isinstance(self._loss, float) else self._loss + value  # micro-batches: loss / A
-            self._verdict = self._judge_on_host(self._loss)
+            self._verdict = self._window.judge_on_host(self._loss, self._print, self._drop)
             return
         self._loss = device_value if not isinstance(self._loss, Tensor) else self._loss + device_value
-        self._verdict = self._judge(self._loss)
+        self._verdict = self._window.judge(self._loss, self._print, self._drop)
         if grad_scaler(trainer) is not None and trainer.world_size > 1:  # the device-side skip: the same on every rank
             flags = V_DROP + 1
             self._verdict = torch.cat([all_reduce_max(self._verdict[:flags]), self._verdict[flags:]])
-        if any(cb.reads_every_step for cb in gradwatch_callbacks(trainer)):
+        if session_of(trainer).reads_every_step(trainer):
             # ride on NaNGuard's read (max over ranks): this step's verdict and any not read yet
             unread = [v for *_, v in self._pending if isinstance(v, Tensor)] + [self._verdict]
-            shared_read(trainer).post(self, torch.cat(unread), trainer.global_step)
+            session_of(trainer).shared_read.post(self, torch.cat(unread), trainer.global_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -270,17 +240,17 @@ class LossSpikeGuard(GradwatchCallback):
         if step.repeat or not step.grads or verdict is None:
             return
         epoch, batch_idx = self._batch
-        if (epoch, batch_idx) in self._skip_positions and epoch != self._replayed_epoch:  # an older file: by position
+        if (epoch, batch_idx) in self._skip.positions and epoch != self._replayed_epoch:  # an older file: by position
             step.drop()
             self.skipped_batches += 1
             return
-        self._fold(verdict)
+        self._window.fold(verdict)
         self._pending.append((trainer.global_step, epoch, batch_idx, verdict))
         if isinstance(verdict, list):  # decided on the host
             delivered: list[float] | None = self._pending_values()
         else:
-            delivered = shared_read(trainer).take(self, trainer.global_step)
-        acts = self.action != "log" or bool(self._skip_prints)
+            delivered = session_of(trainer).shared_read.take(self, trainer.global_step)
+        acts = self.action != "log" or bool(self._skip.prints)
         if delivered is None and acts and not step.has_scaler:
             delivered = self._pending_values()  # alone under 32/bf16: one read per step
         if delivered is not None:
@@ -310,103 +280,6 @@ class LossSpikeGuard(GradwatchCallback):
             self._log_metrics(trainer, metrics)
 
     # -- internals -------------------------------------------------------------------------------------------
-    def _fingerprint(self, tensor: Tensor) -> Tensor | float:
-        key = (tensor.numel(), tensor.device)
-        probe = self._probes.get(key)
-        if probe is None:
-            if len(self._probes) > 8:  # batch shapes vary (the last batch, bucketing): keep the cache small
-                self._probes.clear()
-            probe = self._probes[key] = fingerprint_probe(tensor.numel(), tensor.device)
-        value = batch_fingerprint(tensor, *probe)
-        return float(value) if host_is_free(tensor.device) and _single_process() else value
-
-    def _prints_tensor(self, device: torch.device) -> Tensor:
-        if self._prints_on is None or self._prints_on[0] != device:
-            values = torch.tensor([p for *_, p in self._skip_prints], dtype=torch.float32, device=device)
-            self._prints_on = (device, values)
-        return self._prints_on[1]
-
-    def _judge(self, loss: Tensor) -> Tensor:
-        """This step's verdict (``V_*``), on the device."""
-        if not isinstance(self._losses, Tensor) or self._losses.device != loss.device:
-            self._losses, self._count = _window_tensors(self._losses, self._count, self.window, loss.device)
-        if not isinstance(self._recent, Tensor) or self._recent.device != loss.device:
-            self._run = torch.zeros((), dtype=torch.int64, device=loss.device)  # a run of spikes starts afresh
-            self._recent = torch.zeros(self.level_shift_after, device=loss.device)
-        assert isinstance(self._count, Tensor) and isinstance(self._run, Tensor)
-        z, median, _ = robust_zscore(self._losses, self._count, loss)
-        raw = (self._count >= self.warmup_steps) & is_spike(z, loss, median, self.z_threshold, self.min_delta)
-        assert isinstance(raw, Tensor)
-        shift = raw & (self._run + 1 >= self.level_shift_after)
-        spike = raw & ~shift
-        c = self._constants(loss.device)
-        # the fingerprint of the spiking rank (after the max over ranks), or -inf where none was taken
-        fingerprint = torch.where(raw, self._print, c.neg_inf) if isinstance(self._print, Tensor) else c.neg_inf
-        drop = self._drop.float() if isinstance(self._drop, Tensor) else c.one if self._drop else c.zero
-        return torch.stack([spike.float(), shift.float(), drop, z, loss.to(torch.float32), median, fingerprint])
-
-    def _constants(self, device: torch.device) -> _Constants:
-        c = self._consts
-        if c is None or c.zero.device != device:
-            c = self._consts = _Constants.on(device, self.window, self.level_shift_after)
-        return c
-
-    def _judge_on_host(self, loss: float) -> list[float]:
-        """:meth:`_judge` on the host, with the window as a list."""
-        if not isinstance(self._losses, list):
-            self._losses, self._count = _window_floats(self._losses, self._count, self.window)
-        if not isinstance(self._recent, list):
-            self._run, self._recent = 0, [0.0] * self.level_shift_after
-        count = int(self._count)
-        z, median, _ = robust_zscore_of_floats(self._losses[: min(count, self.window)], loss)
-        raw = count >= self.warmup_steps and bool(is_spike(z, loss, median, self.z_threshold, self.min_delta))
-        shift = raw and int(self._run) + 1 >= self.level_shift_after
-        fingerprint = float(self._print) if raw and self._print is not None else -math.inf
-        return [float(raw and not shift), float(shift), float(bool(self._drop)), z, loss, median, fingerprint]
-
-    def _fold(self, verdict: Tensor | list[float]) -> None:
-        """Take this step's loss into the window (not a spike's, a dropped batch's, nor a non-finite one), or, on a
-        level shift, refill the window with the run of spikes that made it."""
-        if isinstance(verdict, list):
-            self._fold_on_host(verdict)
-        else:
-            self._fold_on_device(verdict)
-
-    def _fold_on_host(self, verdict: list[float]) -> None:
-        n = self.level_shift_after
-        assert isinstance(self._losses, list) and isinstance(self._recent, list)
-        spike, shift, drop, loss = verdict[V_SPIKE] > 0, verdict[V_SHIFT] > 0, verdict[V_DROP] > 0, verdict[V_LOSS]
-        run = int(self._run)
-        if shift:
-            self._recent[run % n] = loss
-            self._losses = [self._recent[(j - self.window + run + 1) % n] for j in range(self.window)]
-            self._count, self._run = self.window, 0
-        elif spike:
-            self._recent[run % n] = loss
-            self._run = run + 1
-        elif not drop:
-            self._run = 0
-            if math.isfinite(loss):  # NaN (NaNGuard's) never widens the window
-                self._losses[int(self._count) % self.window] = loss
-                self._count = int(self._count) + 1
-
-    def _fold_on_device(self, verdict: Tensor) -> None:
-        n = self.level_shift_after
-        assert isinstance(self._losses, Tensor) and isinstance(self._count, Tensor)
-        assert isinstance(self._run, Tensor) and isinstance(self._recent, Tensor)
-        flags = verdict[: V_DROP + 1] > 0
-        spike, shift, drop = flags.unbind()
-        loss = verdict[V_LOSS]
-        c = self._constants(loss.device)
-        at_slot = (c.slots == self._run % n) & flags[: V_SHIFT + 1].any()  # a spike or a shift: part of the run
-        self._recent = torch.where(at_slot, loss.to(self._recent.dtype), self._recent)
-        valid = ~flags.any() & torch.isfinite(loss)
-        losses, count = ring_push(self._losses, self._count, loss, valid)
-        refill = self._recent[(c.refill + self._run) % n]  # the run, newest last, cycled over the window
-        self._losses = torch.where(shift, refill, losses)
-        self._count = torch.where(shift, c.full, count)
-        self._run = torch.where(spike, self._run + 1, torch.where(drop, self._run, c.zero_count))
-
     def _pending_values(self) -> list[float]:
         """The verdicts not read yet, on the host, flat: one reduction over ranks (max, so that every rank records
         alike; the same steps are pending on every rank) and one transfer for those on the device."""
@@ -446,7 +319,7 @@ class LossSpikeGuard(GradwatchCallback):
         step, epoch, batch_idx = where
         z, loss, median, fingerprint = verdict[V_Z], verdict[V_LOSS], verdict[V_MEDIAN], verdict[V_PRINT]
         if not math.isfinite(fingerprint) and step == trainer.global_step and self._tensor is not None:
-            fingerprint = float(self._fingerprint(self._tensor))  # the spike's own batch, read now (a spike step)
+            fingerprint = float(self._skip.fingerprint(self._tensor))  # the spike's own batch, read now (a spike step)
         spike = {"step": step, "epoch": epoch, "batch_idx": batch_idx, "loss": loss, "median": median, "z": z}
         if math.isfinite(fingerprint):
             spike["fingerprint"] = fingerprint
@@ -505,7 +378,7 @@ class LossSpikeGuard(GradwatchCallback):
         emitted again, replacing its record, only when it becomes a warning."""
         old: Alert | None = episode["alert"]
         severity = "warning" if warning else "info"
-        message = with_remedy(AlertKind.LOSS_SPIKE, finding) if warning else finding
+        message = alert_message(AlertKind.LOSS_SPIKE, finding, severity)
         first = episode["first"]
         onset = first if first < trainer.global_step else None
         alert = Alert(trainer.global_step, AlertKind.LOSS_SPIKE, "loss", z, self.z_threshold, message, severity, onset)  # type: ignore[arg-type]
@@ -521,10 +394,7 @@ class LossSpikeGuard(GradwatchCallback):
 
     def _write_spikes(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
-            directory = log_dir(trainer)
-            os.makedirs(directory, exist_ok=True)
-            with open(os.path.join(directory, "gradwatch_spikes.json"), "w") as f:
-                json.dump({"spikes": self.spikes}, f, indent=2)
+            write_spikes(log_dir(trainer), self.spikes)
 
     @override
     def _tensorboard_layout(
@@ -536,102 +406,16 @@ class LossSpikeGuard(GradwatchCallback):
     # -- state -----------------------------------------------------------------------------------------------
     @override
     def _extra_state(self) -> dict[str, Any]:
-        window = None
-        if self._losses is not None:
-            losses, count = _window_tensors(self._losses, self._count, self.window, torch.device("cpu"))
-            window = {"losses": losses.clone(), "count": count.clone()}
-        return {"spikes": list(self.spikes), "skipped_batches": self.skipped_batches, "window": window}
+        return {"spikes": list(self.spikes), "skipped_batches": self.skipped_batches, "window": self._window.state()}
 
     @override
     def _load_extra_state(self, state: dict[str, Any], changed: set[str]) -> list[str]:
         self.spikes = list(state.get("spikes", []))
         self.skipped_batches = int(state.get("skipped_batches", 0))
         window = state.get("window")
-        if window is not None:  # another window size keeps the newest losses that fit, in order
-            self._losses, self._count = _resized_window(window["losses"], window["count"], self.window)
-            self._run, self._recent = 0, None
+        if window is not None:
+            self._window.load(window)
         return []
-
-
-@dataclass(frozen=True)
-class _Constants:
-    """The device path's constant tensors, made once per device (no allocation or copy per step)."""
-
-    zero: Tensor
-    one: Tensor
-    neg_inf: Tensor
-    zero_count: Tensor
-    full: Tensor  # the window's size, as a count
-    slots: Tensor  # 0 .. level_shift_after - 1
-    refill: Tensor  # window slot j takes the run's value (j - window + 1 + run) mod level_shift_after
-
-    @classmethod
-    def on(cls, device: torch.device, window: int, run: int) -> _Constants:
-        def scalar(v: float) -> Tensor:
-            return torch.tensor(v, dtype=torch.float32, device=device)
-
-        count = torch.zeros((), dtype=torch.int64, device=device)
-        return cls(
-            zero=scalar(0.0),
-            one=scalar(1.0),
-            neg_inf=scalar(float("-inf")),
-            zero_count=count,
-            full=count + window,
-            slots=torch.arange(run, device=device),
-            refill=torch.arange(window, device=device) - window + 1 + run * window,  # kept non-negative
-        )
-
-
-def _resized_window(losses: Tensor, count: Tensor | int, size: int) -> tuple[Tensor, Tensor]:
-    """A saved ring buffer ``losses`` holding ``count`` pushes, as a ring of ``size`` slots holding the newest values
-    that fit, in order, with the same count (so the warm-up is not repeated). A larger window than the saved one is
-    filled by cycling the saved values (their median and spread stay), until new losses overwrite them."""
-    saved, total = losses.detach().to("cpu", torch.float32).reshape(-1), int(count)
-    old = saved.numel()
-    if old == size:
-        return saved.clone(), torch.tensor(total, dtype=torch.int64)
-    held = min(total, old)
-    start = total % old if total > old else 0
-    ordered = torch.cat([saved[start:], saved[:start]])[:held] if held else saved[:0]  # oldest first
-    filled = min(total, size)
-    out = torch.zeros(size)
-    if held:
-        values = ordered[(torch.arange(filled) - filled) % held]  # the newest last; cycled when fewer were held
-        out[(torch.arange(filled) + total - filled) % size] = values
-    return out, torch.tensor(total, dtype=torch.int64)
-
-
-def _single_process() -> bool:
-    return not distributed()
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    """The batch's first non-empty tensor (inputs come first in a tuple, a list or a dict), or ``None``."""
-    if isinstance(batch, Tensor):
-        return batch if batch.numel() else None
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for item in items:
-        found = _first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-def _window_tensors(
-    losses: Tensor | list[float] | None, count: Tensor | int, size: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    if losses is None:
-        return torch.zeros(size, device=device), torch.zeros((), dtype=torch.int64, device=device)
-    return (
-        torch.as_tensor(losses, dtype=torch.float32).to(device),
-        torch.as_tensor(count, dtype=torch.int64).to(device),
-    )
-
-
-def _window_floats(losses: Tensor | list[float] | None, count: Tensor | int, size: int) -> tuple[list[float], int]:
-    if losses is None:
-        return [0.0] * size, 0
-    return (losses.tolist() if isinstance(losses, Tensor) else list(losses)), int(count)
 
 
 def _force_scaler_skip(
@@ -647,25 +431,3 @@ def _force_scaler_skip(
     elif step.grads:
         first = step.grads[0].view(-1)[:1]
         first.add_(torch.where(spike, float("inf"), 0.0).to(first.device, first.dtype))
-
-
-def _load_batches(
-    path: str | os.PathLike[str] | None,
-) -> tuple[set[tuple[int, int]], list[tuple[int, int, float]]]:
-    """The batches a ``gradwatch_spikes.json`` lists: by fingerprint where it has one, else by (epoch, batch_idx)."""
-    if path is None:
-        return set(), []
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"`skip_batches` must be a path to a gradwatch_spikes.json or None, got {path!r}.")
-    try:
-        with open(path) as f:
-            spikes = json.load(f)["spikes"]
-        positions = {(int(s["epoch"]), int(s["batch_idx"])) for s in spikes if s.get("fingerprint") is None}
-        prints = [
-            (int(s["epoch"]), int(s["batch_idx"]), float(s["fingerprint"]))
-            for s in spikes
-            if s.get("fingerprint") is not None
-        ]
-        return positions, prints
-    except (OSError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"`skip_batches` must be a readable gradwatch_spikes.json, got {path!r}: {err}") from err

@@ -12,29 +12,28 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._amp_monitor import AmpMonitor, AmpReading
-from lightning_gradwatch._base import GradwatchCallback, HookOrder
 from lightning_gradwatch._buffer_baseline import judged_buffers, remember_buffers
+from lightning_gradwatch._fault_finding import FaultResponse, amp_fault_finding, fault_finding, stuck_finding
 from lightning_gradwatch._halt_checkpoint import save_halt_checkpoint
-from lightning_gradwatch._loss_trace import loss_trace
 from lightning_gradwatch._nonfinite import (
     Fault,
-    all_weights,
     describe_fault,
     device_flag,
     half_precision_update,
     non_finite_names,
     screen_step,
+    screened_tensors,
 )
-from lightning_gradwatch._params import OptimizerParams
 from lightning_gradwatch._precision import grad_scaler
 from lightning_gradwatch._provenance import find_origin
 from lightning_gradwatch._reporting import logger_step, print_line
-from lightning_gradwatch._shared_read import shared_read
-from lightning_gradwatch._snapshot import BufferShadow, Rollbacks, optimizer_state_tensors
+from lightning_gradwatch._snapshot import BufferShadow, Rollbacks
 from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
-from lightning_gradwatch.alerts import ALERT_CAUSES, Alert, AlertKind, with_remedy
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
 from lightning_gradwatch.functional.finite import any_non_finite
 
 NanAction = Literal["halt", "skip", "rollback"]
@@ -154,7 +153,6 @@ class NaNGuard(GradwatchCallback):
         self._faults_in_a_row = 0
         self._batches: list[tuple[Any, int]] = []
         self._batches_step = -1
-        self._also_rolled_back: list[int] = []  # the other optimizers the last rollback restored
         self._screened_optimizers: set[int] = set()  # whose weights and state were checked this fit
 
     @property
@@ -281,8 +279,8 @@ class NaNGuard(GradwatchCallback):
         state_due = snapshot_due or first or self._due(trainer, self.check_params_every_n_steps)
         # buffers every step (they are small, and a NaN there is invisible until evaluation); weights and
         # optimizer state at the cadence and before a snapshot
-        state = self._state_tensors(pl_module, optimizer, step, weights=state_due, optimizer_state=state_due)
-        read = shared_read(trainer)
+        state = screened_tensors(pl_module, optimizer, step, weights=state_due, optimizer_state=state_due)
+        read = session_of(trainer).shared_read
         loss_is_bad, grads_are_bad, state_is_bad = screen_step(
             step, loss_bad, state, lambda flags: read.read(trainer.global_step, flags)
         )
@@ -317,92 +315,38 @@ class NaNGuard(GradwatchCallback):
             self._faults_in_a_row += 1
         action: str = self.action  # what this fault gets: the configured action, or halt
         stuck = action == "skip" and self._faults_in_a_row >= self.max_consecutive_faults
+        also: list[int] | None = []
         if action == "rollback":
-            action = self._rollback(trainer, pl_module, step, optimizer, fault.weights)
+            also = self._rollbacks.restore_holding(
+                pl_module, step.params, optimizer, fault.weights, step.index.names, trainer.optimizers
+            )
+            action = "rollback" if also is not None else "halt"
+            self.totals.rollbacks += also is not None
         elif fault.poisoned_state or unrepaired or stuck:
             action = "halt"  # skipping cannot repair weights, buffers or optimizer state already non-finite
-        done = {
-            "halt": "the update was dropped and training stops",
-            "skip": "the update was dropped",
-            "rollback": f"weights and optimizer state were rolled back to the snapshot (rollback {self.rollbacks})",
-        }[action]
-        if action == "rollback" and self._also_rolled_back:
-            others = ", ".join(str(i) for i in self._also_rolled_back)
-            done += f", and so were those of optimizer {others}, which steps the poisoned weights"
-        if fault.buffers and action != "rollback":
-            done += (
-                f"; the buffers {', '.join(unrepaired[:5])} were already non-finite before this step"
-                if unrepaired
-                else "; the buffers were restored to their values before this step"
-            )
-        diverged = loss_trace(trainer).host().divergence()
-        if diverged is not None:  # the cause is the growth, not the operation where the overflow surfaced
-            born = f" It surfaced at: {origin.detail}." if origin is not None else ""
-            what = f"{diverged.describe()} over {diverged.end_step} steps, then went non-finite in {fault.text}"
-            finding = f"Non-finite values at step {trainer.global_step}: {what}; {done}.{born}"
-        else:
-            born = f" Where it began: {origin.detail}." if origin is not None else ""
-            finding = f"Non-finite values at step {trainer.global_step}: {fault.text}; {done}.{born}"
-        cause = "poisoned_weights" if fault.weights else (origin.cause if origin is not None else "")
-        if diverged is not None and not fault.weights:
-            cause = "divergence"
-        half = half_precision_update(optimizer, step) if fault.weights else None
-        if half is not None:  # the weights went non-finite in the update itself: float16 with nothing to scale it
-            finding, cause = f"{finding} {half}", "half_precision_update"
+        response = FaultResponse(action, self.rollbacks, tuple(also or ()), tuple(unrepaired))
+        finding, cause = fault_finding(
+            trainer.global_step,
+            fault,
+            response,
+            origin,
+            session_of(trainer).loss_trace.host().divergence(),
+            half_precision_update(optimizer, step) if fault.weights else None,
+        )
         self._alert_non_finite(trainer, fault, finding, cause=cause)
         if stuck:
-            finding = (
-                f"Training is stuck at step {trainer.global_step}: the last {self._faults_in_a_row} steps were all "
-                f"faulty ({fault.text}) and their updates dropped, so the run goes nowhere; training stops."
+            message = alert_message(
+                AlertKind.NON_FINITE, stuck_finding(trainer.global_step, self._faults_in_a_row, fault)
             )
-            self._emit_alert(
-                trainer,
-                Alert(
-                    trainer.global_step,
-                    AlertKind.NON_FINITE,
-                    fault.first_layer,
-                    float(self._faults_in_a_row),
-                    float(self.max_consecutive_faults),
-                    with_remedy(AlertKind.NON_FINITE, finding),
-                    cause=cause,
-                ),
+            value, limit = float(self._faults_in_a_row), float(self.max_consecutive_faults)
+            alert = Alert(
+                trainer.global_step, AlertKind.NON_FINITE, fault.first_layer, value, limit, message, cause=cause
             )
+            self._emit_alert(trainer, alert)
             self._halt(trainer, f"stuck: {self._faults_in_a_row} faulty steps in a row")
         elif action == "halt":
             self._halt(trainer, f"non-finite values ({fault.text})")
         self._log_counters(trainer)
-
-    def _rollback(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        step: StepGradients,
-        optimizer: torch.optim.Optimizer,
-        poisoned: list[str],
-    ) -> str:
-        """Restore ``optimizer``'s snapshot, and that of every other optimizer stepping a poisoned weight (a GAN's
-        discriminator weight poisons the generator's loss: only the discriminator's snapshot repairs it); ``"halt"``
-        when a poisoned weight is in no optimizer's snapshot (a frozen weight) or a snapshot cannot be restored."""
-        self._also_rolled_back = []
-        held = set(step.index.names)
-        holders: list[tuple[int, torch.optim.Optimizer, list[torch.nn.Parameter]]] = []
-        missing = {name for name in poisoned if name not in held}
-        for i, other in enumerate(trainer.optimizers):
-            if missing and other is not optimizer:
-                index = OptimizerParams.of(pl_module, other)
-                if missing & set(index.names):
-                    holders.append((i, other, index.params))
-                    missing -= set(index.names)
-        if missing:
-            return "halt"  # a weight no optimizer holds is in no snapshot: a rollback cannot repair it
-        if not self._rollbacks.restore(pl_module, step.params, optimizer):
-            return "halt"
-        for i, other, params in holders:
-            if not self._rollbacks.restore(pl_module, params, other):
-                return "halt"
-            self._also_rolled_back.append(i)
-        self.totals.rollbacks += 1
-        return "rollback"
 
     # -- fp16: count on the device, read at a cadence --------------------------------------------------------
     def _amp_step(
@@ -420,12 +364,9 @@ class NaNGuard(GradwatchCallback):
         if not (log_now or self._due(trainer, self.amp_check_every_n_steps)):
             return
         check_state = self._due(trainer, self.check_params_every_n_steps)
-        state = self._state_tensors(pl_module, optimizer, step, weights=check_state, optimizer_state=False)
-        read = shared_read(trainer)
-        owners, posted = read.collect(trainer.global_step)
-        extra = torch.cat([any_non_finite(state).reshape(1).float(), *(p.to(step.device) for p in posted)])
-        reading = self._amp.read(scaler, extra, step.device)
-        read.deliver(trainer.global_step, owners, posted, reading.extra[1:])
+        state = screened_tensors(pl_module, optimizer, step, weights=check_state, optimizer_state=False)
+        state_flag = any_non_finite(state).reshape(1).float()
+        reading = self._amp.read_riding(scaler, state_flag, session_of(trainer).shared_read, trainer.global_step)
         self.totals.overflow_steps += reading.overflows
         if log_now:
             amp = {
@@ -441,10 +382,7 @@ class NaNGuard(GradwatchCallback):
             fault = describe_fault(pl_module, optimizer, step, bool(reading.loss_faults), False) if state_bad else None
             what = fault.text if fault else f"the loss was non-finite on {reading.loss_faults} step(s)"
             acts = self.action == "halt" or state_bad
-            message = (
-                f"Non-finite values under fp16 by step {trainer.global_step}: {what} since the last check; the "
-                f"GradScaler skipped those updates{', and training stops' if acts else ''}."
-            )
+            message = amp_fault_finding(trainer.global_step, what, acts)
             self._alert_non_finite(trainer, fault, message, loss_faults=reading.loss_faults)
             if acts:
                 step.drop()
@@ -455,17 +393,10 @@ class NaNGuard(GradwatchCallback):
             self._clear_condition(AlertKind.LOSS_SCALE_COLLAPSE, "")
 
     def _check_collapse(self, trainer: pl.Trainer, reading: AmpReading) -> bool:
-        collapse = reading.collapse(self.min_loss_scale, self.max_consecutive_overflows)
-        if collapse is None:
+        found = reading.collapse_alert(trainer.global_step, self.min_loss_scale, self.max_consecutive_overflows)
+        if found is None:
             return False
-        reason, value, threshold = collapse
-        step = trainer.global_step
-        finding = (
-            f"Loss-scale collapse at step {step}: {reason}; fp16 training is broken (every update is being skipped) "
-            "and training stops."
-        )
-        message = with_remedy(AlertKind.LOSS_SCALE_COLLAPSE, finding)
-        alert = Alert(step, AlertKind.LOSS_SCALE_COLLAPSE, "", value, threshold, message)
+        alert, reason = found
         self._set_condition(trainer, AlertKind.LOSS_SCALE_COLLAPSE, "", True, lambda: alert)
         self._halt(trainer, f"loss-scale collapse ({reason})")
         return True
@@ -475,22 +406,6 @@ class NaNGuard(GradwatchCallback):
     def _due(trainer: pl.Trainer, every: int | None) -> bool:
         return every is not None and (logger_step(trainer) + 1) % every == 0
 
-    @staticmethod
-    def _state_tensors(
-        pl_module: pl.LightningModule,
-        optimizer: torch.optim.Optimizer,
-        step: StepGradients,
-        weights: bool,
-        optimizer_state: bool,
-    ) -> list[Tensor]:
-        """The float buffers, and the weights and optimizer state when asked: what a screen checks."""
-        tensors = [b for _, b in judged_buffers(pl_module)]
-        if weights:  # every weight: a NaN in a frozen one poisons the forward pass as surely
-            tensors += [t for _, t in all_weights(pl_module, step.index)]
-        if optimizer_state:
-            tensors += [t for _, t in optimizer_state_tensors(optimizer, step.params, step.index.names)]
-        return tensors
-
     def _alert_non_finite(
         self, trainer: pl.Trainer, fault: Fault | None, finding: str, loss_faults: int = 0, cause: str = ""
     ) -> None:
@@ -498,8 +413,7 @@ class NaNGuard(GradwatchCallback):
         step = trainer.global_step
         name = fault.first_layer if fault is not None else "loss"
         value = float(fault.count if fault is not None else loss_faults)
-        info = ALERT_CAUSES.get(cause)
-        message = f"{finding} Usual remedies: {info.remedy}." if info else with_remedy(AlertKind.NON_FINITE, finding)
+        message = alert_message(AlertKind.NON_FINITE, finding, cause=cause)
         self._set_condition(
             trainer,
             AlertKind.NON_FINITE,

@@ -12,7 +12,6 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback, HookOrder
 from lightning_gradwatch._compat import lightning_classes
 from lightning_gradwatch._ddp_norm_hook import LocalNormHookState, register_local_norm_hook
 from lightning_gradwatch._distributed import all_reduce_sum
@@ -22,6 +21,7 @@ from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import Null, OpenUnitInterval, PositiveInt
 from lightning_gradwatch._validation import check_choice, check_number
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
 from lightning_gradwatch.functional.noise_scale import (
     noise_scale_ema_update,
     noise_scale_readout,

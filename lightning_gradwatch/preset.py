@@ -9,13 +9,13 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_gradwatch._base import GradwatchCallback, find_state
 from lightning_gradwatch._charts import DEFAULT_MAX_SERIES, check_patterns_syntax
 from lightning_gradwatch._probe_batch import ForwardFn, check_forward_fn
 from lightning_gradwatch._types import Null, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
 from lightning_gradwatch.adaptive_clipping import CLIP_MODES, AdaptiveClipping, ClipMode
 from lightning_gradwatch.alerts import Alert
+from lightning_gradwatch.core.callback import GradwatchCallback, find_state
 from lightning_gradwatch.dead_neurons import DeadNeuronCallback
 from lightning_gradwatch.gradient_norm import GradientNormLogger
 from lightning_gradwatch.health_report import HealthReport
@@ -84,22 +84,100 @@ def default_callbacks(
 
 
 _CHECKPOINTING = ("state_dict", "load_state_dict", "on_load_checkpoint")
-_FORWARDED = [n for n in dir(Callback) if n.startswith("on_") and n != "on_load_checkpoint"] + ["setup", "teardown"]
+#: The Lightning hooks a bundled callback may implement; tests/test_preset.py keeps it in step with the callbacks.
+BUNDLE_HOOKS = (
+    "setup",
+    "on_fit_start",
+    "on_train_start",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_end",
+    "on_fit_end",
+    "on_exception",
+    "teardown",
+)
+
+_LIGHTNING_HOOKS = [n for n in dir(Callback) if n.startswith("on_")] + ["setup", "teardown"]
 
 
 class _BundleType(type):
-    """Keeps :class:`GradWatch`'s plumbing out of ``help()`` and ``dir(GradWatch)``: the forwarded hooks and the
-    readable signature stay reachable by name (Lightning calls the hooks with ``getattr``)."""
+    """Keeps :class:`GradWatch`'s plumbing out of ``help()`` and ``dir(GradWatch)``: the hooks and the readable
+    signature stay reachable by name (Lightning calls the hooks with ``getattr``)."""
 
     def __dir__(cls) -> list[str]:
-        hidden = {*_FORWARDED, *_CHECKPOINTING, "__signature__", "__annotations__"}
+        hidden = {*_LIGHTNING_HOOKS, *_CHECKPOINTING, "__signature__", "__annotations__"}
         return [name for name in super().__dir__() if name not in hidden]
 
 
 class _Bundle(Callback, metaclass=_BundleType):
-    """The plumbing of :class:`GradWatch`: every Lightning hook forwarded to the bundled callbacks, in order."""
+    """The plumbing of :class:`GradWatch`: each Lightning hook passed on, in order, to the bundled callbacks that
+    implement it (a hook none of them implements is not a call per step)."""
 
     gradwatch_callbacks: list[GradwatchCallback]
+    _implementers: tuple[tuple[int, ...], dict[str, list[Any]]] = ((), {})
+
+    def _pass_on(self, hook: str, *args: Any) -> None:
+        if not isinstance(self, _Bundle):  # Lightning called the hook on the class: callbacks=[GradWatch]
+            raise TypeError(
+                "callbacks=[GradWatch] passes the class itself; pass an instance: Trainer(callbacks=[GradWatch()])."
+            )
+        members, by_hook = self._implementers
+        if members != tuple(map(id, self.gradwatch_callbacks)):  # first call, or the list was changed
+            members = tuple(map(id, self.gradwatch_callbacks))
+            by_hook = {
+                h: [getattr(cb, h) for cb in self.gradwatch_callbacks if _implements(cb, h)] for h in BUNDLE_HOOKS
+            }
+            self._implementers = members, by_hook
+        for bound in by_hook[hook]:
+            bound(*args)
+
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        _Bundle._pass_on(self, "setup", trainer, pl_module, stage)
+
+    @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        _Bundle._pass_on(self, "on_fit_start", trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        _Bundle._pass_on(self, "on_train_start", trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        _Bundle._pass_on(self, "on_train_batch_start", trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        _Bundle._pass_on(self, "on_before_backward", trainer, pl_module, loss)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        _Bundle._pass_on(self, "on_before_optimizer_step", trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        _Bundle._pass_on(self, "on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        _Bundle._pass_on(self, "on_train_end", trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        _Bundle._pass_on(self, "on_fit_end", trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException | None = None) -> None:
+        # the default: with callbacks=[GradWatch] Lightning calls this on the class, one argument short, after
+        # the first hook raised _pass_on's TypeError; that error must reach the user, not a missing-argument one
+        _Bundle._pass_on(self, "on_exception", trainer, pl_module, exception)
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        _Bundle._pass_on(self, "teardown", trainer, pl_module, stage)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -119,21 +197,8 @@ class _Bundle(Callback, metaclass=_BundleType):
             self.load_state_dict(states)
 
 
-def _forward(hook: str) -> Any:
-    def forward(self: Any, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(self, _Bundle):  # Lightning called the hook on the class: callbacks=[GradWatch]
-            raise TypeError(
-                "callbacks=[GradWatch] passes the class itself; pass an instance: Trainer(callbacks=[GradWatch()])."
-            )
-        for callback in self.gradwatch_callbacks:
-            getattr(callback, hook)(*args, **kwargs)
-
-    forward.__name__ = forward.__qualname__ = hook
-    return forward
-
-
-for _hook in _FORWARDED:
-    setattr(_Bundle, _hook, _forward(_hook))
+def _implements(callback: Callback, hook: str) -> bool:
+    return getattr(type(callback), hook) is not getattr(Callback, hook)
 
 
 class GradWatch(_Bundle):

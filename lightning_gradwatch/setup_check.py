@@ -12,8 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._activation_probe import compiled_modules
-from lightning_gradwatch._base import GradwatchCallback, HookOrder
-from lightning_gradwatch._loss_trace import LossHistory, loss_trace
+from lightning_gradwatch._loss_trace import LossHistory
 from lightning_gradwatch._params import local_tensor, optimizer_index
 from lightning_gradwatch._probe_batch import CAN_RUN_EAGERLY, ForwardFn, check_forward_fn, run_eagerly
 from lightning_gradwatch._reporting import host_values
@@ -25,11 +24,12 @@ from lightning_gradwatch._setup_rules import (
     ResetWatch,
     learning_rate_verdict,
 )
-from lightning_gradwatch._shared_read import shared_read
 from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
 from lightning_gradwatch._validation import check_number, check_patterns
 from lightning_gradwatch.alerts import Alert, AlertKind
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
 from lightning_gradwatch.functional.dynamics import snapshot_for_update, update_norms
 
 #: Update ratios are measured on this many first steps (a copy of the weights at each, freed at the next).
@@ -142,8 +142,10 @@ class SetupCheck(GradwatchCallback):
         super().on_before_backward(trainer, pl_module, loss)
         if not trainer.training or host_is_free(loss.device) or not self._judged_now(trainer):
             return
-        values = [*loss_trace(trainer).device_values(), *(self._ratio_tensor(loss.device),)]
-        shared_read(trainer).post(self, torch.cat([v.reshape(-1).float() for v in values]), trainer.global_step)
+        values = [*session_of(trainer).loss_trace.device_values(), *(self._ratio_tensor(loss.device),)]
+        session_of(trainer).shared_read.post(
+            self, torch.cat([v.reshape(-1).float() for v in values]), trainer.global_step
+        )
         self._posted_at = trainer.global_step
         self._posted_on_logging_step = self._should_log(trainer, self.log_every_n_steps)
 
@@ -243,14 +245,14 @@ class SetupCheck(GradwatchCallback):
     def _history(self, trainer: pl.Trainer, step: int) -> tuple[LossHistory, list[float]] | None:
         """The loss history of the steps up to ``step`` on the host (with the early ratios) when it is free: on a
         CPU, or delivered with the step's shared read; on a logging step without a reader, one transfer of its own."""
-        trace = loss_trace(trainer)
+        trace = session_of(trainer).loss_trace
         if host_is_free(self._device):
             if step >= EARLY_STEPS and step != RECHECK_STEP and not trace.may_diverge(DIVERGENCE_FACTOR):
                 return None  # nothing to judge: spare building the history on every step
             return trace.host(), []
         if step != self._posted_at:
             return None
-        delivered = shared_read(trainer).take(self, step)
+        delivered = session_of(trainer).shared_read.take(self, step)
         parts = trace.device_values()
         if delivered is None:
             if not self._posted_on_logging_step:

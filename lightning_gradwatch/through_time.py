@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,9 +18,8 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_gradwatch._activation_probe import compiled_modules
-from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._distributed import is_sharded
-from lightning_gradwatch._loss_trace import LossHistory, fetch_with_history
+from lightning_gradwatch._loss_trace import fetch_with_history
 from lightning_gradwatch._params import clean_name
 from lightning_gradwatch._probe_batch import (
     CAN_RUN_EAGERLY,
@@ -33,9 +31,12 @@ from lightning_gradwatch._probe_batch import (
 )
 from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._through_time_report import HorizonReading, draw_profiles, write_profiles
+from lightning_gradwatch._through_time_rules import LossLevel, exploding_finding, vanishing_finding
 from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_number
-from lightning_gradwatch.alerts import Alert, AlertKind, with_remedy
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
+from lightning_gradwatch.core.callback import GradwatchCallback
+from lightning_gradwatch.core.session import session_of
 from lightning_gradwatch.functional.through_time import (
     decay_per_step,
     lag_sensitivity,
@@ -46,15 +47,6 @@ from lightning_gradwatch.functional.through_time import (
 #: ``probe(module, batch) -> (inputs, run)``: the sequence a user-written recurrence reads, batch first, and the
 #: function that runs the recurrence on it and returns its outputs ``(batch, time, hidden)``.
 RecurrenceProbe = Callable[[pl.LightningModule, Any], tuple[Tensor, Callable[[Tensor], Tensor]]]
-#: The loss is "improving" when the median of its last steps fell by more than this share since a streak began.
-IMPROVING_MARGIN = 0.03
-#: A run has "learned" once its loss is this share below where it started: a converged model that needs only a
-#: short memory (a language model of local structure) has a short horizon and a flat loss, and is healthy.
-LEARNED_MARGIN = 0.1
-#: Steps of loss whose median stands for the loss at a probe.
-LOSS_SPAN = 50
-#: Short-horizon probes, at the least, before ``vanishing_through_time`` (a trend needs points).
-MIN_PROBES = 3
 
 
 @dataclass
@@ -64,25 +56,6 @@ class HorizonState:
 
     streaks: dict[str, list[list[float]]] = field(default_factory=dict)
     readings: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LossLevel:
-    """The training loss at a probe: the median of its last steps, and where the run started (``None``: unknown)."""
-
-    median: float | None
-    start: float | None
-
-    @property
-    def learned(self) -> bool:
-        """Whether the loss is clearly below where the run started (``False`` when either is unknown)."""
-        return self.median is not None and self.start is not None and self.median < self.start * (1 - LEARNED_MARGIN)
-
-    @classmethod
-    def of(cls, history: LossHistory | None) -> LossLevel:
-        recent = [v for v in (history.recent[-LOSS_SPAN:] if history else []) if math.isfinite(v)]
-        median = statistics.median(recent) if len(recent) >= 3 else None
-        return cls(median, history.reference() if history else None)
 
 
 class GradientsThroughTime(GradwatchCallback):
@@ -298,7 +271,9 @@ class GradientsThroughTime(GradwatchCallback):
         if not names:
             return
         # the probe's one transfer, the loss history riding on it
-        fetched, history = fetch_with_history(trainer, *(p for per_module in profiles for p in per_module))
+        fetched, history = fetch_with_history(
+            trainer, session_of(trainer).loss_trace, *(p for per_module in profiles for p in per_module)
+        )
         readings, at = [], 0
         for name, per_module in zip(names, profiles, strict=True):
             directions = fetched[at : at + len(per_module)]
@@ -370,71 +345,30 @@ class GradientsThroughTime(GradwatchCallback):
             write_profiles(trainer, self._history, step)
 
     def _judge_exploding(self, trainer: pl.Trainer, step: int, r: HorizonReading, loss: LossLevel) -> bool:
-        """The recurrence amplifying: the product of its state Jacobians growing past ``exploding_factor``. Where
-        only the input profile is measured (a bidirectional module, a cell loop), its growth counts only in a run
-        that has not learned: a gated cell that learns to let an early input in and keep it (a GRU carrying the
-        first step) is more sensitive to that input than to the last one, by design, while its loss falls."""
-        grows = not math.isfinite(r.peak) or r.peak >= self.exploding_factor
-        exploding = grows and (r.peak_of_state or not loss.learned)
-        if r.peak_of_state:
-            measured = (
-                f"a change of its state {r.peak_lag} steps before the end reaches the last output amplified "
-                f"{r.peak:.3g}x against one a step before (threshold {self.exploding_factor:g}): the product of "
-                "its recurrent Jacobians grows with the lag"
-            )
-        else:
-            measured = (
-                f"the sensitivity of its last output to the input {r.peak_lag} steps back is {r.peak:.3g}x that to "
-                f"the last input (threshold {self.exploding_factor:g})"
-            )
-        finding = (
-            f"Exploding gradients through time in '{r.name}' at step {step}: {measured}, over {r.length} timesteps."
-        )
+        exploding, finding = exploding_finding(step, r, loss, self.exploding_factor)
         kind = AlertKind.EXPLODING_THROUGH_TIME
         self._set_condition(
             trainer,
             kind,
             r.name,
             exploding,
-            lambda: Alert(step, kind, r.name, r.peak, self.exploding_factor, with_remedy(kind, finding)),
+            lambda: Alert(step, kind, r.name, r.peak, self.exploding_factor, alert_message(kind, finding)),
         )
         return exploding
 
     def _judge_vanishing(self, trainer: pl.Trainer, step: int, r: HorizonReading, loss: LossLevel, short: bool) -> None:
-        """Short at every probe (three at least) over ``patience_steps``, no longer reaching further back, the loss flat over them and still
-        near where the run started. A gated cell on a plateau reaches further back at each probe as it learns to
-        remember (its horizon sets a new high); a vanilla RNN's stays where it is."""
         streak = self.state.streaks.setdefault(r.name, [])
-        if short:
-            streak.append([float(step), math.nan if loss.median is None else loss.median, float(r.horizon)])
-        else:
-            streak.clear()
-        known = [(int(at), value) for at, value, _ in streak if not math.isnan(value)]
-        flat = len(known) >= 2 and known[-1][1] >= known[0][1] * (1 - IMPROVING_MARGIN)
-        unlearned = bool(known) and not loss.learned
-        reaching = len(streak) >= 2 and streak[-1][2] >= max(h for _, _, h in streak[:-1])
-        lasted = len(streak) >= MIN_PROBES and streak[-1][0] - streak[0][0] >= self.patience_steps
-        firing = short and lasted and flat and unlearned and not reaching
-        if not firing:
+        finding = vanishing_finding(streak, step, r, loss, short, self.patience_steps, self.threshold)
+        if finding is None:
             self._clear_condition(AlertKind.VANISHING_THROUGH_TIME, r.name, trainer.global_step)
             return
-        start = "" if loss.start is None else f", {loss.start:.4g} at the start of the run"
-        best = max(streak[:-1], key=lambda entry: entry[2])
-        finding = (
-            f"Vanishing gradients through time in '{r.name}' at step {step}: the gradient of its last output reaches "
-            f"back only {r.horizon} of {r.length} timesteps (the sensitivity falls below {self.threshold:g} at lag "
-            f"{r.horizon}, shrinking {r.decay:.3g}x per timestep). It has been short at {len(streak)} probes in a "
-            f"row since step {int(streak[0][0])} without reaching further back (longest {int(best[2])} at step "
-            f"{int(best[0])}), while the loss has not improved ({known[0][1]:.4g} at step {known[0][0]} -> "
-            f"{known[-1][1]:.4g}{start}): a dependency more than {r.horizon} steps back cannot be learned."
-        )
         kind, limit = AlertKind.VANISHING_THROUGH_TIME, self.short_fraction * r.length
         self._set_condition(
             trainer,
             kind,
             r.name,
             True,
-            lambda: Alert(step, kind, r.name, float(r.horizon), limit, with_remedy(kind, finding)),
+            lambda: Alert(step, kind, r.name, float(r.horizon), limit, alert_message(kind, finding)),
         )
 
     # -- the report, TensorBoard and state -------------------------------------------------------------------

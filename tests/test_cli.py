@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lightning_gradwatch._base import GradwatchCallback
+from lightning_gradwatch.core.callback import GradwatchCallback
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

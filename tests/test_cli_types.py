@@ -20,7 +20,7 @@ import yaml
 jsonargparse = pytest.importorskip("jsonargparse")
 
 import lightning_gradwatch  # noqa: E402
-from lightning_gradwatch._base import GradwatchCallback  # noqa: E402
+from lightning_gradwatch.core.callback import GradwatchCallback  # noqa: E402
 
 PUBLIC: list[Callable[..., Any]] = [
     getattr(lightning_gradwatch, name)

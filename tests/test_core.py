@@ -11,8 +11,8 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gradwatch import Alert, GradientNormLogger
-from lightning_gradwatch._base import GradwatchCallback
 from lightning_gradwatch._layout import CHART_LINES, MAX_CHARTS, exact_tags, layer_charts, merge_layouts
+from lightning_gradwatch.core.callback import GradwatchCallback
 from tests import tensorboard_events as tb
 from tests.models import Classifier, mlp, trainer_kwargs
 

@@ -168,3 +168,19 @@ def test_every_alert_kind_and_cause_is_documented_in_alerts_md() -> None:
     causes = page.split("Causes (", 1)[1].split("See [", 1)[0]
     missing = [cause for cause in ALERT_CAUSES if f"`{cause}`" not in causes]
     assert not missing, missing
+
+
+def test_the_example_callback_of_development_md_runs_in_a_fit(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from tests.models import Classifier, mlp, trainer_kwargs
+
+    text = (ROOT / "docs" / "development.md").read_text()
+    code = text.split("<!-- example-callback -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "example_callback"}
+    exec(compile(code, "docs/development.md", "exec"), namespace)
+    callback = namespace["DominantLayer"](threshold=0.2)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[callback], max_steps=5))
+    trainer.fit(Classifier(mlp()))
+    assert [(a.kind, a.step) for a in callback.alerts] == [("dominant_layer", 0)]
+    assert callback.alerts[0].name.startswith("net.")

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from lightning_gradwatch import LossSpikeGuard, NaNGuard
 from lightning_gradwatch import _step as step_module
+from lightning_gradwatch._loss_window import resized_window
 from lightning_gradwatch.functional.spikes import is_spike, robust_zscore, robust_zscore_of_floats
-from lightning_gradwatch.loss_spike_guard import _resized_window
 from lightning_gradwatch.testing import HostReadCounter
 from tests.distributed import run_ddp_script
 from tests.models import Classifier, classification_data, mlp, trainer_kwargs
@@ -72,7 +72,7 @@ def test_a_spike_is_found_recorded_and_logged(
     monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
     guard = LossSpikeGuard()
     fit(tmp_path, Spiking(), [NaNGuard(), guard] if with_guard else [guard])
-    assert isinstance(guard._losses, list) is host  # on a CPU the window is a list and decisions are on the host
+    assert isinstance(guard._window.losses, list) is host  # on a CPU the window is a list and decisions are on the host
     [spike] = guard.spikes
     assert spike["step"] == SPIKE and spike["batch_idx"] == SPIKE % 16 and spike["z"] > 6
     [alert] = guard.alerts
@@ -240,7 +240,7 @@ def test_a_resume_with_another_window_keeps_the_loss_history(tmp_path: Path, new
     assert [s["step"] for s in resumed.spikes] == [44]  # the window came along: no second warm-up
     saved = first._extra_state()["window"]
     total = int(saved["count"])
-    losses, count = _resized_window(saved["losses"], saved["count"], new_window)
+    losses, count = resized_window(saved["losses"], saved["count"], new_window)
     ring = saved["losses"].tolist()
     oldest_first = ring[total % 16 :] + ring[: total % 16]
     kept = min(16, new_window)

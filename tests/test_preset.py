@@ -147,3 +147,16 @@ def test_compiled_model_gradients_and_activations_watched_graph_untouched(
     # watched under the model's own layer names (no torch.compile wrapper segment)
     assert {"gradwatch/grad_norm/net.0", "gradwatch/grad_norm/net.6", "gradwatch/clip/pre_clip_norm"} <= set(tags)
     assert {"gradwatch/dead_fraction/net.0", "gradwatch/saturation/net.0"} & set(tags)
+
+
+def test_the_bundle_passes_on_every_hook_a_bundled_callback_implements() -> None:
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_gradwatch.preset import BUNDLE_HOOKS
+
+    hooks = [n for n in dir(Callback) if n.startswith("on_") or n in ("setup", "teardown")]
+    hooks = [n for n in hooks if n not in ("on_load_checkpoint", "on_save_checkpoint")]  # the bundle's own
+    bundled = {type(cb) for cb in GradWatch(clipping="agc").gradwatch_callbacks}
+    implemented = {h for cls in bundled for h in hooks if getattr(cls, h) is not getattr(Callback, h)}
+    assert implemented <= set(BUNDLE_HOOKS), sorted(implemented - set(BUNDLE_HOOKS))
+    assert set(BUNDLE_HOOKS) <= implemented  # and none passed on that no callback implements

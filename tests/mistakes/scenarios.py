@@ -457,8 +457,8 @@ def _lr_too_high_adam(broken: bool, variant: str) -> tuple[MistakeModule, DataLo
 def _lr_too_high_sgd(broken: bool, variant: str) -> tuple[MistakeModule, DataLoader, dict[str, Any], int, str]:
     net = DemoTransformer(vocab_size=1000, width=32, heads=2, hidden=64, layers=2)
     data = markov_tokens(2048, vocab=1000, seq_len=21)
-    module = MistakeModule(net, demo_next_token, sgd(15.0 if broken else 0.1))
-    what = "SGD at lr 15 (150x the demo's 0.1)" if broken else "SGD at lr 0.1 (the demo's)"
+    module = MistakeModule(net, demo_next_token, sgd(20.0 if broken else 0.1))
+    what = "SGD at lr 20 (200x the demo's 0.1)" if broken else "SGD at lr 0.1 (the demo's)"
     return module, _loader(data, 16), {}, 100, what
 
 

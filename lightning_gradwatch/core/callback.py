@@ -1,7 +1,8 @@
-"""The base class of every gradwatch callback: alerts, logging, layout, checkpointed state, and the step dispatcher.
+"""The base class of every gradwatch callback: alerts, logging, layout and checkpointed state.
 
-On ``on_before_optimizer_step`` the first gradwatch callback of the Trainer builds the step's shared
-:class:`~lightning_gradwatch._step.StepGradients` and runs every gradwatch callback's step work in ``hook_order``:
+On ``on_before_optimizer_step`` the Trainer's :class:`~lightning_gradwatch.core.session.Session` builds the step's
+shared :class:`~lightning_gradwatch._step.StepGradients` once and runs every gradwatch callback's step work in
+``hook_order``:
 the guard sees the step first, norms are logged before any clipping, clipping comes last, whatever order the user
 listed them in. Subclasses put that work in :meth:`GradwatchCallback._before_optimizer_step`; overriding
 ``on_before_optimizer_step`` itself is refused (it would silently switch off every other callback's step work).
@@ -21,13 +22,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._layout import merge_layouts, ordered_layout
-from lightning_gradwatch._loss_trace import loss_trace
-from lightning_gradwatch._params import OptimizerParams
-from lightning_gradwatch._reporting import flush_metrics, logger_step, print_line, queue_metrics, tensorboard_writers
+from lightning_gradwatch._reporting import logger_step, print_line, tensorboard_writers
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch.alerts import Alert
+from lightning_gradwatch.core.session import session_of
 
 _LAYOUT_WRITTEN_ATTR = "_lightning_gradwatch_layout_written"
 #: A condition re-alerts only after it has been clear for this many optimizer steps.
@@ -53,13 +52,7 @@ class HookOrder(IntEnum):
 
 def gradwatch_callbacks(trainer: pl.Trainer) -> list[GradwatchCallback]:
     """The Trainer's gradwatch callbacks in list order, with those inside a bundle (``GradWatch``) expanded."""
-    found: list[GradwatchCallback] = []
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set in Trainer.__init__, undeclared
-        if isinstance(callback, GradwatchCallback):
-            found.append(callback)
-        elif isinstance(getattr(callback, "gradwatch_callbacks", None), list):
-            found.extend(callback.gradwatch_callbacks)
-    return found
+    return list(session_of(trainer).members(trainer))
 
 
 class GradwatchCallback(Callback):
@@ -93,8 +86,16 @@ class GradwatchCallback(Callback):
         self._clear_since: dict[tuple[str, str], int] = {}  # an active condition seen clear since this step
         self._episodes: dict[tuple[str, str], int] = {}  # an active condition's alert, its index in ``alerts``
         self._bundled = False  # set by GradWatch: the bundle saves and restores this callback's state
-        self._optimizer_params: dict[int, OptimizerParams] = {}  # the dispatcher's, per fit
-        self._last_step: dict[int, int] = {}  # optimizer id -> the global step last dispatched
+
+    @property
+    def stopped_this_fit(self) -> bool:
+        """Whether this callback stopped the current fit (a guard's halt)."""
+        return False
+
+    @property
+    def halt_step(self) -> int | None:
+        """The step at which this callback stopped a run, if it did."""
+        return None
 
     # -- alerts ----------------------------------------------------------------------------------------------
     def _emit_alert(self, trainer: pl.Trainer, alert: Alert) -> None:
@@ -162,7 +163,8 @@ class GradwatchCallback(Callback):
     @staticmethod
     def _log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
         """Queue host-side metrics for this step; every gradwatch metric of a step goes to the loggers in one call."""
-        queue_metrics(trainer, metrics)
+        if trainer.is_global_zero:
+            session_of(trainer).metrics.queue(trainer, metrics)
 
     def _flush(self, trainer: pl.Trainer) -> None:
         """Write the layout (once per run, now that the model's activations have been seen) and the step's row."""
@@ -170,7 +172,7 @@ class GradwatchCallback(Callback):
             return
         if trainer.lightning_module is not None:
             self._write_layout_once(trainer, trainer.lightning_module)
-        flush_metrics(trainer)
+        session_of(trainer).metrics.flush(trainer)
 
     # -- TensorBoard layout ----------------------------------------------------------------------------------
     def _tensorboard_layout(
@@ -185,7 +187,7 @@ class GradwatchCallback(Callback):
         writers = [w for w in tensorboard_writers(trainer) if not getattr(w, _LAYOUT_WRITTEN_ATTR, False)]
         if not writers:
             return
-        peers = gradwatch_callbacks(trainer)
+        peers = session_of(trainer).members(trainer)
         layout = ordered_layout(merge_layouts(cb._tensorboard_layout(trainer, pl_module) for cb in peers))
         for writer in writers:
             if layout:
@@ -200,7 +202,7 @@ class GradwatchCallback(Callback):
         """Measurements this callback adds to the health report, one Markdown line each (not findings)."""
         return []
 
-    # -- the step dispatcher ---------------------------------------------------------------------------------
+    # -- the step's work -------------------------------------------------------------------------------------
     def _before_optimizer_step(
         self,
         trainer: pl.Trainer,
@@ -216,49 +218,35 @@ class GradwatchCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        peers = gradwatch_callbacks(trainer)
-        if not peers or peers[0] is not self:
-            return  # (reordering trainer.callbacks instead would mutate the list Lightning is iterating)
-        key = id(optimizer)
-        index = self._optimizer_params.get(key)
-        if index is None or not index.matches(optimizer):
-            # new, or its parameter groups changed (BaseFinetuning unfreezing a backbone): every callback indexes
-            # the groups as they are now, and whatever was derived from the old index (layers, positions) goes with it
-            index = self._optimizer_params[key] = OptimizerParams.of(pl_module, optimizer, sharded=is_sharded(trainer))
-        # a closure optimizer (LBFGS) runs this hook once per closure evaluation: count the step once
-        repeat = self._last_step.get(key) == trainer.global_step
-        self._last_step[key] = trainer.global_step
-        step = StepGradients.of(trainer, optimizer, index, repeat=repeat)
-        for callback in sorted(peers, key=lambda cb: cb.hook_order):
-            callback._before_optimizer_step(trainer, pl_module, optimizer, step)
+        session = session_of(trainer)
+        if session.leads(trainer, self):  # the others' turn comes from the session, in hook order
+            session.dispatch_step(trainer, pl_module, optimizer)
 
     # -- hooks -----------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        peers = gradwatch_callbacks(trainer)
-        if peers and peers[0] is self:
-            _refuse_collisions(peers)
+        session = session_of(trainer)
+        session.forget_members()  # model callbacks are attached by now
+        if session.leads(trainer, self):
+            _refuse_collisions(session.members(trainer))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        peers = gradwatch_callbacks(trainer)
-        if trainer.training and peers and peers[0] is self:  # the first gradwatch callback keeps the loss trace
-            loss_trace(trainer).record(trainer, loss)
+        session = session_of(trainer)
+        if trainer.training and session.leads(trainer, self):
+            session.loss_trace.record(trainer, loss)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        peers = gradwatch_callbacks(trainer)
-        if peers and peers[0] is self:
-            loss_trace(trainer).reset()
-        self._optimizer_params.clear()  # a new fit may bring new optimizers
-        self._last_step.clear()
+        session = session_of(trainer)
+        if session.leads(trainer, self):
+            session.start_fit()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        peers = gradwatch_callbacks(trainer)
-        if peers and peers[-1] is self:  # the last gradwatch callback to see the step sends its one row
+        if session_of(trainer).closes(trainer, self):  # the last to see the step sends its one row
             self._flush(trainer)
 
     @override
