@@ -2,9 +2,8 @@
 
 On ``on_before_optimizer_step`` the Trainer's :class:`~lightning_gradwatch.core.session.Session` builds the step's
 shared :class:`~lightning_gradwatch._step.StepGradients` once and runs every gradwatch callback's step work in
-``hook_order``:
-the guard sees the step first, norms are logged before any clipping, clipping comes last, whatever order the user
-listed them in. Subclasses put that work in :meth:`GradwatchCallback._before_optimizer_step`; overriding
+``hook_order``: the guard sees the step first, norms are logged before any clipping, clipping comes last, whatever
+order the user listed them in. Subclasses put that work in :meth:`GradwatchCallback._before_optimizer_step`; overriding
 ``on_before_optimizer_step`` itself is refused (it would silently switch off every other callback's step work).
 """
 
@@ -48,11 +47,6 @@ class HookOrder(IntEnum):
     CLIPPING = 30  # changes the gradients: after everything that reads them
     OTHERS = 50  # a callback that does not say: after the clipping
     REPORT = 100  # closes the run
-
-
-def gradwatch_callbacks(trainer: pl.Trainer) -> list[GradwatchCallback]:
-    """The Trainer's gradwatch callbacks in list order, with those inside a bundle (``GradWatch``) expanded."""
-    return list(session_of(trainer).members(trainer))
 
 
 class GradwatchCallback(Callback):
