@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_gradwatch as gw
-from lightning_gradwatch._geometry import ActivationSample, find_blocks, probe_geometry
 from lightning_gradwatch.core import host_values
+from lightning_gradwatch.geometry._probe import ActivationSample, find_blocks, probe_geometry
 
 
 class ResidualBlock(nn.Module):

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from lightning_gradwatch import GradientGeometry, GradientNormLogger
-from lightning_gradwatch._geometry import find_blocks, probe_geometry
 from lightning_gradwatch.functional.geometry import gain_product
+from lightning_gradwatch.geometry._probe import find_blocks, probe_geometry
 from tests.geometry_models import BertLike, plain_mlp, residual_mlp, token_data
 from tests.models import IN_FEATURES, Classifier, TinyTransformer, classification_data, image_data, mlp, resnet
 

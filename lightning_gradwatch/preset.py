@@ -13,16 +13,16 @@ from lightning_gradwatch._charts import DEFAULT_MAX_SERIES, check_patterns_synta
 from lightning_gradwatch._probe_batch import ForwardFn, check_forward_fn
 from lightning_gradwatch._types import Null, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
-from lightning_gradwatch.adaptive_clipping import CLIP_MODES, AdaptiveClipping, ClipMode
+from lightning_gradwatch.activations.dead_neurons import DeadNeuronCallback
+from lightning_gradwatch.activations.saturation import SaturationCallback
 from lightning_gradwatch.alerts import Alert
 from lightning_gradwatch.core.callback import GradwatchCallback, find_state
-from lightning_gradwatch.dead_neurons import DeadNeuronCallback
-from lightning_gradwatch.gradient_norm import GradientNormLogger
-from lightning_gradwatch.health_report import HealthReport
-from lightning_gradwatch.loss_spike_guard import SPIKE_ACTIONS, LossSpikeGuard, SpikeAction
-from lightning_gradwatch.nan_guard import NAN_ACTIONS, NanAction, NaNGuard
-from lightning_gradwatch.saturation import SaturationCallback
-from lightning_gradwatch.setup_check import SetupCheck
+from lightning_gradwatch.diagnosis.health_report import HealthReport
+from lightning_gradwatch.diagnosis.setup_check import SetupCheck
+from lightning_gradwatch.gradients.adaptive_clipping import CLIP_MODES, AdaptiveClipping, ClipMode
+from lightning_gradwatch.gradients.gradient_norm import GradientNormLogger
+from lightning_gradwatch.guards.loss_spike_guard import SPIKE_ACTIONS, LossSpikeGuard, SpikeAction
+from lightning_gradwatch.guards.nan_guard import NAN_ACTIONS, NanAction, NaNGuard
 
 
 def default_callbacks(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_gradwatch._activation_probe import activation_kind
+from lightning_gradwatch.activations._probe import activation_kind
 from lightning_gradwatch.functional import (
     alive_units,
     dead_fractions,

@@ -180,7 +180,7 @@ def test_before_torch_2_6_the_compiled_model_is_left_alone_and_the_callbacks_say
 ) -> None:
     """torch 2.4-2.5 have no torch.compiler.set_stance: the eager pass cannot be run, so the activation callbacks
     stay off under torch.compile (as before) and say why, and the graph is still untouched."""
-    import lightning_gradwatch._activations as activations
+    import lightning_gradwatch.activations._callback as activations
 
     monkeypatch.setattr(activations, "CAN_RUN_EAGERLY", False)
     dead = callback("dead")

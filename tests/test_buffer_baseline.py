@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradWatch, NaNGuard
-from lightning_gradwatch._buffer_baseline import judged_buffers
+from lightning_gradwatch.guards._buffer_baseline import judged_buffers
 from tests.models import trainer_kwargs
 
 T, VOCAB, D = 12, 40, 32

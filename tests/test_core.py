@@ -131,3 +131,15 @@ def test_layer_charts_split_along_the_module_tree() -> None:
     ]
     assert layer_charts(["fc"]) == [("fc", ["fc"])] and layer_charts([]) == []
     assert [len(c) for _, c in layer_charts(["fc"] * 12)] == [6, 6]  # repeated names end, not recurse forever
+
+
+def test_the_module_paths_of_0_1_0_still_import_the_moved_modules() -> None:
+    import importlib
+
+    import lightning_gradwatch as gw
+    from lightning_gradwatch.nan_guard import NaNGuard  # type: ignore[import-not-found]
+
+    assert NaNGuard is gw.NaNGuard
+    for old, name in [("through_time", "GradientsThroughTime"), ("health_report", "HealthReport")]:
+        module = importlib.import_module(f"lightning_gradwatch.{old}")
+        assert getattr(module, name) is getattr(gw, name)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gradwatch import DeadNeuronCallback, SaturationCallback
-from lightning_gradwatch._activation_probe import probe_for
+from lightning_gradwatch.activations._probe import probe_for
 from tests import tensorboard_events as tb
 from tests.activation_models import Net, fit, kill, no_probe_left
 from tests.distributed import run_ddp_script

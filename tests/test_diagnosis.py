@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning_gradwatch import GradWatch
-from lightning_gradwatch.health_report import summarize
+from lightning_gradwatch.diagnosis.health_report import summarize
 from tests import failure_models as fm
 from tests.distributed import run_ddp_script
 

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 
 from lightning_gradwatch import GradientNormLogger
-from lightning_gradwatch.health_report import summarize
+from lightning_gradwatch.diagnosis.health_report import summarize
 from tests.models import Classifier, mlp, trainer_kwargs
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradwatch._geometry import find_blocks, probe_geometry
 from lightning_gradwatch.functional.geometry import (
     gain_product,
     gradient_coherence,
@@ -16,6 +15,7 @@ from lightning_gradwatch.functional.geometry import (
     row_cosine,
     segment_spectrum,
 )
+from lightning_gradwatch.geometry._probe import find_blocks, probe_geometry
 from tests.geometry_models import plain_mlp, residual_mlp
 from tests.models import IN_FEATURES
 

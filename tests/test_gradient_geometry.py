@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gradwatch import DeadNeuronCallback, GradientGeometry, GradientNormLogger, SaturationCallback
-from lightning_gradwatch._geometry import find_blocks, probe_geometry
+from lightning_gradwatch.geometry._probe import find_blocks, probe_geometry
 from tests.distributed import run_ddp_script
 from tests.geometry_models import BertLike, ResidualBlock, plain_mlp, residual_mlp, token_data
 from tests.models import Classifier, TinyLSTM, TinyTransformer, classification_data, image_data, resnet, trainer_kwargs

@@ -10,7 +10,7 @@ import pytest
 from torch import nn
 
 from lightning_gradwatch import Alert, GradientNormLogger, HealthReport
-from lightning_gradwatch.health_report import render_markdown, summarize
+from lightning_gradwatch.diagnosis.health_report import render_markdown, summarize
 from tests.models import Classifier, mlp, trainer_kwargs
 
 

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from lightning_gradwatch import LossSpikeGuard, NaNGuard
 from lightning_gradwatch import _step as step_module
-from lightning_gradwatch._loss_window import resized_window
 from lightning_gradwatch.functional.spikes import is_spike, robust_zscore, robust_zscore_of_floats
+from lightning_gradwatch.guards._loss_window import resized_window
 from lightning_gradwatch.testing import HostReadCounter
 from tests.distributed import run_ddp_script
 from tests.models import Classifier, classification_data, mlp, trainer_kwargs

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_gradwatch import GradientNormLogger, GradWatch, HealthReport, NaNGuard
 from lightning_gradwatch.alerts import Alert
-from lightning_gradwatch.health_report import render_markdown, summarize
+from lightning_gradwatch.diagnosis.health_report import render_markdown, summarize
 from tests import failure_models as fm
 from tests.models import Classifier, mlp, trainer_kwargs
 from tests.test_preset import NaNAt

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradwatch import GradWatch, SetupCheck
 from lightning_gradwatch._loss_trace import LossHistory
-from lightning_gradwatch._setup_rules import learning_rate_verdict
 from lightning_gradwatch.alerts import Alert
+from lightning_gradwatch.diagnosis._setup_rules import learning_rate_verdict
 from tests.models import IN_FEATURES, NUM_CLASSES, classification_data, trainer_kwargs
 
 T, VOCAB, D = 16, 48, 48

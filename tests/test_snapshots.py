@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gradwatch import LossSpikeGuard, NaNGuard
-from lightning_gradwatch._snapshot import Rollbacks
+from lightning_gradwatch.guards._snapshot import Rollbacks
 from tests.models import IN_FEATURES, Classifier, classification_data, mlp, trainer_kwargs
 
 NAN_BATCH = 7

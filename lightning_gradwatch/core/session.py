@@ -11,7 +11,7 @@ Every gradwatch callback of a Trainer reaches the same :class:`Session` through 
 
 What belongs to a model rather than to a run stays with the model: its one activation probe (the hooks on it, which
 a second Trainer fitting the same model must share, not double) and what its buffers hold by design
-(:mod:`~lightning_gradwatch._buffer_baseline`).
+(:mod:`~lightning_gradwatch.guards._buffer_baseline`).
 
 The session lives on the Trainer it serves (no module-level registry), is rebuilt empty in a process it is copied
 to (``ddp_spawn`` pickles the Trainer), and asks members for what they can do, never for their class: whether one

@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_gradwatch import GradientGeometry
-from lightning_gradwatch._geometry import probe_geometry
+from lightning_gradwatch.geometry._probe import probe_geometry
 from tests.distributed import ddp_strategy, report
 from tests.geometry_models import plain_mlp
 from tests.models import Classifier, trainer_kwargs

@@ -23,7 +23,7 @@ from torch import nn
 
 from lightning_gradwatch._params import OptimizerParams
 from lightning_gradwatch._step import StepGradients
-from lightning_gradwatch._update_ratio import UpdateTracker
+from lightning_gradwatch.gradients._update_ratio import UpdateTracker
 from tests.distributed import report
 
 WORLD = 4

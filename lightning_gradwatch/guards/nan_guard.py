@@ -11,11 +11,20 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._amp_monitor import AmpMonitor, AmpReading
-from lightning_gradwatch._buffer_baseline import judged_buffers, remember_buffers
-from lightning_gradwatch._fault_finding import FaultResponse, amp_fault_finding, fault_finding, stuck_finding
-from lightning_gradwatch._halt_checkpoint import save_halt_checkpoint
-from lightning_gradwatch._nonfinite import (
+from lightning_gradwatch._precision import grad_scaler
+from lightning_gradwatch._reporting import logger_step, print_line
+from lightning_gradwatch._step import StepGradients, host_is_free
+from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
+from lightning_gradwatch._validation import check_bool, check_choice, check_number
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
+from lightning_gradwatch.functional.finite import any_non_finite
+from lightning_gradwatch.guards._amp_monitor import AmpMonitor, AmpReading
+from lightning_gradwatch.guards._buffer_baseline import judged_buffers, remember_buffers
+from lightning_gradwatch.guards._fault_finding import FaultResponse, amp_fault_finding, fault_finding, stuck_finding
+from lightning_gradwatch.guards._halt_checkpoint import save_halt_checkpoint
+from lightning_gradwatch.guards._nonfinite import (
     Fault,
     describe_fault,
     device_flag,
@@ -24,17 +33,8 @@ from lightning_gradwatch._nonfinite import (
     screen_step,
     screened_tensors,
 )
-from lightning_gradwatch._precision import grad_scaler
-from lightning_gradwatch._provenance import find_origin
-from lightning_gradwatch._reporting import logger_step, print_line
-from lightning_gradwatch._snapshot import BufferShadow, Rollbacks
-from lightning_gradwatch._step import StepGradients, host_is_free
-from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
-from lightning_gradwatch._validation import check_bool, check_choice, check_number
-from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
-from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
-from lightning_gradwatch.core.session import session_of
-from lightning_gradwatch.functional.finite import any_non_finite
+from lightning_gradwatch.guards._provenance import find_origin
+from lightning_gradwatch.guards._snapshot import BufferShadow, Rollbacks
 
 NanAction = Literal["halt", "skip", "rollback"]
 NAN_ACTIONS: tuple[str, ...] = ("halt", "skip", "rollback")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lightning_gradwatch._gradient_rules import IntervalTally
+from lightning_gradwatch.gradients._gradient_rules import IntervalTally
 
 
 class NormIntervals:

@@ -266,7 +266,7 @@ class Rollbacks:
         Args:
             checked: the caller checked this step's state (weights, buffers, ``optimizer``'s state) finite whenever
                 :attr:`due` said so (NaNGuard). ``False``: the state is checked here, exactly, when a snapshot is due
-                (:func:`~lightning_gradwatch._nonfinite.state_is_finite`, one host read at the snapshot cadence); a
+                (:func:`~lightning_gradwatch.guards._nonfinite.state_is_finite`, one host read at the snapshot cadence); a
                 non-finite state is not kept, and the previous snapshot stays.
         """
         was_due = self.due  # what a caller that checks when due was told
@@ -329,7 +329,9 @@ class Rollbacks:
 
 
 def _state_is_finite(module: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    from lightning_gradwatch._nonfinite import state_is_finite  # it names its findings with this module's helpers
+    from lightning_gradwatch.guards._nonfinite import (
+        state_is_finite,  # it names its findings with this module's helpers
+    )
 
     return state_is_finite(module, optimizer)
 

@@ -12,7 +12,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._clip_rules import AGCRule, ClipInterval, NormStatistics, PercentileRule, ZScoreRule
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trace import fetch_with_history
 from lightning_gradwatch._params import local_tensor, optimizer_index
@@ -33,6 +32,7 @@ from lightning_gradwatch.core.session import session_of
 from lightning_gradwatch.functional._scalars import Flag, Scalar, as_float, where
 from lightning_gradwatch.functional.clipping import apply_clip_coefficient, clip_coefficient
 from lightning_gradwatch.functional.norms import validate_norm_type
+from lightning_gradwatch.gradients._clip_rules import AGCRule, ClipInterval, NormStatistics, PercentileRule, ZScoreRule
 
 ClipMode = Literal["zscore", "percentile", "agc"]
 CLIP_MODES: tuple[str, ...] = ("zscore", "percentile", "agc")

@@ -13,9 +13,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gradwatch._activation_probe import compiled_modules, probe_for
 from lightning_gradwatch._distributed import all_reduce_sum, is_sharded
-from lightning_gradwatch._geometry import ActivationSample, Blocks, find_blocks, probe_geometry
 from lightning_gradwatch._layout import exact_tags, layer_charts
 from lightning_gradwatch._probe_batch import (
     BATCHNORM_WARMUP,
@@ -29,9 +27,11 @@ from lightning_gradwatch._probe_batch import (
 from lightning_gradwatch._reporting import host_values, logger_step, tensorboard_writers
 from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, Null, OpenUnitInterval, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_bool, check_number, check_patterns
+from lightning_gradwatch.activations._probe import compiled_modules, probe_for
 from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
 from lightning_gradwatch.core.callback import GradwatchCallback
 from lightning_gradwatch.functional.geometry import gain_product
+from lightning_gradwatch.geometry._probe import ActivationSample, Blocks, find_blocks, probe_geometry
 
 
 class GradientGeometry(GradwatchCallback):
@@ -56,7 +56,7 @@ class GradientGeometry(GradwatchCallback):
     - Histograms of the activations (outputs of ReLU, sigmoid, tanh, GELU, SiLU) of the probe pass, per layer,
       from the shared activation probe; TensorBoard only, rank zero.
 
-    Blocks: ``blocks`` if given, else found as described in :mod:`lightning_gradwatch._geometry` (a transformer's
+    Blocks: ``blocks`` if given, else found as described in :mod:`lightning_gradwatch.geometry._probe` (a transformer's
     layers, a ResNet's blocks, a ``Sequential``'s stages). Under DDP every rank probes its own batch at the same
     step and the measurements are averaged with one all-reduce, so every rank reaches the same alerts; rank zero
     logs. Under ``torch.compile`` the probe runs the model's own code eagerly: the compiled graph gets no hook

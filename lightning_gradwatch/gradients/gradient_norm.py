@@ -17,7 +17,19 @@ from lightning_gradwatch._charts import (
     ChartPlan,
     check_patterns_syntax,
 )
-from lightning_gradwatch._gradient_rules import (
+from lightning_gradwatch._loss_trace import LossHistory, fetch_with_history
+from lightning_gradwatch._params import ParamGroups, optimizer_index
+from lightning_gradwatch._precision import grad_scaler, loss_scale
+from lightning_gradwatch._reporting import host_values, logger_step
+from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch._types import AtLeastFiveInt, AtLeastOne, GreaterThanOne, Null, PositiveFloat, PositiveInt
+from lightning_gradwatch._validation import check_bool, check_choice, check_number
+from lightning_gradwatch.alerts import Alert
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
+from lightning_gradwatch.functional._scalars import Scalar, as_float, isfinite
+from lightning_gradwatch.functional.norms import total_norm, validate_norm_type
+from lightning_gradwatch.gradients._gradient_rules import (
     Diagnosis,
     ExplodingRule,
     GradientReading,
@@ -26,22 +38,10 @@ from lightning_gradwatch._gradient_rules import (
     UpdateRatioRule,
     VanishingRule,
 )
-from lightning_gradwatch._loss_trace import LossHistory, fetch_with_history
-from lightning_gradwatch._norm_charts import FlowPictures, NormCharts
-from lightning_gradwatch._norm_intervals import NormIntervals
-from lightning_gradwatch._norm_ring import NormRing, combine_on_host
-from lightning_gradwatch._params import ParamGroups, optimizer_index
-from lightning_gradwatch._precision import grad_scaler, loss_scale
-from lightning_gradwatch._reporting import host_values, logger_step
-from lightning_gradwatch._step import StepGradients
-from lightning_gradwatch._types import AtLeastFiveInt, AtLeastOne, GreaterThanOne, Null, PositiveFloat, PositiveInt
-from lightning_gradwatch._update_ratio import UpdateTracker
-from lightning_gradwatch._validation import check_bool, check_choice, check_number
-from lightning_gradwatch.alerts import Alert
-from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
-from lightning_gradwatch.core.session import session_of
-from lightning_gradwatch.functional._scalars import Scalar, as_float, isfinite
-from lightning_gradwatch.functional.norms import total_norm, validate_norm_type
+from lightning_gradwatch.gradients._norm_charts import FlowPictures, NormCharts
+from lightning_gradwatch.gradients._norm_intervals import NormIntervals
+from lightning_gradwatch.gradients._norm_ring import NormRing, combine_on_host
+from lightning_gradwatch.gradients._update_ratio import UpdateTracker
 
 
 class GradientNormLogger(GradwatchCallback):

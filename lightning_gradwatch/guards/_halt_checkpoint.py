@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_gradwatch._distributed import all_reduce_max
-from lightning_gradwatch._nonfinite import state_is_finite
+from lightning_gradwatch.guards._nonfinite import state_is_finite
 
 
 def save_halt_checkpoint(trainer: Any, module: nn.Module, totals: Any) -> str:

@@ -11,12 +11,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._activation_probe import compiled_modules
 from lightning_gradwatch._loss_trace import LossHistory
 from lightning_gradwatch._params import local_tensor, optimizer_index
 from lightning_gradwatch._probe_batch import CAN_RUN_EAGERLY, ForwardFn, check_forward_fn, run_eagerly
 from lightning_gradwatch._reporting import host_values
-from lightning_gradwatch._setup_rules import (
+from lightning_gradwatch._step import StepGradients, host_is_free
+from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
+from lightning_gradwatch._validation import check_number, check_patterns
+from lightning_gradwatch.activations._probe import compiled_modules
+from lightning_gradwatch.alerts import Alert, AlertKind
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
+from lightning_gradwatch.diagnosis._setup_rules import (
     DIVERGENCE_FACTOR,
     EARLY_STEPS,
     RECHECK_STEP,
@@ -24,12 +30,6 @@ from lightning_gradwatch._setup_rules import (
     ResetWatch,
     learning_rate_verdict,
 )
-from lightning_gradwatch._step import StepGradients, host_is_free
-from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
-from lightning_gradwatch._validation import check_number, check_patterns
-from lightning_gradwatch.alerts import Alert, AlertKind
-from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
-from lightning_gradwatch.core.session import session_of
 from lightning_gradwatch.functional.dynamics import snapshot_for_update, update_norms
 
 #: Update ratios are measured on this many first steps (a copy of the weights at each, freed at the next).

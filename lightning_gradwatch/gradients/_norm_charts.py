@@ -12,13 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_gradwatch._charts import ChartPlan, charted, plan_charts
-from lightning_gradwatch._geometry import find_blocks
 from lightning_gradwatch._gradient_flow import GradientFlow, matplotlib_pyplot
 from lightning_gradwatch._layout import exact_tags, layer_charts
-from lightning_gradwatch._norm_ring import NormRing, write_recent
 from lightning_gradwatch._params import ParamGroups, group_of
 from lightning_gradwatch._reporting import logger_step, tensorboard_writers
 from lightning_gradwatch._step import StepGradients
+from lightning_gradwatch.geometry._probe import find_blocks
+from lightning_gradwatch.gradients._norm_ring import NormRing, write_recent
 
 
 class NormCharts:

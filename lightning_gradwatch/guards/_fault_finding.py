@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lightning_gradwatch._loss_trace import Divergence
-from lightning_gradwatch._nonfinite import Fault
-from lightning_gradwatch._provenance import Origin
 from lightning_gradwatch.alerts import AlertCause
+from lightning_gradwatch.guards._nonfinite import Fault
+from lightning_gradwatch.guards._provenance import Origin
 
 #: What each action did to the faulty step, for the finding.
 DONE = {

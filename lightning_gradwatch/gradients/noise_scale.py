@@ -13,7 +13,6 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_gradwatch._compat import lightning_classes
-from lightning_gradwatch._ddp_norm_hook import LocalNormHookState, register_local_norm_hook
 from lightning_gradwatch._distributed import all_reduce_sum
 from lightning_gradwatch._params import local_tensor
 from lightning_gradwatch._precision import grad_scaler
@@ -29,6 +28,7 @@ from lightning_gradwatch.functional.noise_scale import (
     noise_scale_terms,
 )
 from lightning_gradwatch.functional.norms import global_norm
+from lightning_gradwatch.gradients._ddp_norm_hook import LocalNormHookState, register_local_norm_hook
 
 Source = Literal["auto", "ddp", "accumulation"]
 _SUPPORTED = lightning_classes("strategies", "SingleDeviceStrategy") + lightning_classes("strategies", "DDPStrategy")

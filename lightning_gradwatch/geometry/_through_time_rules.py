@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 
 from lightning_gradwatch._loss_trace import LossHistory
-from lightning_gradwatch._through_time_report import HorizonReading
+from lightning_gradwatch.geometry._through_time_report import HorizonReading
 
 #: The loss is "improving" when the median of its last steps fell by more than this share since a streak began.
 IMPROVING_MARGIN = 0.03

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gradwatch._activation_probe import ActivationSubscriber, Layer, probe_for
 from lightning_gradwatch._params import clean_name
 from lightning_gradwatch._probe_batch import eval_mode
+from lightning_gradwatch.activations._probe import ActivationSubscriber, Layer, probe_for
 from lightning_gradwatch.functional.geometry import gradient_coherence, relative_perturbation, segment_spectrum
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))

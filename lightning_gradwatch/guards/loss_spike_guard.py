@@ -13,7 +13,15 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._distributed import all_reduce_max, distributed
-from lightning_gradwatch._loss_window import (
+from lightning_gradwatch._precision import grad_scaler, unscaled_loss
+from lightning_gradwatch._reporting import host_values, log_dir
+from lightning_gradwatch._step import StepGradients, host_is_free
+from lightning_gradwatch._types import AtLeastThreeInt, FinitePositiveFloat, Null, PositiveFloat, PositiveInt
+from lightning_gradwatch._validation import check_choice, check_number
+from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
+from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
+from lightning_gradwatch.core.session import session_of
+from lightning_gradwatch.guards._loss_window import (
     V_DROP,
     V_LOSS,
     V_MEDIAN,
@@ -24,16 +32,8 @@ from lightning_gradwatch._loss_window import (
     VERDICT_SIZE,
     LossWindow,
 )
-from lightning_gradwatch._precision import grad_scaler, unscaled_loss
-from lightning_gradwatch._reporting import host_values, log_dir
-from lightning_gradwatch._skip_batches import SkipList, first_tensor, write_spikes
-from lightning_gradwatch._snapshot import Rollbacks
-from lightning_gradwatch._step import StepGradients, host_is_free
-from lightning_gradwatch._types import AtLeastThreeInt, FinitePositiveFloat, Null, PositiveFloat, PositiveInt
-from lightning_gradwatch._validation import check_choice, check_number
-from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
-from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
-from lightning_gradwatch.core.session import session_of
+from lightning_gradwatch.guards._skip_batches import SkipList, first_tensor, write_spikes
+from lightning_gradwatch.guards._snapshot import Rollbacks
 
 SpikeAction = Literal["log", "skip", "rollback"]
 SPIKE_ACTIONS: tuple[str, ...] = ("log", "skip", "rollback")

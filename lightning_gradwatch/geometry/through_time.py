@@ -17,7 +17,6 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_gradwatch._activation_probe import compiled_modules
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trace import fetch_with_history
 from lightning_gradwatch._params import clean_name
@@ -30,10 +29,9 @@ from lightning_gradwatch._probe_batch import (
     run_eagerly,
 )
 from lightning_gradwatch._reporting import host_values, logger_step
-from lightning_gradwatch._through_time_report import HorizonReading, draw_profiles, write_profiles
-from lightning_gradwatch._through_time_rules import LossLevel, exploding_finding, vanishing_finding
 from lightning_gradwatch._types import GreaterThanOne, NonNegativeInt, OpenUnitInterval, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_number
+from lightning_gradwatch.activations._probe import compiled_modules
 from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
 from lightning_gradwatch.core.callback import GradwatchCallback
 from lightning_gradwatch.core.session import session_of
@@ -43,6 +41,8 @@ from lightning_gradwatch.functional.through_time import (
     memory_horizon,
     state_sensitivity,
 )
+from lightning_gradwatch.geometry._through_time_report import HorizonReading, draw_profiles, write_profiles
+from lightning_gradwatch.geometry._through_time_rules import LossLevel, exploding_finding, vanishing_finding
 
 #: ``probe(module, batch) -> (inputs, run)``: the sequence a user-written recurrence reads, batch first, and the
 #: function that runs the recurrence on it and returns its outputs ``(batch, time, hidden)``.

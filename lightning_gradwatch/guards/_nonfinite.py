@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gradwatch._buffer_baseline import judged_buffers
 from lightning_gradwatch._distributed import all_reduce_max
 from lightning_gradwatch._params import OptimizerParams, clean_name, layer_of, local_tensor
-from lightning_gradwatch._snapshot import optimizer_state_tensors
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch.functional.finite import any_non_finite, may_be_non_finite, non_finite_mask
+from lightning_gradwatch.guards._buffer_baseline import judged_buffers
+from lightning_gradwatch.guards._snapshot import optimizer_state_tensors
 
 
 def non_finite_names(named: list[tuple[str, Tensor]]) -> list[str]:
@@ -39,7 +39,7 @@ def all_weights(module: nn.Module, index: OptimizerParams) -> list[tuple[str, Te
 
 def state_is_finite(module: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     """Whether every weight of the model, ``optimizer``'s state and the module's float buffers (judged against what
-    they held by design, see :mod:`~lightning_gradwatch._buffer_baseline`) are all finite (exact; one host read)."""
+    they held by design, see :mod:`~lightning_gradwatch.guards._buffer_baseline`) are all finite (exact; one host read)."""
     index = OptimizerParams.of(module, optimizer)
     state = optimizer_state_tensors(optimizer, index.params, index.names)
     return not non_finite_names(all_weights(module, index) + judged_buffers(module) + state)

@@ -8,7 +8,7 @@
   optimizer holds them, so they never move; their gradients are never zeroed and pile up.
 - Parameters that never receive a gradient: an optimizer holds them and they require grad, yet after some steps
   their ``.grad`` is still ``None``. One forward pass's dataflow between modules is recorded halfway
-  (:class:`~lightning_gradwatch._dataflow.Dataflow`): their module runs and what it returns feeds a layer that
+  (:class:`~lightning_gradwatch.diagnosis._dataflow.Dataflow`): their module runs and what it returns feeds a layer that
   learns, so a ``.detach()`` or a ``no_grad`` block cuts them off from the loss, a warning; what it returns feeds
   nothing that learns (a pooler a token classifier does not read), or it never runs (a spare branch): worth knowing.
 - Gradients never reset: the gradient an optimizer steps with still holds the one it stepped with before, i.e.
@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_gradwatch._dataflow import Dataflow
 from lightning_gradwatch._loss_trace import FIRST, LossHistory
 from lightning_gradwatch._params import clean_name, layer_of
 from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
+from lightning_gradwatch.diagnosis._dataflow import Dataflow
 
 #: A loss this many times where the run started, on this many recorded steps in a row, is a divergence.
 DIVERGENCE_FACTOR, DIVERGENCE_STEPS = 10.0, 3

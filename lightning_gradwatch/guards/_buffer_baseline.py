@@ -16,7 +16,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from lightning_gradwatch._snapshot import float_buffers
+from lightning_gradwatch.guards._snapshot import float_buffers
 
 # module -> {buffer name: where it was infinite when first seen} (only buffers that were); names seen at all
 _INFINITE_AT_START: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = weakref.WeakKeyDictionary()

@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradwatch._activation_probe import Layer
-from lightning_gradwatch._activations import ActivationCallback
 from lightning_gradwatch._distributed import all_reduce_max
 from lightning_gradwatch._probe_batch import ForwardFn
 from lightning_gradwatch._types import Null, PositiveInt, UnitFraction
 from lightning_gradwatch._validation import check_number
+from lightning_gradwatch.activations._callback import ActivationCallback
+from lightning_gradwatch.activations._probe import Layer
 from lightning_gradwatch.alerts import AlertKind
 from lightning_gradwatch.functional.activations import alive_units, segment_sum
 

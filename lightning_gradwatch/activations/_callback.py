@@ -1,7 +1,7 @@
 """The cadence, verdicts and lifecycle shared by the activation callbacks (DeadNeuronCallback, SaturationCallback).
 
 Every ``sample_every_n_steps`` optimizer steps the forward pass is watched (the shared probe of
-:mod:`~lightning_gradwatch._activation_probe`), and each layer's statistic is folded into a sliding window of the
+:mod:`~lightning_gradwatch.activations._probe`), and each layer's statistic is folded into a sliding window of the
 last ``window`` sampled batches, kept on the device. A verdict needs a full window (at the end of a shorter run, at
 least three samples). It is reached without a sync of its own: the window's per-layer fractions ride on the step's
 shared host read when NaNGuard makes one (every step under 32-bit and bf16), else they are read on the next logging
@@ -24,13 +24,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_gradwatch._activation_probe import (
-    ActivationProbe,
-    ActivationSubscriber,
-    Layer,
-    compiled_modules,
-    probe_for,
-)
 from lightning_gradwatch._charts import charted, check_patterns_syntax
 from lightning_gradwatch._distributed import is_sharded
 from lightning_gradwatch._loss_trend import SampledLoss, improved, window_loss
@@ -44,6 +37,13 @@ from lightning_gradwatch._probe_batch import (
 )
 from lightning_gradwatch._reporting import host_values, logger_step
 from lightning_gradwatch._validation import check_number
+from lightning_gradwatch.activations._probe import (
+    ActivationProbe,
+    ActivationSubscriber,
+    Layer,
+    compiled_modules,
+    probe_for,
+)
 from lightning_gradwatch.alerts import Alert, Severity, alert_message
 from lightning_gradwatch.core.callback import GradwatchCallback, HookOrder
 from lightning_gradwatch.core.session import session_of

@@ -1,0 +1,1 @@
+"""The gradient monitors and clipping: GradientNormLogger, AdaptiveClipping and GradientNoiseScale, with their rules, charts and state."""

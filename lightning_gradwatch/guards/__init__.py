@@ -1,0 +1,1 @@
+"""The guards: NaNGuard (NaN/Inf in the loss, gradients, buffers, weights or optimizer state; halt, skip or roll back) and LossSpikeGuard (a loss far above its recent history), with their machinery."""
