@@ -1,8 +1,9 @@
 """GradScaler access for 16-mixed: is there a scaler, the unscaled loss, are an optimizer's gradients still scaled, did
-it overflow.
+it overflow, and making it skip a step.
 
 Every function here reads device tensors without a host sync (``scaler._scale``, the per-optimizer found-inf flags)
-instead of the scaler's public getters, which call ``.item()``.
+instead of the scaler's public getters, which call ``.item()``. This is the one module that touches the scaler's
+private fields.
 """
 
 from __future__ import annotations
@@ -72,8 +73,23 @@ def scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> T
     return total.clamp(max=1.0)
 
 
+def scale_of(scaler: torch.amp.GradScaler) -> Tensor | None:
+    """``scaler``'s current loss scale, a device tensor (``None`` before its first step): no sync."""
+    return scaler._scale
+
+
 def loss_scale(trainer: pl.Trainer) -> Tensor:
     """The GradScaler's current loss scale as a tensor (0 without a scaler, or before its first step): no sync."""
     scaler = grad_scaler(trainer)
-    scale = scaler._scale if scaler is not None else None  # private, but the only sync-free way to read it
+    scale = scale_of(scaler) if scaler is not None else None
     return scale if scale is not None else torch.zeros(())
+
+
+def force_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
+    """Make the GradScaler skip ``optimizer``'s step where ``flag`` (a device flag) is set, as if its gradients had
+    overflowed, without a sync: its found-inf flags are raised in place. Only once it has unscaled ``optimizer``
+    (where :func:`scaler_found_inf` is not ``None``)."""
+    scaler = grad_scaler(trainer)
+    assert scaler is not None
+    for found in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+        found.copy_(torch.maximum(found, flag.to(found.device, found.dtype)))

@@ -26,7 +26,12 @@ log.addHandler(logging.NullHandler())
 
 def logger_step(trainer: pl.Trainer) -> int:
     """The step value Lightning's own loggers use for training metrics."""
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)  # private; Lightning has no public name for it
+
+
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning's own cadence (``log_every_n_steps``) logs the training step under way."""
+    return bool(trainer._logger_connector.should_update_logs)  # private, as above
 
 
 def host_values(*tensors: Tensor) -> list[list[float]]:

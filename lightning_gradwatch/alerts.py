@@ -239,6 +239,18 @@ ALERT_CAUSES: dict[str, AlertKindInfo] = {
 ALERT_KINDS: frozenset[str] = frozenset(str(kind) for kind in ALERT_KIND_INFO)  # plain strings, as alerts hold them
 
 
+def plain_strings(value: Any) -> Any:
+    """``value`` (a checkpointed state) with every :class:`AlertKind` / :class:`AlertCause` in it as its plain string:
+    ``torch.load(weights_only=True)``, Lightning's default, refuses any class it does not know."""
+    if isinstance(value, _Name):
+        return str(value)
+    if isinstance(value, dict):
+        return {plain_strings(k): plain_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain_strings(v) for v in value)
+    return value
+
+
 def alert_message(kind: str, finding: str, severity: str = "warning", cause: str = "") -> str:
     """The one way an alert message is made: the ``finding``, then, for a warning, the usual remedies of its
     ``cause`` (:data:`ALERT_CAUSES`) where it has an entry, else of its ``kind`` (:data:`ALERT_KIND_INFO`). An info

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_gradwatch import _step
+from lightning_gradwatch._reporting import logs_this_step
 
 __all__ = ["HostReadCounter"]
 
@@ -167,7 +168,7 @@ class HostReadCounter(TorchFunctionMode):
                 counter.step = trainer.global_step  # micro-batches of one optimizer step share it
                 if not counter.steps or counter.steps[-1] != counter.step:
                     counter.steps.append(counter.step)
-                if trainer._logger_connector.should_update_logs:
+                if logs_this_step(trainer):
                     counter.logging_steps.add(counter.step)
 
             def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from lightning_gradwatch import ALERT_CAUSES, ALERT_KIND_INFO, ALERT_KINDS, Alert, AlertCause, AlertKind
 from lightning_gradwatch.alerts import alert_message
@@ -17,6 +18,20 @@ def test_kinds_and_causes_are_their_strings_and_alerts_hold_plain_strings() -> N
     assert type(alert.kind) is str and type(alert.cause) is str
     assert json.loads(json.dumps(alert.to_dict()))["kind"] == "non_finite"
     assert Alert.from_dict(alert.to_dict()) == alert
+
+
+def test_a_kind_or_cause_that_reaches_a_callbacks_state_is_saved_as_its_string(tmp_path: Path) -> None:
+    import torch
+
+    from lightning_gradwatch import GradientNormLogger
+
+    callback = GradientNormLogger()
+    callback._active_conditions.add((AlertKind.DEAD_NEURONS, AlertCause.DIVERGENCE))  # as a subclass might keep it
+    path = tmp_path / "state.pt"
+    torch.save(callback.state_dict(), path)
+    loaded = torch.load(path, weights_only=True)  # Lightning's default: plain types only
+    assert loaded["active_conditions"] == [["dead_neurons", "divergence"]]
+    assert all(type(v) is str for v in loaded["active_conditions"][0])
 
 
 def test_a_warning_ends_with_its_causes_remedy_or_its_kinds_and_an_info_with_none() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -137,9 +138,41 @@ def test_the_module_paths_of_0_1_0_still_import_the_moved_modules() -> None:
     import importlib
 
     import lightning_gradwatch as gw
-    from lightning_gradwatch.nan_guard import NaNGuard  # type: ignore[import-not-found]
 
-    assert NaNGuard is gw.NaNGuard
-    for old, name in [("through_time", "GradientsThroughTime"), ("health_report", "HealthReport")]:
+    moved = [("nan_guard", "NaNGuard"), ("through_time", "GradientsThroughTime"), ("health_report", "HealthReport")]
+    for old, name in moved:  # as `from lightning_gradwatch.nan_guard import NaNGuard` or a CLI class_path finds them
         module = importlib.import_module(f"lightning_gradwatch.{old}")
         assert getattr(module, name) is getattr(gw, name)
+
+
+def test_each_trainer_has_its_own_session_on_it_and_a_copied_one_starts_empty(tmp_path: Path) -> None:
+    import pickle
+
+    from lightning_gradwatch.core import Session, session_of
+
+    first, second = (pl.Trainer(**trainer_kwargs(tmp_path / str(i))) for i in range(2))
+    assert session_of(first) is session_of(first) and session_of(first) is not session_of(second)
+    session_of(first).metrics.values["x"] = 1.0
+    copied = pickle.loads(pickle.dumps(session_of(first)))  # ddp_spawn pickles the Trainer
+    assert isinstance(copied, Session) and copied.metrics.values == {}
+
+
+def test_no_module_keeps_state_per_trainer() -> None:
+    import importlib
+    import pkgutil
+    import weakref
+
+    import lightning_gradwatch
+
+    registries = []
+    for info in pkgutil.walk_packages(lightning_gradwatch.__path__, "lightning_gradwatch."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if isinstance(value, weakref.WeakKeyDictionary | weakref.WeakValueDictionary):
+                registries.append(f"{info.name}.{name}")
+    # what belongs to a model, not to a run: its one activation probe and the buffers it holds infinite by design
+    assert sorted(registries) == [
+        "lightning_gradwatch.activations._probe._PROBES",
+        "lightning_gradwatch.guards._buffer_baseline._INFINITE_AT_START",
+        "lightning_gradwatch.guards._buffer_baseline._SEEN",
+    ]

@@ -60,3 +60,13 @@ def test_a_run_resumes_from_the_release_checkpoint_without_repeating_its_alerts(
     assert isinstance(bundle, GradWatch)
     dead = [a for cb in bundle.gradwatch_callbacks for a in cb.alerts if a.kind == AlertKind.DEAD_NEURONS]
     assert len(dead) == 1 and dead[0].step == 26  # the episode goes on: restored, not raised again
+
+
+def test_a_checkpoint_saved_by_todays_code_loads_with_weights_only(tmp_path: Path) -> None:
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=30, callbacks=callbacks()))
+    trainer.fit(model())
+    path = tmp_path / "today.ckpt"
+    trainer.save_checkpoint(str(path))
+    saved = torch.load(path, map_location="cpu", weights_only=True)  # what Lightning does by default
+    states = saved["callbacks"]["GradWatch"]
+    assert any(state["active_conditions"] for state in states.values())  # the dead-unit condition is in it

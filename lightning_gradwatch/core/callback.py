@@ -22,9 +22,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_gradwatch._layout import merge_layouts, ordered_layout
-from lightning_gradwatch._reporting import logger_step, print_line, tensorboard_writers
+from lightning_gradwatch._reporting import logger_step, logs_this_step, print_line, tensorboard_writers
 from lightning_gradwatch._step import StepGradients
-from lightning_gradwatch.alerts import Alert
+from lightning_gradwatch.alerts import Alert, plain_strings
 from lightning_gradwatch.core.session import session_of
 
 _LAYOUT_WRITTEN_ATTR = "_lightning_gradwatch_layout_written"
@@ -113,7 +113,7 @@ class GradwatchCallback(Callback):
         """Alert when the condition ``(kind, key)`` starts; stay silent while it persists. It re-arms once it has
         been clear for :data:`REARM_STEPS` steps: one that comes back sooner (a layer with one stray non-zero
         step, a fraction hovering at its threshold) is the same episode, counted on its alert."""
-        condition, now = (kind, key), trainer.global_step
+        condition, now = (str(kind), key), trainer.global_step  # a plain string: it is checkpointed
         if not firing:
             self._clear_condition(kind, key, now)
             return
@@ -133,7 +133,7 @@ class GradwatchCallback(Callback):
     def _clear_condition(self, kind: str, key: str, step: int | None = None) -> None:
         """The condition ``(kind, key)`` no longer holds. Without ``step`` the episode is over at once (the guard's
         fault episode ends with a clean step); at ``step`` it ends only after :data:`REARM_STEPS` clear steps."""
-        condition = (kind, key)
+        condition = (str(kind), key)
         if step is None:
             self._active_conditions.discard(condition)
             self._clear_since.pop(condition, None)
@@ -145,7 +145,7 @@ class GradwatchCallback(Callback):
     def _should_log(trainer: pl.Trainer, every_n_steps: int | None) -> bool:
         """Whether the step about to be taken is a logging step: the Trainer's cadence, or ``every_n_steps``."""
         if every_n_steps is None:
-            return bool(trainer._logger_connector.should_update_logs)
+            return logs_this_step(trainer)
         return (logger_step(trainer) + 1) % every_n_steps == 0
 
     @staticmethod
@@ -267,12 +267,13 @@ class GradwatchCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "config": self._config(),
             "alerts": [a.to_dict() for a in self.alerts],
-            "active_conditions": sorted(list(c) for c in self._active_conditions),
+            "active_conditions": sorted([str(kind), str(key)] for kind, key in self._active_conditions),
             **self._extra_state(),
         }
+        return plain_strings(state)  # an AlertKind anywhere in it would make the checkpoint unloadable by default
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

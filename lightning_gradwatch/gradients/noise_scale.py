@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_gradwatch._compat import lightning_classes
 from lightning_gradwatch._distributed import all_reduce_sum
 from lightning_gradwatch._params import local_tensor
-from lightning_gradwatch._precision import grad_scaler
+from lightning_gradwatch._precision import grad_scaler, scale_of
 from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._step import StepGradients
 from lightning_gradwatch._types import Null, OpenUnitInterval, PositiveInt
@@ -215,8 +215,9 @@ class GradientNoiseScale(GradwatchCallback):
             small = torch.zeros((), device=device)
         small = small.to(device) * factor
         scaler = grad_scaler(trainer)
-        if scaler is not None and scaler._scale is not None:  # measured during backward: scaled by the loss scale
-            small = small / scaler._scale.to(device, torch.float32).square()
+        scale = scale_of(scaler) if scaler is not None else None
+        if scale is not None:  # measured during backward: scaled by the loss scale
+            small = small / scale.to(device, torch.float32).square()
         return small, b_small, world * micro * k, torch.full((), usable, dtype=torch.bool, device=device)
 
     @staticmethod

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradwatch._distributed import all_reduce_max
+from lightning_gradwatch._precision import scale_of
 from lightning_gradwatch._reporting import host_values
 from lightning_gradwatch._shared_read import SharedRead
 from lightning_gradwatch.alerts import Alert, AlertKind, alert_message
@@ -69,7 +70,6 @@ class AmpMonitor:
         self, scaler: torch.amp.GradScaler, found_inf: Tensor | None, loss_bad: Tensor, device: torch.device
     ) -> None:
         """Fold one optimizer step in (no host sync)."""
-        assert scaler._scale is not None
         c = self._counters
         if not c:
             c.update({k: torch.zeros((), device=device) for k in ("overflows", "consecutive", "longest", "loss")})
@@ -79,7 +79,9 @@ class AmpMonitor:
             # fused optimizers look for inf inside scaler.step, after this hook. The scaler backs the scale off
             # exactly when a step overflowed, so a lower scale than at the last step means the previous step
             # overflowed: exact, free, one step late.
-            scale = scaler._scale.detach().reshape(()).to(device, torch.float32)
+            current = scale_of(scaler)
+            assert current is not None
+            scale = current.detach().reshape(()).to(device, torch.float32)
             previous = self._previous_scale
             overflow = (scale < previous).float() if previous is not None else torch.zeros((), device=device)
             self._previous_scale = scale.clone()
@@ -102,14 +104,15 @@ class AmpMonitor:
     def read(self, scaler: torch.amp.GradScaler, extra: Tensor, device: torch.device) -> AmpReading:
         """Reduce the counters (and the caller's flat ``extra`` values) across ranks and bring them to the host in
         one transfer; the window starts afresh."""
-        assert scaler._scale is not None
+        scale_now = scale_of(scaler)
+        assert scale_now is not None
         c = self._counters
         if not c:
             self.observe(scaler, None, torch.zeros((), dtype=torch.bool, device=device), device)
         flags = torch.cat([torch.stack([c["loss"], c["longest"]]), extra.to(device, torch.float32).reshape(-1)])
         reduced = all_reduce_max(flags)  # at the reading cadence only
         values, (scale,), (overflows,), (consecutive,) = host_values(
-            reduced, scaler._scale, c["overflows"], c["consecutive"]
+            reduced, scale_now, c["overflows"], c["consecutive"]
         )
         c["overflows"].zero_()
         c["loss"].zero_()

@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._distributed import all_reduce_max, distributed
-from lightning_gradwatch._precision import grad_scaler, unscaled_loss
+from lightning_gradwatch._precision import force_found_inf, grad_scaler, unscaled_loss
 from lightning_gradwatch._reporting import host_values, log_dir
 from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import AtLeastThreeInt, FinitePositiveFloat, Null, PositiveFloat, PositiveInt
@@ -424,10 +424,7 @@ def _force_scaler_skip(
     """Under fp16, make the GradScaler skip this step when ``spike`` (a device flag), without a host sync: its
     found-inf flags when it has unscaled already, else (fused optimizers) an Inf in one gradient, which it finds."""
     if step.found_inf is not None:
-        scaler = grad_scaler(trainer)
-        assert scaler is not None
-        for flag in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
-            flag.copy_(torch.maximum(flag, spike.to(flag.device, flag.dtype)))
+        force_found_inf(trainer, optimizer, spike)
     elif step.grads:
         first = step.grads[0].view(-1)[:1]
         first.add_(torch.where(spike, float("inf"), 0.0).to(first.device, first.dtype))

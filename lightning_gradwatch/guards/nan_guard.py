@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradwatch._precision import grad_scaler
-from lightning_gradwatch._reporting import logger_step, print_line
+from lightning_gradwatch._reporting import logger_step
 from lightning_gradwatch._step import StepGradients, host_is_free
 from lightning_gradwatch._types import FinitePositiveFloat, Null, PositiveInt
 from lightning_gradwatch._validation import check_bool, check_choice, check_number
@@ -23,7 +23,7 @@ from lightning_gradwatch.functional.finite import any_non_finite
 from lightning_gradwatch.guards._amp_monitor import AmpMonitor, AmpReading
 from lightning_gradwatch.guards._buffer_baseline import judged_buffers, remember_buffers
 from lightning_gradwatch.guards._fault_finding import FaultResponse, amp_fault_finding, fault_finding, stuck_finding
-from lightning_gradwatch.guards._halt_checkpoint import save_halt_checkpoint
+from lightning_gradwatch.guards._halt_checkpoint import Halt
 from lightning_gradwatch.guards._nonfinite import (
     Fault,
     describe_fault,
@@ -148,8 +148,7 @@ class NaNGuard(GradwatchCallback):
         self._loss_bad: Tensor | bool | None = None  # a device flag, or a bool where the host reads for free
         self._amp.reset()
         self._rollbacks = Rollbacks(self.snapshot_every_n_steps, self.max_rollbacks)
-        self._halt_pending: str | None = None
-        self._halted = False
+        self._halt = Halt()
         self._faults_in_a_row = 0
         self._batches: list[tuple[Any, int]] = []
         self._batches_step = -1
@@ -177,7 +176,7 @@ class NaNGuard(GradwatchCallback):
     @property
     def stopped_this_fit(self) -> bool:
         """Whether this guard stopped the current (or last) fit; ``halt_step`` may be a restored earlier halt's."""
-        return self._halted
+        return self._halt.halted
 
     @property
     def halt_checkpoint(self) -> str | None:
@@ -231,7 +230,7 @@ class NaNGuard(GradwatchCallback):
         optimizer: torch.optim.Optimizer,
         step: StepGradients,
     ) -> None:
-        if self._halted:  # halted, but the loop goes on (min_steps/min_epochs not met): no update lands
+        if self._halt.halted:  # halted, but the loop goes on (min_steps/min_epochs not met): no update lands
             self._loss_bad = None
             step.drop()
             trainer.should_stop = True
@@ -249,18 +248,11 @@ class NaNGuard(GradwatchCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._halt_pending is not None:
-            reason, self._halt_pending = self._halt_pending, None
-            # the fault episode ends with this run: a run resumed from the checkpoint alerts again if it comes back
+        if self._halt.pending is not None:
+            # the fault episode ends with this run (and is saved so): a run resumed from the checkpoint alerts again
             self._clear_condition(AlertKind.NON_FINITE, "")
             self._clear_condition(AlertKind.LOSS_SCALE_COLLAPSE, "")
-            where = (
-                save_halt_checkpoint(trainer, pl_module, self.totals)
-                if self.save_checkpoint_on_halt
-                else " No checkpoint was saved (save_checkpoint_on_halt=False)."
-            )
-            if trainer.is_global_zero:
-                print_line(f"NaNGuard stopped training at step {self.totals.halt_step}: {reason}.{where}")
+            self._halt.carry_out(trainer, pl_module, self.totals, self.save_checkpoint_on_halt)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     # -- 32 / bf16: one reduced flag and one host read per step ----------------------------------------------
@@ -343,9 +335,9 @@ class NaNGuard(GradwatchCallback):
                 trainer.global_step, AlertKind.NON_FINITE, fault.first_layer, value, limit, message, cause=cause
             )
             self._emit_alert(trainer, alert)
-            self._halt(trainer, f"stuck: {self._faults_in_a_row} faulty steps in a row")
+            self._halt.request(trainer, f"stuck: {self._faults_in_a_row} faulty steps in a row", self.totals)
         elif action == "halt":
-            self._halt(trainer, f"non-finite values ({fault.text})")
+            self._halt.request(trainer, f"non-finite values ({fault.text})", self.totals)
         self._log_counters(trainer)
 
     # -- fp16: count on the device, read at a cadence --------------------------------------------------------
@@ -386,7 +378,7 @@ class NaNGuard(GradwatchCallback):
             self._alert_non_finite(trainer, fault, message, loss_faults=reading.loss_faults)
             if acts:
                 step.drop()
-                self._halt(trainer, what)
+                self._halt.request(trainer, what, self.totals)
         elif not collapsed:
             self._shadow.refresh(pl_module)  # a clean reading: the buffers are a good copy to go back to
             self._clear_condition(AlertKind.NON_FINITE, "")
@@ -398,7 +390,7 @@ class NaNGuard(GradwatchCallback):
             return False
         alert, reason = found
         self._set_condition(trainer, AlertKind.LOSS_SCALE_COLLAPSE, "", True, lambda: alert)
-        self._halt(trainer, f"loss-scale collapse ({reason})")
+        self._halt.request(trainer, f"loss-scale collapse ({reason})", self.totals)
         return True
 
     # -- shared ----------------------------------------------------------------------------------------------
@@ -421,12 +413,6 @@ class NaNGuard(GradwatchCallback):
             True,
             lambda: Alert(step, AlertKind.NON_FINITE, name, value, 0.0, message, cause=cause),
         )
-
-    def _halt(self, trainer: pl.Trainer, reason: str) -> None:
-        trainer.should_stop = True  # the decision is already the same on every rank
-        self._halted = True
-        self._halt_pending = reason
-        self.totals.halt_step = trainer.global_step
 
     def _log_counters(self, trainer: pl.Trainer, extra: dict[str, float] | None = None) -> None:
         metrics = {
