@@ -246,6 +246,8 @@ def plain_strings(value: Any) -> Any:
         return str(value)
     if isinstance(value, dict):
         return {plain_strings(k): plain_strings(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple takes its fields one by one
+        return type(value)(*(plain_strings(v) for v in value))
     if isinstance(value, list | tuple):
         return type(value)(plain_strings(v) for v in value)
     return value

@@ -42,3 +42,22 @@ def test_a_warning_ends_with_its_causes_remedy_or_its_kinds_and_an_info_with_non
     assert alert_message("non_finite", finding, cause="divergence") == f"{finding} Usual remedies: {cause_remedy}."
     assert alert_message(AlertKind.NON_FINITE, finding, "info", cause="divergence") == finding
     assert alert_message("a_kind_of_my_own", finding) == finding  # a kind outside the registry has no remedy
+
+
+def test_plain_strings_keeps_every_container_and_value_it_does_not_change() -> None:
+    from typing import NamedTuple
+
+    import torch
+
+    from lightning_gradwatch.alerts import plain_strings
+
+    class Pair(NamedTuple):
+        kind: str
+        value: float
+
+    tensor = torch.ones(2)
+    state = {AlertKind.SATURATION: [Pair(AlertKind.NON_FINITE, 1.0), (AlertCause.BAD_INPUT, tensor)], "n": 3}
+    plain = plain_strings(state)
+    assert plain == {"saturation": [Pair("non_finite", 1.0), ("bad_input", tensor)], "n": 3}
+    assert type(next(iter(plain))) is str and type(plain["saturation"][0]) is Pair
+    assert type(plain["saturation"][0].kind) is str and plain["saturation"][1][1] is tensor
