@@ -78,11 +78,12 @@ def scale_of(scaler: torch.amp.GradScaler) -> Tensor | None:
     return scaler._scale
 
 
-def loss_scale(trainer: pl.Trainer) -> Tensor:
-    """The GradScaler's current loss scale as a tensor (0 without a scaler, or before its first step): no sync."""
+def loss_scale(trainer: pl.Trainer, device: torch.device) -> Tensor:
+    """The GradScaler's current loss scale as a tensor (0 without a scaler, or before its first step, made on
+    ``device``, where a host zero would have to be copied): no sync."""
     scaler = grad_scaler(trainer)
     scale = scale_of(scaler) if scaler is not None else None
-    return scale if scale is not None else torch.zeros(())
+    return scale if scale is not None else torch.zeros((), device=device)
 
 
 def force_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, flag: Tensor) -> None:

@@ -14,7 +14,10 @@ GPU). Reads done inside a C++ kernel are invisible here; none of the per-step pa
 
 Tensors made on the host stay on the host on a GPU too: a factory called without ``device=`` (``torch.tensor(
 [...])``), and whatever is computed from such tensors alone. Reading those is free, so the counter tracks them
-(an attribute on the tensor) and does not count their reads; copying a device tensor into one is a read.
+(an attribute on the tensor) and does not count their reads; copying a device tensor into one is a read, and
+copying one to the device (``.to(device)``, ``copy_``) is counted too: from pageable memory that copy waits for the
+stream, which ``torch.cuda.set_sync_debug_mode`` reports as a sync (Lightning's own copies, which pass
+``non_blocking=True`` on a GPU but not on a CPU, are left out).
 """
 
 from __future__ import annotations
@@ -77,7 +80,36 @@ def _host_reads(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], inputs
     if func in (torch.tensor, torch.as_tensor):
         # torch.tensor([t1, t2, ...]) reads each element tensor to the host, one by one
         return sum(not _host_made(t) for t in inputs)
+    if _is_upload(func, args, kwargs, inputs):
+        return int(not _moved_by_lightning())
     return int(_is_host_read(func, args, kwargs, inputs))
+
+
+_LIGHTNING = ("/lightning/", "/lightning_fabric/", "/lightning_utilities/", "/pytorch_lightning/")
+
+
+def _moved_by_lightning() -> bool:
+    """Lightning moves tensors (batches, logged values) with ``non_blocking=True`` on an accelerator but without it
+    on a CPU, where the counter runs: its copies are no sync on a GPU."""
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        passing = frame.name == "__torch_function__"  # another TorchFunctionMode (the activation probe's) in between
+        if "/torch/" not in frame.filename and not frame.filename.endswith("testing.py") and not passing:
+            return any(part in frame.filename for part in _LIGHTNING)
+    return False
+
+
+def _is_upload(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[torch.Tensor]) -> bool:
+    """A host tensor copied to the device without ``non_blocking``: from pageable memory the copy waits for the
+    stream, a sync on a GPU (``torch.zeros(()).to(device)``; ``torch.zeros((), device=device)`` is none)."""
+    positional_non_blocking = len(args) > 2 and args[-1] is True  # t.to(device, dtype, True), dst.copy_(src, True)
+    if kwargs.get("non_blocking") or positional_non_blocking or not inputs:
+        return False
+    if func is torch.Tensor.to and _host_made(inputs[0]):
+        target = next((a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device))), None)
+        return isinstance(target, torch.device) or (isinstance(target, str) and target != "cpu")
+    if func is torch.Tensor.copy_ and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        return not _host_made(args[0]) and _host_made(args[1])
+    return False
 
 
 def _is_host_read(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[torch.Tensor]) -> bool:
@@ -154,7 +186,9 @@ class HostReadCounter(TorchFunctionMode):
             for _ in range(_host_reads(func, args, kwargs, inputs)):
                 self.reads[self.step].append(_call_site(func))
         result = func(*args, **kwargs)
-        if _makes_host_tensors(func, args, kwargs, inputs):
+        if inputs and result is inputs[0] and _is_upload(func, args, kwargs, inputs):
+            result = inputs[0].clone()  # on a GPU the copy is a new, device tensor: the host one stays host-made
+        elif _makes_host_tensors(func, args, kwargs, inputs):
             for t in tree_flatten(result)[0]:
                 if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
                     setattr(t, _HOST_MADE, True)

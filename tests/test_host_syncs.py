@@ -151,3 +151,19 @@ def test_noise_scale_reads_nothing_on_steps_that_do_not_log_and_once_on_steps_th
     quiet, logging = added_reads(tmp_path, [GradientNoiseScale()], precision, accumulate=4)
     assert set(quiet.values()) == {0}
     assert logging == dict.fromkeys(logging, 1)
+
+
+def test_the_counter_sees_a_host_tensor_copied_to_the_device() -> None:
+    # from pageable memory such a copy waits for the stream: set_sync_debug_mode reports it on a GPU, where NaNGuard
+    # once made one every step (a host False for "no state to screen", moved to the gradients' device)
+    device = torch.device("cpu")  # a GPU run's device, as the code under test receives it
+    counter = HostReadCounter()
+    with counter:
+        counter.step = 0
+        on_device = torch.zeros((), device=device)  # made there: no copy
+        uploaded = torch.zeros(()).to(device)  # made on the host, then copied: counted
+        torch.zeros(3).to(device, non_blocking=True)  # an asynchronous copy: not a sync
+        on_device.copy_(torch.ones(()))  # a host tensor copied into a device one: counted
+        uploaded.add_(1).item()  # the copy is a device tensor, as on a GPU: reading it is counted
+        torch.ones(()).to("cpu")  # host to host: nothing
+    assert [site.split(" at ")[0] for site in counter.reads[0]] == ["to", "copy_", "item"]

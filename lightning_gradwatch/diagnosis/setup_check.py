@@ -230,6 +230,8 @@ class SetupCheck(GradwatchCallback):
     def _early_ratio(self, step: StepGradients, now: int) -> None:
         """The median over parameters of the previous early step's ``||delta w|| / ||w||``, then a copy of the
         weights for the next one (on the first :data:`RATIO_STEPS` steps only)."""
+        if self._before is None and now >= RATIO_STEPS:
+            return  # past the early steps: no copy to compare with, none to take (a launch per weight on a GPU)
         weights = [local_tensor(p.detach()) for p in step.params]
         if self._before is not None and len(self._before) == len(weights):
             delta, before, _ = update_norms(self._before, weights, consume_before=True)

@@ -23,14 +23,16 @@ def non_finite_mask(tensors: Sequence[Tensor]) -> Tensor:
     return ~torch.isfinite(tensor_norms(tensors, math.inf))
 
 
-def any_non_finite(tensors: Sequence[Tensor]) -> Tensor:
-    """A 0-dim bool device tensor: does any of ``tensors`` hold a NaN or an Inf? Exact; no host sync."""
+def any_non_finite(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """A 0-dim bool device tensor: does any of ``tensors`` hold a NaN or an Inf? Exact; no host sync.
+
+    With no tensors it is ``False``, made on ``device``: a host tensor copied there later would be a sync."""
     if len(tensors) == 0:
-        return torch.zeros((), dtype=torch.bool)
+        return torch.zeros((), dtype=torch.bool, device=device)
     return non_finite_mask(tensors).any()
 
 
-def may_be_non_finite(tensors: Sequence[Tensor]) -> Tensor:
+def may_be_non_finite(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
     """A 0-dim bool device tensor, a cheap screen for :func:`any_non_finite`; no host sync.
 
     ``False`` proves every tensor finite. ``True`` means a NaN or an Inf, or a 2-norm that overflowed float32
@@ -38,6 +40,6 @@ def may_be_non_finite(tensors: Sequence[Tensor]) -> Tensor:
     :func:`any_non_finite` before acting. One ``foreach`` 2-norm pass, read-only (the fastest ``foreach``
     reduction on CPU; on GPU the same single kernel as the exact check).
     """
-    if len(tensors) == 0:
-        return torch.zeros((), dtype=torch.bool)
+    if len(tensors) == 0:  # made on ``device``: copying a host False there would wait for the stream
+        return torch.zeros((), dtype=torch.bool, device=device)
     return ~torch.isfinite(tensor_norms(tensors, 2.0)).all()

@@ -27,7 +27,9 @@ def _placed(value: Scalar, device: torch.device, on_host: bool) -> Scalar:
     """``value`` as a float (the host path) or as a float32 tensor on ``device``."""
     if on_host:
         return float(value)
-    return torch.as_tensor(value, dtype=torch.float32).to(device)
+    if isinstance(value, Tensor):
+        return value.to(device, torch.float32)
+    return torch.full((), value, dtype=torch.float32, device=device)  # filled there: copying a host 0-dim would sync
 
 
 @dataclass

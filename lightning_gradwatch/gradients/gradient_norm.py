@@ -340,7 +340,7 @@ class GradientNormLogger(GradwatchCallback):
         tally = self._intervals.restart(suffix, global_norm.device)
         active = groups.combine(step.nonzero_counts(), 1.0)
         peak_now, peak_step_now, last_nonzero_now = tally.tensors(global_norm.device)
-        scale = loss_scale(trainer)
+        scale = loss_scale(trainer, global_norm.device)
         to_fetch = [global_norm, overflow, peak_now, peak_step_now, scale, layer_norms, active, last_nonzero_now]
         optional: dict[str, Tensor] = {}
         tracker = self._updates.get(suffix)

@@ -160,11 +160,11 @@ def screen_step(
         stacked = [
             device_flag(loss_bad, step.device),
             ~torch.isfinite(step.global_norm(2.0)),
-            may_be_non_finite(state).to(step.device),
+            may_be_non_finite(state, step.device).to(step.device),
         ]
         flags = torch.stack(stacked).to(torch.float32)
     loss_is_bad, grads_are_bad, state_is_bad = (v > 0 for v in read(flags))
     if grads_are_bad or state_is_bad:
-        exact = torch.stack([any_non_finite(step.grads), any_non_finite(state).to(step.device)]).float()
+        exact = torch.stack([any_non_finite(step.grads), any_non_finite(state, step.device).to(step.device)]).float()
         grads_are_bad, state_is_bad = (v > 0 for v in all_reduce_max(exact).tolist())
     return loss_is_bad, grads_are_bad, state_is_bad

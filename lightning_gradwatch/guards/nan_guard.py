@@ -357,7 +357,7 @@ class NaNGuard(GradwatchCallback):
             return
         check_state = self._due(trainer, self.check_params_every_n_steps)
         state = screened_tensors(pl_module, optimizer, step, weights=check_state, optimizer_state=False)
-        state_flag = any_non_finite(state).reshape(1).float().to(step.device)  # a CPU False when there is no state
+        state_flag = any_non_finite(state, step.device).reshape(1).float().to(step.device)
         reading = self._amp.read_riding(scaler, state_flag, session_of(trainer).shared_read, trainer.global_step)
         self.totals.overflow_steps += reading.overflows
         if log_now:
