@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -331,7 +332,10 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate so no config always runs first
-        this_round = {n: run_once(n, args) for n in order}
+        this_round = {}
+        for n in order:
+            this_round[n] = run_once(n, args)
+            print(f"round {r}: {n} {this_round[n] * 1e3:.2f} ms", file=sys.stderr, flush=True)  # partial results
         for n in names:
             times[n].append(this_round[n])
             ratios[n].append(this_round[n] / this_round["none"])

@@ -109,3 +109,42 @@ def test_guard_integrity_matrix_runs_and_a_gan_rollback_keeps_nothing_faulty(tmp
         "guard_integrity.py", "--setups", "two", "--faults", "nan_weight", "--actions", "rollback", tmp_path=tmp_path
     )
     assert "| two | nan_weight | NaNGuard rollback | 1/1 | 0 | went on" in out
+
+
+def gpu_check(check: str, tmp_path: Path, *args: str) -> dict:
+    import json
+
+    run_script("gpu_checks.py", check, "--device", "cpu", "--out", str(tmp_path), *args, tmp_path=tmp_path)
+    return json.loads((tmp_path / f"check_{check}.json").read_text())
+
+
+def test_gpu_check_of_fused_amp_runs_on_a_cpu_with_a_real_grad_scaler(tmp_path: Path) -> None:
+    # the GPU suite's check, on a CPU's fp16 GradScaler: AdamW(fused=True) reaches the hook with the gradients still
+    # scaled; three injected overflows are counted, nothing is flagged, and clipping sees the unscaled norm
+    result = gpu_check("fused-amp", tmp_path, "--dims", "1,32,4,200,16", "--batch-size", "4", "--steps", "30")
+    for optimizer in ("fused", "foreach"):
+        verdict = result[optimizer]
+        assert verdict["nan_guard_overflow_steps"] == verdict["scale_backoffs"] == 3, verdict
+        assert verdict["pass"] and verdict["pre_clip_norm_vs_unscaled_max_rel_err"] < 1e-4, verdict
+
+
+def test_gpu_check_of_distributed_norms_runs_on_a_cpu_under_ddp(tmp_path: Path) -> None:
+    # on a CPU the FSDP run is left out (Lightning's FSDPStrategy needs a GPU): one-process DDP against one device,
+    # with a NaN batch and two gradient spikes: the same norms, alerts and clipped steps
+    result = gpu_check("fsdp", tmp_path, "--dims", "2,32,4,200,16", "--batch-size", "4", "--steps", "30")
+    assert "fsdp" not in result and result["pass"], result
+    assert result["ddp"]["clipped_steps"] == result["single"]["clipped_steps"] == [8, 22]
+    assert result["ddp"]["warnings"] == ["non_finite@15:loss"]
+
+
+def test_launch_count_attributes_the_preset_operations(tmp_path: Path) -> None:
+    import torch
+
+    out = run_script("launch_count.py", "--configs", "grad_watch_preset,nan_guard", "--sites", "3", tmp_path=tmp_path)
+    rows = table_rows(out)
+    totals = {name: float(rows[name][0]) for name in ("grad_watch_preset", "nan_guard")}
+    assert any(name.endswith("screen_step") for name in rows)  # a call site, under NaNGuard's row
+    assert 0 < totals["nan_guard"] < totals["grad_watch_preset"]
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10):  # the profiler's Python events
+        # 361 before SetupCheck stopped copying every weight on every step (148 parameter tensors here)
+        assert totals["grad_watch_preset"] < 260
