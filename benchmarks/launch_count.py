@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(Path(__file__).parent))
 import overhead  # noqa: E402
 
-from lightning_gradwatch import _step  # noqa: E402
+from lightning_gradwatch.core import device_path  # noqa: E402
 
 DEFAULT = "grad_watch_preset,nan_guard,adaptive_clipping,gradient_norm,loss_spike_guard,activations"
 _PROBE_PASS = "activations/_probe.py"  # the activation mode's __torch_function__: the model's own calls pass there
@@ -101,12 +101,12 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=0, help="print this many call sites per configuration")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    _step.HOST_DECISIONS_ON_CPU = False  # the device path, as on a GPU
     print(f"\nmodel=gpt({args.gpt_dims}) precision={args.precision} torch={torch.__version__}\n")
     print("| configuration | tensor operations per non-logging step |")
     print("|---|---|")
     for name in args.configs.split(","):
-        sites = count(name, args)
+        with device_path():  # the decisions a GPU run takes on the device, taken there on the CPU too
+            sites = count(name, args)
         print(f"| {name} | {sum(sites.values()):.0f} |", flush=True)
         for site, n in sites.most_common(args.sites):
             print(f"|   {site} | {n:.1f} |")

@@ -8,6 +8,9 @@ step and norm type with ``foreach`` kernels, on the device, without a host sync.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,15 +22,28 @@ from lightning_gradwatch._params import OptimizerParams, local_tensor
 from lightning_gradwatch._precision import grad_scaler, grad_unscale_factor, scaler_found_inf
 from lightning_gradwatch.functional.norms import tensor_norms, total_norm
 
-#: On a CPU a host read is free, so decisions may be taken on the host. ``testing.HostReadCounter`` turns this off
-#: while it counts, so that the CPU runs the path a GPU would.
-HOST_DECISIONS_ON_CPU = True
+#: On a CPU a host read is free, so decisions may be taken on the host; :func:`device_path` turns that off within
+#: its block (``testing.HostReadCounter`` while it counts), so that the CPU runs the path a GPU would.
+_DECIDE_ON_HOST: ContextVar[bool] = ContextVar("lightning_gradwatch_decide_on_host", default=True)
 
 
 def host_is_free(device: torch.device) -> bool:
     """Whether a value on ``device`` can be read without a device sync (a CPU), so decisions may be taken on the
     host."""
-    return HOST_DECISIONS_ON_CPU and device.type == "cpu"
+    return device.type == "cpu" and _DECIDE_ON_HOST.get()
+
+
+@contextmanager
+def device_path(enabled: bool = True) -> Iterator[None]:
+    """Within this block gradwatch takes, on a CPU too, the path it takes on a GPU: per-step state as tensors and
+    every decision on the device, with no host read (``enabled=False``: the CPU's host path, the default). For
+    tests that hold both paths to the same decisions, and for counting what a GPU run would sync. Nestable; local
+    to the thread (a ``ContextVar``), restored on leaving."""
+    token = _DECIDE_ON_HOST.set(not enabled)
+    try:
+        yield
+    finally:
+        _DECIDE_ON_HOST.reset(token)
 
 
 class StepGradients:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import traceback
 from collections import defaultdict
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -167,15 +168,16 @@ class HostReadCounter(TorchFunctionMode):
         self.reads: dict[int, list[str]] = defaultdict(list)
         self.steps: list[int] = []
         self.logging_steps: set[int] = set()
-        self._host_decisions = True
+        self._device_path: AbstractContextManager[None] = nullcontext()
 
     def __enter__(self) -> HostReadCounter:
-        self._host_decisions, _step.HOST_DECISIONS_ON_CPU = _step.HOST_DECISIONS_ON_CPU, False
+        self._device_path = _step.device_path()  # a fresh one each time: a counter may be entered again
+        self._device_path.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        _step.HOST_DECISIONS_ON_CPU = self._host_decisions
         super().__exit__(*exc)
+        self._device_path.__exit__(*exc)
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None

@@ -1,6 +1,8 @@
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -28,3 +30,13 @@ def gradwatch_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Capture the package's alert log lines."""
     caplog.set_level(logging.WARNING, logger="lightning_gradwatch")
     return caplog
+
+
+@pytest.fixture
+def decide_on_host() -> Iterator[Callable[[bool], None]]:
+    """``decide_on_host(False)``: from there on in the test, a CPU takes the device path a GPU takes
+    (``lightning_gradwatch.core.device_path``); ``decide_on_host(True)``: the host path again (the default)."""
+    from lightning_gradwatch.core import device_path  # here: nothing may import lightning before the shim above
+
+    with ExitStack() as stack:
+        yield lambda host: stack.enter_context(device_path(not host))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +15,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradwatch import AdaptiveClipping, GradientNormLogger
-from lightning_gradwatch import _step as step_module
 from lightning_gradwatch._precision import grad_scaler, grads_are_scaled
 from tests import tensorboard_events as tb
 from tests.distributed import run_ddp_script
@@ -94,13 +94,13 @@ def clipped_and_reported(pre: Norms, post: Norms, callback: Any, step: int = SPI
 
 @pytest.mark.parametrize("mode", ["zscore", "percentile", "agc"])
 def test_the_cpu_host_path_clips_exactly_as_the_device_path(
-    tmp_path: Any, mode: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Any, mode: str, decide_on_host: Callable[[bool], None]
 ) -> None:
     """On a CPU the statistics are floats and the decisions are taken on the host; switched off, the same run takes
     the tensor path a GPU takes. Same spikes, same warm-up cap, same clipping, same statistics, same alerts."""
     runs = {}
     for host in (True, False):
-        monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+        decide_on_host(host)
         torch.manual_seed(0)
         pre, post = Norms(), Norms()
         callback = AdaptiveClipping(mode=mode, warmup_steps=10, log_every_n_steps=5)  # type: ignore[arg-type]
@@ -178,11 +178,11 @@ def _no_gradient_until_step_30(module: Classifier, step: int) -> None:
 @pytest.mark.parametrize("host", [True, False])
 @pytest.mark.parametrize("mode", ["zscore", "percentile"])
 def test_steps_without_gradient_do_not_teach_a_zero_threshold(
-    tmp_path: Any, mode: str, host: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Any, mode: str, host: bool, decide_on_host: Callable[[bool], None]
 ) -> None:
     """All-zero gradients say nothing about the gradient's scale: folded in, they drove the threshold to 0 and every
     later step, the recovery included, was clipped to nothing ("scaled by 0")."""
-    monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+    decide_on_host(host)
     pre, post = Norms(), Norms()
     callback = AdaptiveClipping(mode=mode, warmup_steps=10, log_every_n_steps=5)  # type: ignore[arg-type]
     fit(tmp_path, Spiky(spike_step=None, hook=_no_gradient_until_step_30), [pre, callback, post], max_steps=45)

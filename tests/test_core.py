@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gradwatch import Alert, GradientNormLogger
 from lightning_gradwatch._layout import CHART_LINES, MAX_CHARTS, exact_tags, layer_charts, merge_layouts
+from lightning_gradwatch.core import DeclaredState, Scalar, buffer, scalar
 from lightning_gradwatch.core.callback import GradwatchCallback
 from tests import tensorboard_events as tb
 from tests.models import Classifier, mlp, trainer_kwargs
@@ -176,3 +179,35 @@ def test_no_module_keeps_state_per_trainer() -> None:
         "lightning_gradwatch.guards._buffer_baseline._INFINITE_AT_START",
         "lightning_gradwatch.guards._buffer_baseline._SEEN",
     ]
+
+
+@dataclass
+class _Window(DeclaredState):
+    steps: Scalar = scalar()
+    worst: Scalar = scalar(-math.inf)
+    ring: torch.Tensor = buffer()
+    pushed: torch.Tensor = buffer(torch.int64)
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-path", "device-path"])
+def test_declared_state_is_made_saved_and_restored_from_its_declaration(on_host: bool) -> None:
+    device = torch.device("cpu")
+    window = _Window.fresh(device, on_host, shapes={"ring": (4,)})
+    assert _Window.scalar_names() == ("steps", "worst")
+    assert isinstance(window.steps, float) is on_host and float(window.worst) == -math.inf
+    assert window.ring.shape == (4,) and window.pushed.dtype == torch.int64
+    window.steps, window.worst = window.steps + 3, 2.5 if on_host else torch.tensor(2.5)
+    window.ring[1] = 7.0
+    saved = window.to_state()
+    assert set(saved) == {"steps", "worst", "ring", "pushed"} and all(t.device.type == "cpu" for t in saved.values())
+
+    restored = _Window.fresh(device, not on_host, shapes={"ring": (4,)})  # saved on one path, loaded on the other
+    restored.load(saved)
+    assert restored.named([float(v) for v in restored.scalar_values()]) == {"steps": 3.0, "worst": 2.5}
+    assert isinstance(restored.steps, float) is (not on_host) and restored.ring.tolist() == [0.0, 7.0, 0.0, 0.0]
+
+    other_size = _Window.fresh(device, on_host, shapes={"ring": (8,)})
+    other_size.load(saved)  # a ring of another size is left at its zeros; the scalars still fit
+    assert float(other_size.steps) == 3.0 and other_size.ring.count_nonzero() == 0
+    moved = window.placed(device, on_host=True)
+    assert isinstance(moved.worst, float) and moved.on_host and moved.ring is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from lightning_gradwatch import Alert, GradientNormLogger
-from lightning_gradwatch import _step as step_module
 from lightning_gradwatch._precision import grad_scaler, grads_are_scaled
 from tests import failure_models as fm
 from tests import tensorboard_events as tb
@@ -310,13 +310,13 @@ def test_fsdp2_sharded_norms_equal_full_gradient_norms(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize("scenario", ["collapsed_cnn", "exploding_rnn"])
 def test_the_cpu_host_tally_decides_as_the_device_tally(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scenario: str
+    tmp_path: Path, decide_on_host: Callable[[bool], None], scenario: str
 ) -> None:
     """On a CPU the interval's peak and each layer's last non-zero step are folded as floats: the same alerts, at
     the same steps, with the same onsets as the device path (a blow-up at step 0, layers that stop)."""
     found = {}
     for host in (True, False):
-        monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+        decide_on_host(host)
         logger = GradientNormLogger()
         fm.fit(getattr(fm, scenario)(seed=0), 60, [logger], tmp_path / str(host))
         found[host] = [(a.kind, a.name, a.step, a.onset, a.severity, round(a.value, 3)) for a in logger.alerts]

@@ -4,6 +4,7 @@ NaNGuard; every DDP rank decides alike; the recorded batches are skipped on resu
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,6 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_gradwatch import LossSpikeGuard, NaNGuard
-from lightning_gradwatch import _step as step_module
 from lightning_gradwatch.functional.spikes import is_spike, robust_zscore, robust_zscore_of_floats
 from lightning_gradwatch.guards._loss_window import resized_window
 from lightning_gradwatch.testing import HostReadCounter
@@ -67,9 +67,9 @@ def test_robust_zscore_of_floats_is_the_same_definition(filled: int) -> None:
 @pytest.mark.parametrize("host", [True, False], ids=["host-path", "device-path"])
 @pytest.mark.parametrize("with_guard", [False, True])
 def test_a_spike_is_found_recorded_and_logged(
-    tmp_path: Path, with_guard: bool, host: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, with_guard: bool, host: bool, decide_on_host: Callable[[bool], None]
 ) -> None:
-    monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+    decide_on_host(host)
     guard = LossSpikeGuard()
     fit(tmp_path, Spiking(), [NaNGuard(), guard] if with_guard else [guard])
     assert isinstance(guard._window.losses, list) is host  # on a CPU the window is a list and decisions are on the host
@@ -96,11 +96,11 @@ class PeekVerdict(pl.Callback):
         self.seen.append(float(verdict[1]) if verdict is not None else None)
 
 
-def test_the_host_window_matches_the_device_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_host_window_matches_the_device_window(tmp_path: Path, decide_on_host: Callable[[bool], None]) -> None:
     """The same run on both paths: the same z-scores at every step and the same window in the checkpoint."""
     zs, windows = {}, {}
     for host in (True, False):
-        monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+        decide_on_host(host)
         guard = LossSpikeGuard(action="skip", window=16, warmup_steps=10)
         peek = PeekVerdict(guard)
         torch.manual_seed(0)
@@ -170,9 +170,9 @@ class NewRegime(Classifier):
 
 @pytest.mark.parametrize("host", [True, False], ids=["host-path", "device-path"])
 def test_a_lasting_change_of_level_is_taken_as_the_new_level(
-    tmp_path: Path, host: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, host: bool, decide_on_host: Callable[[bool], None]
 ) -> None:
-    monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+    decide_on_host(host)
     guard, snaps = LossSpikeGuard(action="skip", window=32, warmup_steps=20, level_shift_after=10), Snapshots()
     fit(tmp_path, NewRegime(), [NaNGuard(), guard, snaps], max_steps=120)
     shifts = [a for a in guard.alerts if "level shift" in a.message.lower()]
@@ -325,12 +325,12 @@ BAD = 24
 
 @pytest.mark.parametrize("host", [True, False], ids=["host-path", "device-path"])
 def test_skip_batches_after_a_mid_epoch_resume_drops_the_spiking_batch(
-    tmp_path: Path, host: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, host: bool, decide_on_host: Callable[[bool], None]
 ) -> None:
     """Resumed at step 16 of a 32-batch epoch, Lightning replays the epoch's data from its start while batch_idx goes
     on from 16: (epoch 0, batch 24) is then a clean batch, and the bad one comes at step 32 + 24. The fingerprint
     finds it there."""
-    monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+    decide_on_host(host)
     first = LossSpikeGuard(action="skip", window=16, warmup_steps=10)
     every_16 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=16, save_top_k=-1)
     fit(tmp_path / "a", BadBatch(), [first, every_16], max_steps=32, enable_checkpointing=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +15,6 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradwatch import GradientNormLogger, NaNGuard
-from lightning_gradwatch import _step as step_module
 from tests import tensorboard_events as tb
 from tests.distributed import run_ddp_script
 from tests.models import Classifier, mlp, trainer_kwargs
@@ -196,13 +196,13 @@ def inf_grad_at_step_3(module: Classifier, step: int) -> None:
 
 @pytest.mark.parametrize("fault", ["nan loss and buffers", "inf gradient"])
 def test_the_cpu_host_screen_finds_what_the_device_screen_finds(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, fault: str
+    tmp_path: Any, decide_on_host: Callable[[bool], None], fault: str
 ) -> None:
     """On a CPU the loss and gradient flags are read as they are made: the same faults, named alike, at the same
     steps, and the same weights at the end as the device path."""
     seen = {}
     for host in (True, False):
-        monkeypatch.setattr(step_module, "HOST_DECISIONS_ON_CPU", host)
+        decide_on_host(host)
         torch.manual_seed(0)
         if fault == "inf gradient":
             model: pl.LightningModule = Classifier(mlp(2), hook=inf_grad_at_step_3)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_gradwatch import GradWatch, NaNGuard, default_callbacks
+from lightning_gradwatch import GradWatch, NaNGuard, default_callbacks, preset
 from tests import tensorboard_events as tb
 from tests.models import Classifier, mlp, trainer_kwargs
 from tests.test_cli import EXAMPLES, load_example
@@ -160,3 +162,15 @@ def test_the_bundle_passes_on_every_hook_a_bundled_callback_implements() -> None
     implemented = {h for cls in bundled for h in hooks if getattr(cls, h) is not getattr(Callback, h)}
     assert implemented <= set(BUNDLE_HOOKS), sorted(implemented - set(BUNDLE_HOOKS))
     assert set(BUNDLE_HOOKS) <= implemented  # and none passed on that no callback implements
+
+
+def test_grad_watch_and_default_callbacks_take_one_signature() -> None:
+    # GradWatch(...) is default_callbacks(...) bundled: the same arguments, in the same order, with the same
+    # defaults and hints, so that neither can gain an option the other lacks (LightningCLI reads GradWatch's)
+    bundle = list(inspect.signature(preset.GradWatch.__init__).parameters.values())[1:]  # without self
+    function = list(inspect.signature(preset.default_callbacks).parameters.values())
+    assert [(p.name, p.default, p.kind) for p in bundle] == [(p.name, p.default, p.kind) for p in function]
+    hints = typing.get_type_hints(preset.GradWatch.__init__)
+    assert {p.name: hints[p.name] for p in bundle} == {
+        p.name: typing.get_type_hints(preset.default_callbacks)[p.name] for p in function
+    }

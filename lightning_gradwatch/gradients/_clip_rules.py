@@ -12,135 +12,60 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_gradwatch._validation import check_number, check_patterns
+from lightning_gradwatch.core.state import DeclaredState, buffer, scalar
 from lightning_gradwatch.functional._scalars import Flag, Scalar, as_float, div, minimum, where
 from lightning_gradwatch.functional.clipping import agc_coefficients, ema_update, zscore_threshold
 from lightning_gradwatch.functional.rings import ring_push, ring_quantile
 
 
-def _placed(value: Scalar, device: torch.device, on_host: bool) -> Scalar:
-    """``value`` as a float (the host path) or as a float32 tensor on ``device``."""
-    if on_host:
-        return float(value)
-    if isinstance(value, Tensor):
-        return value.to(device, torch.float32)
-    return torch.full((), value, dtype=torch.float32, device=device)  # filled there: copying a host 0-dim would sync
-
-
 @dataclass
-class NormStatistics:
+class NormStatistics(DeclaredState):
     """What the run's gradient norms taught the clipper; saved in checkpoints, so a resumed run has no warm-up.
 
     The scalars are 0-dim tensors on the device, or floats on the host path (a CPU); the percentile rule's ring
     buffer is a tensor either way."""
 
-    mean: Scalar
-    var: Scalar
-    count: Scalar  # finite norms folded in
-    total_clipped: Scalar
-    total_steps: Scalar
-    history: Tensor  # the percentile rule's ring buffer (one slot in the other modes)
-    history_count: Tensor  # int64: norms ever pushed into ``history``
-    on_host: bool = False
-    SCALARS: ClassVar[tuple[str, ...]] = ("mean", "var", "count", "total_clipped", "total_steps")
+    mean: Scalar = scalar()
+    var: Scalar = scalar()
+    count: Scalar = scalar()  # finite norms folded in
+    total_clipped: Scalar = scalar()
+    total_steps: Scalar = scalar()
+    history: Tensor = buffer()  # the percentile rule's ring buffer (one slot in the other modes)
+    history_count: Tensor = buffer(torch.int64)  # norms ever pushed into ``history``
 
     @classmethod
     def zeros(cls, device: torch.device, history_size: int, on_host: bool) -> NormStatistics:
-        scalars = {name: _placed(0.0, device, on_host) for name in cls.SCALARS}
-        history = torch.zeros(history_size, device=device)
-        return cls(
-            **scalars, history=history, history_count=torch.zeros((), dtype=torch.int64, device=device), on_host=on_host
-        )
-
-    def placed(self, device: torch.device, on_host: bool) -> NormStatistics:
-        """These statistics on ``device``, as floats or as tensors."""
-        scalars = {name: _placed(getattr(self, name), device, on_host) for name in self.SCALARS}
-        return NormStatistics(
-            **scalars, history=self.history.to(device), history_count=self.history_count.to(device), on_host=on_host
-        )
-
-    def to_state(self) -> dict[str, Tensor]:
-        state = {
-            name: torch.as_tensor(getattr(self, name), dtype=torch.float32).detach().cpu().clone()
-            for name in self.SCALARS
-        }
-        return {
-            **state,
-            "history": self.history.detach().cpu().clone(),
-            "history_count": self.history_count.cpu().clone(),
-        }
-
-    def load(self, state: dict[str, Tensor]) -> None:
-        """Adopt a checkpoint's values where they fit this configuration (the ring buffer's size may differ)."""
-        device = self.history.device
-        for name in self.SCALARS:
-            saved = state.get(name)
-            if isinstance(saved, Tensor) and saved.numel() == 1:
-                setattr(self, name, _placed(saved.reshape(()), device, self.on_host))
-        for name in ("history", "history_count"):
-            current, saved = getattr(self, name), state.get(name)
-            if isinstance(saved, Tensor) and saved.shape == current.shape:
-                setattr(self, name, saved.to(device=current.device, dtype=current.dtype, copy=True))
+        return cls.fresh(device, on_host, shapes={"history": (history_size,)})
 
 
 @dataclass
-class ClipInterval:
+class ClipInterval(DeclaredState):
     """What happened since the previous logging step: reported then, checkpointed meanwhile (a spike just before a
-    checkpoint is still reported after a resume). Floats on the host path, 0-dim tensors on the device."""
+    checkpoint is still reported after a resume). Floats on the host path, 0-dim tensors on the device; reported
+    as metrics and in alerts, and transferred, in the order declared."""
 
-    steps: Scalar
-    clipped: Scalar
-    spikes: Scalar
-    first_spike_step: Scalar
-    worst_ratio: Scalar
-    worst_step: Scalar
-    worst_norm: Scalar
-    worst_threshold: Scalar
-    worst_coef: Scalar
-    last_norm: Scalar
-    last_threshold: Scalar
-    last_coefficient: Scalar
-    #: keys reported as metrics and in alerts, in the order they are transferred
-    REPORTED: ClassVar[tuple[str, ...]] = (
-        "steps",
-        "clipped",
-        "spikes",
-        "first_spike_step",
-        "worst_ratio",
-        "worst_step",
-        "worst_norm",
-        "worst_threshold",
-        "worst_coef",
-        "last_norm",
-        "last_threshold",
-        "last_coefficient",
-    )
+    steps: Scalar = scalar()
+    clipped: Scalar = scalar()
+    spikes: Scalar = scalar()
+    first_spike_step: Scalar = scalar()
+    worst_ratio: Scalar = scalar()
+    worst_step: Scalar = scalar()
+    worst_norm: Scalar = scalar()
+    worst_threshold: Scalar = scalar()
+    worst_coef: Scalar = scalar()
+    last_norm: Scalar = scalar()
+    last_threshold: Scalar = scalar()
+    last_coefficient: Scalar = scalar()
 
     @classmethod
     def zeros(cls, device: torch.device, on_host: bool) -> ClipInterval:
-        return cls(**{name: _placed(0.0, device, on_host) for name in cls.REPORTED})
-
-    def placed(self, device: torch.device, on_host: bool) -> ClipInterval:
-        return ClipInterval(**{name: _placed(getattr(self, name), device, on_host) for name in self.REPORTED})
-
-    def to_state(self) -> dict[str, Tensor]:
-        return {
-            name: torch.as_tensor(getattr(self, name), dtype=torch.float32).detach().cpu().clone()
-            for name in self.REPORTED
-        }
-
-    def load(self, state: dict[str, Tensor]) -> None:
-        for name in self.REPORTED:
-            saved, current = state.get(name), getattr(self, name)
-            if isinstance(saved, Tensor) and saved.numel() == 1:
-                on_host = not isinstance(current, Tensor)
-                device = torch.device("cpu") if on_host else current.device
-                setattr(self, name, _placed(saved.reshape(()), device, on_host))
+        return cls.fresh(device, on_host)
 
     def record(
         self,

@@ -275,15 +275,14 @@ class AdaptiveClipping(GradwatchCallback):
         """The one host transfer of a logging step: metrics, and at most one spike alert for the interval."""
         interval = self._intervals[index]
         stats = self._stats[index]
-        keys = ClipInterval.REPORTED
-        scalars = (*(getattr(interval, k) for k in keys), stats.mean, stats.var)
+        scalars = (*interval.scalar_values(), stats.mean, stats.var)
         fetched, history = fetch_with_history(
             trainer, session_of(trainer).loss_trace, *(v for v in scalars if isinstance(v, Tensor))
         )
         tensors = iter(fetched)  # the host path keeps its statistics as floats: only tensors were fetched
         *reported, mean, var = [next(tensors)[0] if isinstance(v, Tensor) else float(v) for v in scalars]
         improving = history.improving() if history is not None else None
-        values = dict(zip(keys, reported, strict=True))
+        values = interval.named(reported)
         steps = int(values["steps"])
         start, end = self._interval_start.get(index, trainer.global_step), trainer.global_step
         self._intervals[index] = ClipInterval.zeros(stats.history.device, stats.on_host)
