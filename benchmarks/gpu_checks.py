@@ -42,39 +42,12 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from overhead import Bench, Block  # noqa: E402
 from typing_extensions import override  # noqa: E402
 
 import lightning_gradwatch as gw  # noqa: E402
-
-
-class MemoryLogger(Logger):
-    """Every logged metric kept in memory: ``history[name] = [(step, value), ...]``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.history: dict[str, list[tuple[int, float]]] = {}
-
-    @property
-    @override
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    @override
-    def version(self) -> int:
-        return 0
-
-    @override
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for key, value in metrics.items():
-            self.history.setdefault(key, []).append((int(step or 0), float(value)))
-
-    @override
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
+from tests.models import MemoryLogger  # noqa: E402
 
 
 class BackwardBoost(torch.autograd.Function):

@@ -8,8 +8,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 IN_FEATURES = 16
 NUM_CLASSES = 4
@@ -199,3 +201,33 @@ def trainer_kwargs(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class MemoryLogger(Logger):
+    """A Lightning logger that keeps every logged metric in memory: ``history[name] = [(step, value), ...]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    @property
+    @override
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    @override
+    def version(self) -> int:
+        return 0
+
+    @override
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.history.setdefault(key, []).append((int(step or 0), float(value)))
+
+    @override
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def matching(self, prefix: str) -> dict[str, list[tuple[int, float]]]:
+        return {k: v for k, v in self.history.items() if k.startswith(prefix)}

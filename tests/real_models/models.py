@@ -18,11 +18,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
-from typing_extensions import override
 
+from tests.models import MemoryLogger  # noqa: F401  (re-exported: benchmarks/real_model_sweep.py)
 from tests.real_models import data
 from tests.real_models.tasks import VAE, GANTask, RealTask, Recipe, vae_loss
 
@@ -344,34 +343,6 @@ CASES: list[Case] = [
     Case("gru_classifier", gru_classifier, max_steps=400),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
-
-
-class MemoryLogger(Logger):
-    """A Lightning logger that keeps every logged metric in memory: ``history[name] = [(step, value), ...]``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.history: dict[str, list[tuple[int, float]]] = {}
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @override
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for key, value in metrics.items():
-            self.history.setdefault(key, []).append((int(step or 0), float(value)))
-
-    @override
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def matching(self, prefix: str) -> dict[str, list[tuple[int, float]]]:
-        return {k: v for k, v in self.history.items() if k.startswith(prefix)}
 
 
 @dataclass
