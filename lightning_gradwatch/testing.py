@@ -77,11 +77,13 @@ def _targets_host(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(a == "cpu" for a in (*args[1:], kwargs.get("device")) if isinstance(a, str))
 
 
-def _host_reads(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[torch.Tensor]) -> int:
+def _host_reads(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[torch.Tensor], upload: bool
+) -> int:
     if func in (torch.tensor, torch.as_tensor):
         # torch.tensor([t1, t2, ...]) reads each element tensor to the host, one by one
         return sum(not _host_made(t) for t in inputs)
-    if _is_upload(func, args, kwargs, inputs):
+    if upload:
         return int(not _moved_by_lightning())
     return int(_is_host_read(func, args, kwargs, inputs))
 
@@ -92,11 +94,8 @@ _LIGHTNING = ("/lightning/", "/lightning_fabric/", "/lightning_utilities/", "/py
 def _moved_by_lightning() -> bool:
     """Lightning moves tensors (batches, logged values) with ``non_blocking=True`` on an accelerator but without it
     on a CPU, where the counter runs: its copies are no sync on a GPU."""
-    for frame in reversed(traceback.extract_stack()[:-3]):
-        passing = frame.name == "__torch_function__"  # another TorchFunctionMode (the activation probe's) in between
-        if "/torch/" not in frame.filename and not frame.filename.endswith("testing.py") and not passing:
-            return any(part in frame.filename for part in _LIGHTNING)
-    return False
+    frame = _caller()
+    return frame is not None and any(part in frame.filename for part in _LIGHTNING)
 
 
 def _is_upload(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[torch.Tensor]) -> bool:
@@ -184,11 +183,12 @@ class HostReadCounter(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        upload = _is_upload(func, args, kwargs, inputs)
         if self.step is not None:
-            for _ in range(_host_reads(func, args, kwargs, inputs)):
+            for _ in range(_host_reads(func, args, kwargs, inputs, upload)):
                 self.reads[self.step].append(_call_site(func))
         result = func(*args, **kwargs)
-        if inputs and result is inputs[0] and _is_upload(func, args, kwargs, inputs):
+        if upload and result is inputs[0]:
             result = inputs[0].clone()  # on a GPU the copy is a new, device tensor: the host one stays host-made
         elif _makes_host_tensors(func, args, kwargs, inputs):
             for t in tree_flatten(result)[0]:
@@ -219,10 +219,18 @@ class HostReadCounter(TorchFunctionMode):
         return {step: len(self.reads.get(step, [])) for step in self.steps}
 
 
+def _caller() -> traceback.FrameSummary | None:
+    """The innermost frame of the code that called torch: outside torch, this module and any other
+    TorchFunctionMode in between (the activation probe's)."""
+    for frame in reversed(traceback.extract_stack()):
+        outside = "/torch/" not in frame.filename and not frame.filename.endswith("testing.py")
+        if outside and frame.name != "__torch_function__":
+            return frame
+    return None
+
+
 def _call_site(func: Any) -> str:
-    """The innermost frame outside torch, for a failure message that says who read."""
+    """Who read, for a failure message."""
     name = getattr(func, "__name__", repr(func))
-    for frame in reversed(traceback.extract_stack()[:-3]):
-        if "/torch/" not in frame.filename and not frame.filename.endswith("testing.py"):
-            return f"{name} at {frame.filename.rsplit('/', 2)[-2:]}:{frame.lineno} in {frame.name}"
-    return name
+    frame = _caller()
+    return f"{name} at {frame.filename.rsplit('/', 2)[-2:]}:{frame.lineno} in {frame.name}" if frame else name
